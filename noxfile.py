@@ -1,0 +1,60 @@
+"""nox sessions; the same ids run locally and in CI (.ci/run).
+
+    nox -s lint tests      # the whole test suite (what CI runs)
+    nox -s parity          # the cross-framework parity report, all frameworks together
+    nox -s "tests(backend='torch')" -- -k alibi   # one backend alone; args go to pytest
+
+Each ``tests(backend=...)`` session installs only that framework's extra, which
+proves the extra works alone; ``tests(backend='all')`` installs all four in one
+environment for the cross-framework checks.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = False
+
+CONSTRAINTS = ("-c", "ci/constraints.txt")
+FRAMEWORKS = ("torch", "jax", "tensorflow")
+BACKENDS = ("numpy", *FRAMEWORKS, "all")
+
+
+def _extras(backend: str) -> str:
+    if backend == "numpy":
+        return "test"
+    return f"{backend},test"
+
+
+def _under_test(backend: str) -> str:
+    if backend == "all":
+        return ",".join(("numpy", *FRAMEWORKS))
+    return "numpy" if backend == "numpy" else f"numpy,{backend}"
+
+
+@nox.session
+@nox.parametrize("backend", BACKENDS)
+def tests(session: nox.Session, backend: str) -> None:
+    """pytest with one backend's extra installed (or all of them)."""
+    session.install(*CONSTRAINTS, f".[{_extras(backend)}]")
+    session.run(
+        "pytest",
+        *session.posargs,
+        env={"POSBIAS_TEST_BACKENDS": _under_test(backend), "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+
+
+@nox.session
+def parity(session: nox.Session) -> None:
+    """The main job: ``posbias parity`` with all four frameworks installed."""
+    session.install(*CONSTRAINTS, ".[all]")
+    session.run("posbias", "parity", *session.posargs, env={"TF_CPP_MIN_LOG_LEVEL": "2"})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff lint and format check."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")

@@ -1,0 +1,180 @@
+"""The backend interface: the small op vocabulary every bias is written against.
+
+A bias variant's ``compute`` receives a :class:`Backend` instance ``xp`` bound to
+one framework, one device and one compute dtype (``float32``, or ``float64``
+when asked). It only uses the methods below, Python operators (``+ - * / -x``,
+comparisons) and basic indexing with ``None`` / ``...`` / slices, which every
+framework supports with the same meaning.
+
+Vocabulary (all elementwise unless said otherwise):
+
+=====================  ==========================================================
+``xp.constant(a)``     NumPy array → native tensor in the compute dtype, on device
+``xp.float(x)``        cast to the compute dtype
+``xp.abs where``       ``where(cond, a, b)``
+``xp.minimum maximum`` elementwise min / max
+``xp.log log1p exp``   natural log, ``log(1 + x)``, exponential
+``xp.sqrt floor``      square root, round towards -inf
+``xp.cos sin tanh``    trigonometric / hyperbolic
+``xp.sigmoid relu``    activation functions
+``xp.take(t, i)``      ``t[i]`` along axis 0 (gather from a table)
+``xp.sum(x, axis)``    reduction
+``xp.matmul(a, b)``    batched matrix product
+=====================  ==========================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import BackendError
+
+#: Canonical dtype names understood by every backend.
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+_FLOAT16_MAX = 65504.0
+
+
+class Backend:
+    """One framework, one device, one compute dtype.
+
+    Subclasses set :attr:`name`, :attr:`xp` (a namespace with the NumPy-style
+    functions ``abs``, ``where``, ``minimum``, ...) and implement the handful of
+    methods that differ between frameworks.
+    """
+
+    name: ClassVar[str]
+    xp: Any
+
+    def __init__(self, device: Any = None, compute_dtype: str = "float32") -> None:
+        self.device = device
+        self.compute_dtype = compute_dtype
+
+    def __repr__(self) -> str:
+        return f"<posbias {self.name} backend device={self.device} compute={self.compute_dtype}>"
+
+    # ----------------------------------------------------------- dtype handling
+    def native_dtype(self, name: str) -> Any:
+        """The framework's dtype object for a canonical name such as ``"float32"``."""
+        raise NotImplementedError
+
+    def dtype_name(self, dtype: Any) -> str | None:
+        """Canonical name of a dtype given as this framework's object, or None."""
+        raise NotImplementedError
+
+    def supports(self, name: str) -> bool:
+        """Whether this backend can hold values of dtype ``name`` right now."""
+        return True
+
+    # ----------------------------------------------------- conversion / creation
+    def from_numpy(self, array: np.ndarray) -> Any:
+        """A native tensor on this backend's device with ``array``'s values and dtype."""
+        raise NotImplementedError
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        """A NumPy copy of a native tensor."""
+        raise NotImplementedError
+
+    def constant(self, array: np.ndarray) -> Any:
+        """``array`` (float64 NumPy) cast once in NumPy to the compute dtype, on device."""
+        return self.from_numpy(np.asarray(array, dtype=self.compute_dtype))
+
+    def arange(self, n: int) -> Any:
+        """``[0, 1, ..., n-1]`` as an int64 tensor (int32 where the backend lacks int64)."""
+        return self.from_numpy(np.arange(n, dtype=np.int64))
+
+    def as_int(self, x: Any) -> Any:
+        """Cast an integer tensor to the backend's position dtype (int64 or int32)."""
+        return self.cast(x, "int64")
+
+    def cast(self, x: Any, name: str) -> Any:
+        raise NotImplementedError
+
+    def float(self, x: Any) -> Any:
+        """Cast to the compute dtype."""
+        return self.cast(x, self.compute_dtype)
+
+    def cast_output(self, x: Any, name: str) -> Any:
+        """Cast computed values to the requested output dtype, last.
+
+        float16 values are clipped to its finite range first, so very long
+        distances saturate at ``-65504`` instead of becoming ``-inf`` (and NaN
+        after a softmax of a fully masked row).
+        """
+        if name == self.compute_dtype:
+            return x
+        if name == "float16":
+            x = self.minimum(self.maximum(x, -_FLOAT16_MAX), _FLOAT16_MAX)
+        return self.cast(x, name)
+
+    # ------------------------------------------------------------ inspection
+    def shape(self, x: Any) -> tuple[int, ...]:
+        """Static shape as a tuple of ints."""
+        return tuple(int(d) for d in x.shape)
+
+    def is_integer(self, x: Any) -> bool:
+        """Whether ``x`` holds integers (bool excluded)."""
+        raise NotImplementedError
+
+    def device_of(self, x: Any) -> Any:
+        """The device ``x`` lives on, in a form :meth:`__init__` accepts."""
+        return None
+
+    # -------------------------------------------------------------- vocabulary
+    def abs(self, x):
+        return self.xp.abs(x)
+
+    def where(self, cond, a, b):
+        return self.xp.where(cond, a, b)
+
+    def minimum(self, a, b):
+        return self.xp.minimum(a, b)
+
+    def maximum(self, a, b):
+        return self.xp.maximum(a, b)
+
+    def log(self, x):
+        return self.xp.log(x)
+
+    def log1p(self, x):
+        return self.xp.log1p(x)
+
+    def exp(self, x):
+        return self.xp.exp(x)
+
+    def sqrt(self, x):
+        return self.xp.sqrt(x)
+
+    def floor(self, x):
+        return self.xp.floor(x)
+
+    def cos(self, x):
+        return self.xp.cos(x)
+
+    def sin(self, x):
+        return self.xp.sin(x)
+
+    def tanh(self, x):
+        return self.xp.tanh(x)
+
+    def sigmoid(self, x):
+        return 1 / (1 + self.xp.exp(-x))
+
+    def relu(self, x):
+        return self.xp.maximum(x, 0)
+
+    def take(self, table, index):
+        return table[index]
+
+    def sum(self, x, axis):
+        return self.xp.sum(x, axis)
+
+    def matmul(self, a, b):
+        return self.xp.matmul(a, b)
+
+
+def check_dtype_name(name: str, known: tuple[str, ...] = FLOAT_DTYPES) -> str:
+    if name not in known:
+        raise BackendError(f"unknown dtype {name!r}; expected one of {list(known)}.")
+    return name

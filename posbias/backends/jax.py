@@ -1,0 +1,67 @@
+"""JAX backend (works on concrete arrays and under ``jax.jit`` tracing)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from ..errors import BackendError
+from ._base import Backend, check_dtype_name
+
+
+def _x64() -> bool:
+    return bool(jax.config.jax_enable_x64)
+
+
+class JaxBackend(Backend):
+    name = "jax"
+    xp = jnp
+
+    def native_dtype(self, name: str) -> Any:
+        name = check_dtype_name(
+            name, ("float64", "float32", "float16", "bfloat16", "int64", "int32")
+        )
+        if name in ("float64", "int64") and not _x64():
+            if name == "int64":
+                return jnp.int32
+            raise BackendError(
+                "float64 on JAX needs 64-bit mode; enable it with "
+                "jax.config.update('jax_enable_x64', True) or ask for dtype='float32'."
+            )
+        return jnp.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else jnp.dtype(name)
+
+    def dtype_name(self, dtype: Any) -> str | None:
+        try:
+            return jnp.dtype(dtype).name
+        except TypeError:
+            return None
+
+    def supports(self, name: str) -> bool:
+        return name != "float64" or _x64()
+
+    def from_numpy(self, array: np.ndarray) -> Any:
+        array = np.asarray(array)
+        if array.dtype == np.int64 and not _x64():
+            array = array.astype(np.int32)
+        if self.device is not None:
+            return jax.device_put(array, self.device)
+        return jnp.asarray(array)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return np.asarray(x)
+
+    def cast(self, x: Any, name: str) -> Any:
+        return jnp.asarray(x).astype(self.native_dtype(name))
+
+    def is_integer(self, x: Any) -> bool:
+        return jnp.issubdtype(x.dtype, jnp.integer)
+
+    def sigmoid(self, x):
+        return jax.nn.sigmoid(x)
+
+    def relu(self, x):
+        return jax.nn.relu(x)

@@ -1,0 +1,77 @@
+"""TensorFlow backend (eager and inside ``tf.function``)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from ._base import Backend, check_dtype_name
+
+_DTYPES = {
+    "float64": tf.float64,
+    "float32": tf.float32,
+    "float16": tf.float16,
+    "bfloat16": tf.bfloat16,
+    "int64": tf.int64,
+    "int32": tf.int32,
+}
+
+
+class TensorflowBackend(Backend):
+    name = "tensorflow"
+    xp = tf.math
+
+    def native_dtype(self, name: str) -> Any:
+        return _DTYPES[check_dtype_name(name, tuple(_DTYPES))]
+
+    def dtype_name(self, dtype: Any) -> str | None:
+        if isinstance(dtype, tf.DType):
+            return dtype.name
+        return None
+
+    def _placed(self):
+        return tf.device(self.device) if self.device else contextlib.nullcontext()
+
+    def from_numpy(self, array: np.ndarray) -> Any:
+        with self._placed():
+            return tf.constant(np.asarray(array))
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return np.asarray(x.numpy())
+
+    def arange(self, n: int) -> Any:
+        with self._placed():
+            return tf.range(n, dtype=tf.int64)
+
+    def cast(self, x: Any, name: str) -> Any:
+        return tf.cast(x, self.native_dtype(name))
+
+    def shape(self, x: Any) -> tuple[int | None, ...]:
+        return tuple(x.shape.as_list()) if x.shape.rank is not None else ()
+
+    def is_integer(self, x: Any) -> bool:
+        return x.dtype.is_integer
+
+    def device_of(self, x: Any) -> Any:
+        return getattr(x, "device", None) or None
+
+    def where(self, cond, a, b):
+        return tf.where(cond, a, b)
+
+    def sigmoid(self, x):
+        return tf.math.sigmoid(x)
+
+    def relu(self, x):
+        return tf.nn.relu(x)
+
+    def take(self, table, index):
+        return tf.gather(table, index)
+
+    def sum(self, x, axis):
+        return tf.reduce_sum(x, axis=axis)
+
+    def matmul(self, a, b):
+        return tf.linalg.matmul(a, b)

@@ -1,0 +1,69 @@
+"""PyTorch backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import torch
+
+from ._base import Backend, check_dtype_name
+
+_DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+}
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    xp = torch
+
+    def native_dtype(self, name: str) -> Any:
+        return _DTYPES[check_dtype_name(name, tuple(_DTYPES))]
+
+    def dtype_name(self, dtype: Any) -> str | None:
+        if isinstance(dtype, torch.dtype):
+            return str(dtype).removeprefix("torch.")
+        return None
+
+    def from_numpy(self, array: np.ndarray) -> Any:
+        return torch.as_tensor(array, device=self.device)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            return x.float().numpy().astype(ml_dtypes.bfloat16)
+        return x.numpy()
+
+    def arange(self, n: int) -> Any:
+        return torch.arange(n, device=self.device)
+
+    def cast(self, x: Any, name: str) -> Any:
+        return x.to(self.native_dtype(name))
+
+    def is_integer(self, x: Any) -> bool:
+        return not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
+
+    def device_of(self, x: Any) -> Any:
+        return x.device
+
+    def minimum(self, a, b):
+        return torch.clamp(a, max=b) if not torch.is_tensor(b) else torch.minimum(a, b)
+
+    def maximum(self, a, b):
+        return torch.clamp(a, min=b) if not torch.is_tensor(b) else torch.maximum(a, b)
+
+    def relu(self, x):
+        return torch.relu(x)
+
+    def sigmoid(self, x):
+        return torch.sigmoid(x)
+
+    def sum(self, x, axis):
+        return torch.sum(x, dim=axis)

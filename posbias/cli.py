@@ -1,0 +1,229 @@
+"""The ``posbias`` command line: ``list``, ``show`` and ``parity``.
+
+    posbias list [PATTERN]
+    posbias show NAME [--heads H] [--length L] [--param KEY=VALUE ...]
+    posbias parity [--variants V,...] [--backends B,...] [--dtypes D,...] [--json PATH]
+
+``posbias parity`` is the main job: the parity matrix of registered variants ×
+installed backends × dtypes against the NumPy float64 reference. It prints one
+row per cell with the worst error and pass/fail and exits with status 1 if any
+cell fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import __version__, registry
+from . import backends as _backends
+from . import testing as _testing
+from .errors import PosBiasError
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _param(value: str) -> tuple[str, Any]:
+    key, sep, raw = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {value!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw  # a bare string such as schedule=geometric
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    names = registry.list_biases(args.pattern)
+    if not names:
+        print(f"no bias matches {args.pattern!r}", file=sys.stderr)
+        return 1
+    classes = registry.registered()
+    width = max(len(n) for n in names)
+    for name in names:
+        cls = classes[name]
+        flags = ",".join(f for f in ("toeplitz", "linear", "learnable") if getattr(cls, f))
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{name:<{width}}  {flags or '-':<25}  {summary}")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    spec = registry.get(args.name, num_heads=args.heads, **dict(args.param or []))
+    print(repr(spec))
+    print(f"toeplitz={spec.toeplitz} linear={spec.linear} learnable={spec.learnable}")
+    if hasattr(spec, "slopes"):
+        print("slopes:", np.array2string(np.asarray(spec.slopes), precision=8, max_line_width=100))
+    values = np.asarray(spec.bias(q_len=args.length, k_len=args.length, dtype="float64"))
+    heads = (
+        range(spec.num_heads)
+        if args.all_heads
+        else sorted({0, spec.num_heads // 2, spec.num_heads - 1})
+    )
+    for h in heads:
+        print(f"\nhead {h}: bias[i, j] for i, j in 0..{args.length - 1} (rows: queries)")
+        print(np.array2string(values[h], precision=4, suppress_small=True, max_line_width=120))
+    return 0
+
+
+def _versions(backend_names: Sequence[str]) -> dict[str, str]:
+    versions = {
+        "posbias": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+    for name in backend_names:
+        module = sys.modules.get(_backends.BACKENDS[name][0])
+        if module is not None:
+            versions[name] = getattr(module, "__version__", "?")
+    return versions
+
+
+def _cmd_parity(args: argparse.Namespace) -> int:
+    backend_names = args.backends or _testing.backends_under_test()
+    backend_names = [_backends.canonical_name(b) for b in backend_names]
+    for name in backend_names:
+        _backends.load(name)
+    interactive = sys.stderr.isatty()
+
+    def progress(done: int, total: int, cell: _testing.CellResult) -> None:
+        if args.quiet:
+            return
+        status = "ok" if cell.passed else "FAIL"
+        line = (
+            f"[{done}/{total}] {cell.variant} / {cell.backend} / {cell.dtype}: "
+            f"{status} ({cell.seconds:.1f}s)"
+        )
+        end = "\r" if interactive and done < total else "\n"
+        print(f"{line:<79}", end=end, file=sys.stderr, flush=True)
+
+    cells = _testing.run_parity(
+        args.variants,
+        backend_names,
+        args.dtypes,
+        progress=progress,
+        head_counts=args.head_counts,
+    )
+    versions = _versions(backend_names)
+    print("posbias parity: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    header = (
+        "variant",
+        "backend",
+        "dtype",
+        "checks",
+        "max abs err",
+        "max rel err",
+        "bitwise",
+        "tiles",
+        "result",
+    )
+    rows = [
+        (
+            c.variant,
+            c.backend,
+            c.dtype,
+            str(c.checks),
+            f"{c.max_abs_error:.3g}",
+            f"{c.max_rel_error:.3g}",
+            {None: "-", True: "yes", False: "NO"}[c.bitwise],
+            {None: "-", True: "exact", False: "NO"}[c.tiles_exact],
+            "pass" if c.passed else "FAIL",
+        )
+        for c in cells
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    failed = [c for c in cells if not c.passed]
+    for cell in failed:
+        print(f"\n{cell.variant} / {cell.backend} / {cell.dtype} failed:")
+        for failure in cell.failures[:10]:
+            print("  " + failure)
+    print(
+        f"\nparity cells: {len(cells) - len(failed)} pass, {len(failed)} fail "
+        f"(tolerances rtol/atol per dtype: {_testing.TOLERANCES})"
+    )
+    if args.json:
+        report = {
+            "versions": versions,
+            "tolerances": _testing.TOLERANCES,
+            "cells": [c.as_dict() for c in cells],
+        }
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+        print(f"wrote {args.json}")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="posbias",
+        description="Additive attention positional biases, identical in NumPy, PyTorch, "
+        "JAX and TensorFlow.",
+    )
+    parser.add_argument("--version", action="version", version=f"posbias {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list registered biases")
+    p.add_argument("pattern", nargs="?", default="*", help="glob pattern, e.g. 'alibi*'")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("show", help="print a bias's slopes and a small matrix")
+    p.add_argument("name")
+    p.add_argument("--heads", type=int, default=8, help="number of heads (default 8)")
+    p.add_argument("--length", type=int, default=6, help="query/key length (default 6)")
+    p.add_argument(
+        "--param",
+        type=_param,
+        action="append",
+        metavar="KEY=VALUE",
+        help="extra hyper-parameter, value as JSON (repeatable)",
+    )
+    p.add_argument("--all-heads", action="store_true", help="print every head's matrix")
+    p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser("parity", help="run the cross-framework parity matrix")
+    p.add_argument("--variants", type=_csv, default=None, help="comma list (default: all)")
+    p.add_argument(
+        "--backends",
+        type=_csv,
+        default=None,
+        help="comma list (default: $POSBIAS_TEST_BACKENDS or all installed)",
+    )
+    p.add_argument(
+        "--dtypes",
+        type=_csv,
+        default=list(_testing.DEFAULT_DTYPES),
+        help="comma list (default: float32,float16,bfloat16)",
+    )
+    p.add_argument(
+        "--head-counts",
+        type=lambda v: [int(x) for x in _csv(v)],
+        default=list(_testing.HEAD_COUNTS),
+        help="default 1,3,8,12,16,20",
+    )
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=_cmd_parity)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PosBiasError as exc:
+        print(f"posbias: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

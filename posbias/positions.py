@@ -1,0 +1,136 @@
+"""Turn lengths, offsets and position arrays into global integer positions.
+
+Convention (DESIGN.md §1): query ``i`` and key ``j`` are global integer
+positions. When only lengths are given, keys sit at ``k_offset + [0, k_len)``
+(``k_offset`` defaults to 0) and queries are aligned **bottom-right**: query
+``r`` sits at ``k_offset + k_len - q_len + r``, as in KV-cache decoding and
+FlashAttention. Explicit offsets or position arrays override that.
+
+Offsets are non-negative Python ints, or native integer tensors of shape ``()``
+or ``(B,)`` (per-sequence offsets, e.g. per-sequence cache lengths; these are
+not range-checked because they may be traced under ``jit``).
+Position arrays are native integer arrays of shape ``(L,)`` or ``(B, L)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._checks import MAX_POSITION, check_int, is_int
+from .backends import Backend
+from .errors import InvalidArgumentError, InvalidTypeError
+
+
+def _native_int_array(xp: Backend, name: str, value: Any, *, max_ndim: int) -> Any:
+    """Convert ``value`` to a native integer tensor of ndim <= ``max_ndim``, checked."""
+    if isinstance(value, (list, tuple, range)):
+        value = np.asarray(value)
+        if value.size == 0:
+            value = value.astype(np.int64)
+    if isinstance(value, np.ndarray):
+        if not np.issubdtype(value.dtype, np.integer):
+            raise InvalidTypeError(
+                f"{name} must hold integers, got dtype {value.dtype}; positions are "
+                f"integer token indices, e.g. {name}=np.arange(L)."
+            )
+        value = xp.from_numpy(value.astype(np.int64, copy=False))
+    elif not xp.is_integer(value):
+        raise InvalidTypeError(
+            f"{name} must hold integers, got a {xp.name} tensor of dtype {value.dtype}; "
+            f"positions are integer token indices (cast with .long()/astype(int))."
+        )
+    ndim = len(xp.shape(value))
+    if ndim > max_ndim or (name.endswith("_pos") and ndim == 0):
+        allowed = "(L,) or (B, L)" if max_ndim == 2 else "() or (B,)"
+        raise InvalidArgumentError(
+            f"{name} must have shape {allowed}, got shape {xp.shape(value)}."
+        )
+    return xp.as_int(value)
+
+
+def _side(
+    xp: Backend, side: str, length: Any, pos: Any, offset: Any
+) -> tuple[Any | None, int | None, Any]:
+    """Return ``(positions or None, length, offset or None)`` for one side."""
+    if pos is not None:
+        if offset is not None:
+            raise InvalidArgumentError(
+                f"give either {side}_pos or {side}_offset, not both: explicit positions "
+                "already say where every token sits."
+            )
+        pos = _native_int_array(xp, f"{side}_pos", pos, max_ndim=2)
+        actual = xp.shape(pos)[-1]
+        if length is not None:
+            length = check_int(f"{side}_len", length, maximum=MAX_POSITION)
+            if actual is not None and length != actual:
+                raise InvalidArgumentError(
+                    f"{side}_len={length} does not match {side}_pos of length {actual}; "
+                    f"drop {side}_len or pass matching positions."
+                )
+        return pos, actual, None
+    if length is None:
+        raise InvalidArgumentError(
+            f"give {side}_len (an int) or {side}_pos (an integer array) for the "
+            f"{'queries' if side == 'q' else 'keys'}."
+        )
+    length = check_int(f"{side}_len", length, maximum=MAX_POSITION)
+    if offset is not None:
+        if is_int(offset) or isinstance(offset, (bool, float)):
+            offset = check_int(f"{side}_offset", offset, maximum=MAX_POSITION)
+        else:
+            offset = _native_int_array(xp, f"{side}_offset", offset, max_ndim=1)
+    return None, length, offset
+
+
+def _from_offset(xp: Backend, offset: Any, length: int) -> Any:
+    positions = xp.arange(length)
+    if is_int(offset):
+        return positions + offset if offset else positions
+    return offset[..., None] + positions
+
+
+def resolve(
+    xp: Backend,
+    *,
+    q_len: Any = None,
+    k_len: Any = None,
+    q_pos: Any = None,
+    k_pos: Any = None,
+    q_offset: Any = None,
+    k_offset: Any = None,
+) -> tuple[Any, Any]:
+    """Global integer positions ``(q, k)``, each of shape ``(Lq,)``/``(B, Lq)``.
+
+    Example:
+        >>> from posbias.backends import load
+        >>> xp = load("numpy")()
+        >>> q, k = resolve(xp, q_len=2, k_len=5)
+        >>> q.tolist(), k.tolist()
+        ([3, 4], [0, 1, 2, 3, 4])
+    """
+    q_pos, q_len, q_offset = _side(xp, "q", q_len, q_pos, q_offset)
+    keys_explicit = k_pos is not None
+    k_pos, k_len, k_offset = _side(xp, "k", k_len, k_pos, k_offset)
+    if not keys_explicit:
+        k_offset = 0 if k_offset is None else k_offset
+        k_pos = _from_offset(xp, k_offset, k_len)
+    if q_pos is None:
+        if q_offset is None:
+            if keys_explicit:
+                raise InvalidArgumentError(
+                    "with explicit k_pos, give q_pos or q_offset too: the default "
+                    "bottom-right alignment is defined for keys given by k_len."
+                )
+            q_offset = k_offset + (k_len - q_len)  # bottom-right, may be < 0 if q_len > k_len
+        q_pos = _from_offset(xp, q_offset, q_len)
+    q_shape, k_shape = xp.shape(q_pos), xp.shape(k_pos)
+    if len(q_shape) == 2 and len(k_shape) == 2:
+        bq, bk = q_shape[0], k_shape[0]
+        if bq is not None and bk is not None and bq != bk:
+            raise InvalidArgumentError(
+                f"batched query and key positions disagree on the batch size: "
+                f"{bq} vs {bk}; give both as (B, L) with the same B (or one as (L,))."
+            )
+    return q_pos, k_pos

@@ -1,0 +1,315 @@
+"""``BiasSpec``: the backend-agnostic definition of one additive attention bias.
+
+A spec is a frozen dataclass of hyper-parameters (``num_heads`` plus whatever
+the variant needs). It computes
+
+    bias[..., h, i, j] = f_h(q_pos[..., i], k_pos[..., j])
+
+once, in :meth:`BiasSpec.compute`, written against the backend op vocabulary
+(:mod:`posbias.backends._base`), and :meth:`BiasSpec.bias` turns it into a
+native tensor for NumPy, PyTorch, JAX or TensorFlow. The bias is meant to be
+added after the ``1/sqrt(d)`` scaling: ``softmax(q·kᵀ·scale + bias + mask)``.
+
+Subclasses are turned into frozen, keyword-only dataclasses automatically:
+declare hyper-parameters as annotated class attributes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+from . import backends as _backends
+from . import positions as _positions
+from ._checks import check_heads, check_num_heads
+from .errors import BackendError, ConfigError, InvalidArgumentError, ResourceError
+
+__all__ = ["BiasSpec"]
+
+_RESERVED = {"name"}
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return None
+
+
+#: Read once at import: a bias larger than the machine's memory is refused.
+_MEMORY_LIMIT = _physical_memory()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BiasSpec:
+    """Base class of every bias variant.
+
+    Attributes:
+        num_heads: number of attention heads ``H`` (global, over all devices).
+
+    Class attributes a variant sets:
+        name: the registered name (set by :func:`posbias.register`).
+        toeplitz: the bias depends on ``j - i`` only.
+        linear: the bias is ``-slope_h · |i - j|``-shaped (the ALiBi family);
+            such a spec has a ``slopes`` attribute.
+        learnable: the variant has trainable parameters.
+        exact: closed form with float32 results bit-identical across backends
+            and tiles (False for MLP-based variants).
+
+    Example:
+        >>> import posbias
+        >>> spec = posbias.get("alibi", num_heads=4)
+        >>> spec.bias(q_len=2, k_len=3).tolist()[0]
+        [[-0.25, 0.0, -0.25], [-0.5, -0.25, 0.0]]
+    """
+
+    name: ClassVar[str | None] = None
+    toeplitz: ClassVar[bool] = False
+    linear: ClassVar[bool] = False
+    learnable: ClassVar[bool] = False
+    exact: ClassVar[bool] = True
+
+    num_heads: int
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        clash = _RESERVED & set(inspect.get_annotations(cls))
+        if clash:
+            raise TypeError(f"{cls.__name__}: field names {sorted(clash)} are reserved.")
+        dataclasses.dataclass(frozen=True, kw_only=True)(cls)
+
+    def __post_init__(self) -> None:
+        self._set("num_heads", check_num_heads(self.num_heads))
+
+    # ------------------------------------------------------------- helpers
+    def _set(self, field: str, value: Any) -> None:
+        """Normalise a field inside ``__post_init__`` (the dataclass is frozen)."""
+        object.__setattr__(self, field, value)
+
+    def replace(self, **changes: Any) -> BiasSpec:
+        """A copy with some hyper-parameters changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def parameter_names(cls) -> tuple[str, ...]:
+        """Names of the hyper-parameters (constructor keywords)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.init)
+
+    @classmethod
+    def required_parameters(cls) -> tuple[str, ...]:
+        return tuple(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.init
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        )
+
+    # -------------------------------------------------------------- config
+    def to_config(self) -> dict[str, Any]:
+        """A JSON-safe dict ``{"name": ..., <hyper-parameters>}``.
+
+        Example:
+            >>> import json, posbias
+            >>> spec = posbias.get("alibi", num_heads=8)
+            >>> posbias.from_config(json.loads(json.dumps(spec.to_config()))) == spec
+            True
+        """
+        name = type(self).__dict__.get("name")  # an unregistered subclass has none
+        if name is None:
+            raise ConfigError(
+                f"{type(self).__name__} is not registered, so it has no config name; "
+                "decorate it with @posbias.register('your/name')."
+            )
+        config: dict[str, Any] = {"name": name}
+        for key in self.parameter_names():
+            config[key] = _jsonable(getattr(self, key))
+        return config
+
+    # ---------------------------------------------------- variant interface
+    def compute(self, xp: Any, q_pos: Any, k_pos: Any, heads: np.ndarray, params: Any) -> Any:
+        """The bias values; the one function a variant implements.
+
+        Args:
+            xp: a :class:`~posbias.backends.Backend` bound to the framework,
+                device and compute dtype (float32, or float64 when asked).
+            q_pos: integer query positions, shape ``(..., Lq, 1)``.
+            k_pos: integer key positions, shape ``(..., 1, Lk)``.
+            heads: global head indices, int64 NumPy array of shape ``(h,)``.
+            params: learnable parameters as native tensors (None otherwise).
+
+        Returns:
+            Tensor of shape ``(..., h, Lq, Lk)`` in the compute dtype.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement compute()")
+
+    @classmethod
+    def parity_examples(cls, num_heads: int) -> list[BiasSpec]:
+        """Specs with ``num_heads`` heads that ``posbias parity`` checks.
+
+        The default is the spec with default hyper-parameters; variants override
+        it to cover their options.
+        """
+        return [cls(num_heads=num_heads)]
+
+    def init_params(self, seed: int = 0) -> dict[str, np.ndarray]:
+        """Initial learnable parameters (empty for parameter-free variants)."""
+        return {}
+
+    # ------------------------------------------------------------- the bias
+    def bias(
+        self,
+        q_len: int | None = None,
+        k_len: int | None = None,
+        *,
+        q_pos: Any = None,
+        k_pos: Any = None,
+        q_offset: Any = None,
+        k_offset: Any = None,
+        heads: Any = None,
+        dtype: Any = "float32",
+        backend: str | None = None,
+        device: Any = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """The bias as a native tensor of shape ``(h, Lq, Lk)`` or ``(B, h, Lq, Lk)``.
+
+        Positions: give ``q_len``/``k_len`` (keys at ``k_offset + [0, k_len)``,
+        queries aligned bottom-right unless ``q_offset`` is given) or integer
+        position arrays ``q_pos``/``k_pos`` of shape ``(L,)`` or ``(B, L)``.
+        Batched positions or offsets of shape ``(B,)`` add a leading batch axis.
+
+        Args:
+            heads: global head indices (e.g. ``range(4, 8)``); default all.
+            dtype: output dtype, as a string (``"float32"``, ``"bfloat16"``, ...)
+                or the framework's dtype object. Values are computed in float32
+                (float64 when float64 is asked) and cast last.
+            backend: ``"numpy"``, ``"torch"``, ``"jax"`` or ``"tensorflow"``;
+                default: the framework of the position arrays, else NumPy.
+            device: where to create tensors when no position array says so.
+            params: learnable parameters for learnable variants.
+
+        Example:
+            >>> import posbias
+            >>> spec = posbias.get("alibi", num_heads=2)
+            >>> spec.bias(q_len=1, k_len=3).tolist()
+            [[[-0.125, -0.0625, 0.0]], [[-0.0078125, -0.00390625, 0.0]]]
+        """
+        name = self._resolve_backend(backend, q_pos, k_pos, q_offset, k_offset, params)
+        backend_cls = _backends.load(name)
+        if device is None:
+            for value in (q_pos, k_pos, q_offset, k_offset):
+                if value is not None and _backends.detect(value) == name:
+                    device = backend_cls().device_of(value)
+                    break
+        out_dtype = self._resolve_dtype(backend_cls(device), dtype)
+        xp = backend_cls(device, "float64" if out_dtype == "float64" else "float32")
+        head_index = check_heads(heads, self.num_heads)
+        q, k = _positions.resolve(
+            xp,
+            q_len=q_len,
+            k_len=k_len,
+            q_pos=q_pos,
+            k_pos=k_pos,
+            q_offset=q_offset,
+            k_offset=k_offset,
+        )
+        self._check_size(xp, q, k, len(head_index), out_dtype)
+        native_params = self._native_params(xp, params)
+        values = self.compute(xp, q[..., :, None], k[..., None, :], head_index, native_params)
+        return xp.cast_output(values, out_dtype)
+
+    # ---------------------------------------------------------- internals
+    @staticmethod
+    def _resolve_backend(backend: str | None, *arrays: Any) -> str:
+        found = set()
+        for value in arrays:
+            items = value.values() if isinstance(value, Mapping) else (value,)
+            for item in items:
+                kind = _backends.detect(item) if item is not None else None
+                if kind is not None:
+                    found.add(kind)
+        if backend is not None:
+            backend = _backends.canonical_name(backend)
+            foreign = found - {backend, "numpy"}
+            if foreign:
+                raise BackendError(
+                    f"backend={backend!r} was asked for but some inputs are "
+                    f"{sorted(foreign)} arrays; pass inputs of one framework "
+                    "(NumPy arrays and lists convert to any backend)."
+                )
+            return backend
+        if len(found) > 1:
+            raise BackendError(
+                f"inputs mix arrays of {sorted(found)}; pass positions, offsets and "
+                "params from one framework, or convert them first."
+            )
+        return found.pop() if found else "numpy"
+
+    @staticmethod
+    def _resolve_dtype(xp: Any, dtype: Any) -> str:
+        if isinstance(dtype, str):
+            name = dtype
+        else:
+            name = xp.dtype_name(dtype)
+            if name is None:
+                try:
+                    name = np.dtype(dtype).name
+                except TypeError:
+                    name = repr(dtype)
+        if name not in _backends.FLOAT_DTYPES:
+            raise BackendError(
+                f"unknown bias dtype {dtype!r}; expected one of "
+                f"{list(_backends.FLOAT_DTYPES)} (as a string or a {xp.name} dtype)."
+            )
+        xp.native_dtype(name)  # raises when the backend cannot hold it (JAX float64)
+        return name
+
+    def _check_size(self, xp: Any, q: Any, k: Any, heads: int, dtype: str) -> None:
+        q_shape, k_shape = xp.shape(q), xp.shape(k)
+        dims = [heads, q_shape[-1], k_shape[-1]]
+        if len(q_shape) == 2 or len(k_shape) == 2:
+            dims.insert(0, (q_shape if len(q_shape) == 2 else k_shape)[0])
+        if any(d is None for d in dims):
+            return
+        needed = 4 * (2 if dtype != "float32" else 1)
+        for d in dims:
+            needed *= d
+        limit = _MEMORY_LIMIT
+        if limit is not None and needed > limit:
+            raise ResourceError(
+                f"the bias of shape {tuple(dims)} would need about "
+                f"{needed / 2**30:.1f} GiB, more than this machine's "
+                f"{limit / 2**30:.1f} GiB; ask for fewer heads, shorter blocks of "
+                "queries/keys (tiles concatenate exactly), or use a blockwise attention."
+            )
+
+    def _native_params(self, xp: Any, params: Mapping[str, Any] | None) -> Any:
+        if params is None:
+            if not self.learnable:
+                return None
+            params = self.init_params()
+        elif not self.learnable:
+            raise InvalidArgumentError(
+                f"{self.name or type(self).__name__} has no learnable parameters; drop params=."
+            )
+        native = {}
+        for key, value in params.items():
+            if isinstance(value, np.ndarray):
+                native[key] = xp.constant(value)
+            else:
+                native[key] = xp.float(value)
+        return native

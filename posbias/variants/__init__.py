@@ -1,0 +1,3 @@
+"""Built-in bias variants; importing this package registers them."""
+
+from . import alibi  # noqa: F401

@@ -1,0 +1,194 @@
+"""ALiBi: Attention with Linear Biases (Press et al., ICLR 2022).
+
+https://arxiv.org/abs/2108.12409
+
+``alibi``: ``bias[h, i, j] = -m_h · |i - j|``. Under a causal mask this is the
+paper's decoder bias; without a mask it is the symmetric encoder form used by
+MosaicBERT and FlashAttention's non-causal ALiBi.
+
+``alibi_asymmetric``: separate slopes for past keys (``j <= i``) and future keys
+(``j > i``): ``-m_h · (i - j)`` for past keys and ``-m'_h · (j - i)`` for future
+keys, for bidirectional encoders that should tell left from right.
+
+Slopes: :func:`posbias.alibi_slopes` (``schedule="paper"``, the default) or the
+naive ``2^(-max_bias·(h+1)/H)`` (``schedule="geometric"``), times ``scale``;
+or explicit ``slopes``. All are float64 NumPy constants cast once to float32,
+so every backend multiplies the same float32 slope by the same exact float32
+distance: float32 results are bit-identical across NumPy, PyTorch, JAX and
+TensorFlow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._checks import check_finite_float, check_float_sequence
+from ..errors import InvalidArgumentError
+from ..registry import register
+from ..slopes import SCHEDULES, resolve_slopes
+from ..spec import BiasSpec
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
+
+
+def _check_schedule(schedule: object) -> str:
+    if schedule not in SCHEDULES:
+        raise InvalidArgumentError(
+            f"unknown slope schedule {schedule!r}; expected one of {sorted(SCHEDULES)}."
+        )
+    return schedule  # type: ignore[return-value]
+
+
+@register("alibi")
+class Alibi(BiasSpec):
+    """ALiBi, ``bias[h, i, j] = -m_h · |i - j|`` (Press et al. 2022).
+
+    Args:
+        num_heads: number of heads ``H``.
+        max_bias: ``B`` of the slope schedule, 8 in the paper (MPT and keras-hub
+            call it ``alibi_bias_max``).
+        schedule: ``"paper"`` (default; the paper's rule for any ``H``) or
+            ``"geometric"`` (``2^(-B(h+1)/H)``; differs for non-power-of-two ``H``).
+        scale: multiplies every slope, e.g. ``train_len / test_len`` for length
+            interpolation.
+        slopes: explicit per-head slopes (then ``max_bias``/``schedule`` are unused).
+
+    Shapes: ``(H, Lq, Lk)``, or ``(B, H, Lq, Lk)`` for batched positions.
+
+    Example:
+        >>> import posbias
+        >>> spec = posbias.get("alibi", num_heads=8)
+        >>> spec.bias(q_len=1, k_len=4)[0].tolist()
+        [[-1.5, -1.0, -0.5, 0.0]]
+    """
+
+    toeplitz = True
+    linear = True
+
+    max_bias: float = 8.0
+    schedule: str = "paper"
+    scale: float = 1.0
+    custom_slopes: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set("max_bias", check_finite_float("max_bias", self.max_bias, positive=True))
+        self._set("schedule", _check_schedule(self.schedule))
+        self._set("scale", check_finite_float("scale", self.scale, positive=True))
+        if self.custom_slopes is not None:
+            self._set(
+                "custom_slopes",
+                check_float_sequence(
+                    "custom_slopes", self.custom_slopes, length=self.num_heads, positive=True
+                ),
+            )
+        # derived once here (not a cached_property: torch.compile cannot trace its lock)
+        self._set(
+            "_slopes",
+            _frozen(
+                resolve_slopes(
+                    self.num_heads,
+                    max_bias=self.max_bias,
+                    schedule=self.schedule,
+                    scale=self.scale,
+                    slopes=self.custom_slopes,
+                )
+            ),
+        )
+
+    @classmethod
+    def parity_examples(cls, num_heads: int) -> list[BiasSpec]:
+        return [
+            cls(num_heads=num_heads),
+            cls(num_heads=num_heads, schedule="geometric", max_bias=4.0, scale=0.25),
+            cls(num_heads=num_heads, custom_slopes=[1.0 / (h + 3) for h in range(num_heads)]),
+        ]
+
+    @property
+    def slopes(self) -> np.ndarray:
+        """Per-head slopes ``m_h``, float64, shape ``(num_heads,)`` (read-only)."""
+        return self._slopes
+
+    def compute(self, xp, q_pos, k_pos, heads, params):
+        m = xp.constant(self.slopes[heads])[:, None, None]
+        # negate the integer distance, not the product: exact, and 0 stays +0.0
+        distance = xp.float(-xp.abs(k_pos - q_pos))[..., None, :, :]
+        return m * distance
+
+
+@register("alibi_asymmetric")
+class AlibiAsymmetric(Alibi):
+    """ALiBi with separate slopes for past and future keys.
+
+    ``bias[h, i, j] = -m_h · (i - j)`` for ``j <= i`` and ``-m'_h · (j - i)`` for
+    ``j > i``. ``m`` comes from the ``Alibi`` parameters; ``m'`` from
+    ``future_custom_slopes`` if given, else from the same schedule with
+    ``future_max_bias`` (default: ``max_bias``) and ``scale``. With equal slopes
+    it equals ``alibi``.
+
+    Example:
+        >>> import posbias
+        >>> spec = posbias.get("alibi_asymmetric", num_heads=1, future_max_bias=4.0)
+        >>> spec.bias(q_len=1, k_len=3, q_offset=1).tolist()
+        [[[-0.00390625, 0.0, -0.0625]]]
+    """
+
+    future_max_bias: float | None = None
+    future_custom_slopes: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.future_max_bias is not None:
+            self._set(
+                "future_max_bias",
+                check_finite_float("future_max_bias", self.future_max_bias, positive=True),
+            )
+        if self.future_custom_slopes is not None:
+            self._set(
+                "future_custom_slopes",
+                check_float_sequence(
+                    "future_custom_slopes",
+                    self.future_custom_slopes,
+                    length=self.num_heads,
+                    positive=True,
+                ),
+            )
+        future_max_bias = self.max_bias if self.future_max_bias is None else self.future_max_bias
+        self._set(
+            "_future_slopes",
+            _frozen(
+                resolve_slopes(
+                    self.num_heads,
+                    max_bias=future_max_bias,
+                    schedule=self.schedule,
+                    scale=self.scale,
+                    slopes=self.future_custom_slopes,
+                )
+            ),
+        )
+
+    @classmethod
+    def parity_examples(cls, num_heads: int) -> list[BiasSpec]:
+        return [
+            cls(num_heads=num_heads, future_max_bias=4.0),
+            cls(
+                num_heads=num_heads,
+                schedule="geometric",
+                future_custom_slopes=[0.1 * (h + 1) for h in range(num_heads)],
+            ),
+        ]
+
+    @property
+    def future_slopes(self) -> np.ndarray:
+        """Slopes ``m'_h`` for keys after the query, float64, shape ``(num_heads,)``."""
+        return self._future_slopes
+
+    def compute(self, xp, q_pos, k_pos, heads, params):
+        past = xp.constant(self.slopes[heads])[:, None, None]
+        future = xp.constant(self.future_slopes[heads])[:, None, None]
+        rel = (k_pos - q_pos)[..., None, :, :]
+        slope = xp.where(rel > 0, future, past)  # pick the slope, then one exact product
+        return slope * xp.float(-xp.abs(rel))

@@ -1,0 +1,79 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+import posbias
+from posbias.cli import main
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "alibi " in out and "toeplitz,linear" in out
+    assert main(["list", "nothing*"]) == 1
+
+
+def test_show(capsys):
+    assert main(["show", "alibi", "--heads", "12", "--length", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "0.70710678" in out and "head 11" in out
+    assert (
+        main(
+            [
+                "show",
+                "alibi",
+                "--heads",
+                "2",
+                "--param",
+                "schedule=geometric",
+                "--param",
+                "max_bias=4",
+            ]
+        )
+        == 0
+    )
+    assert "schedule='geometric'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["show", "alibii"], "Did you mean 'alibi'"),
+        (["show", "alibi", "--heads", "0"], "num_heads must be >= 1"),
+        (["parity", "--backends", "mxnet"], "unknown backend"),
+    ],
+)
+def test_errors_are_one_line(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_parity_json(tmp_path, capsys):
+    path = tmp_path / "parity.json"
+    code = main(["parity", "--backends", "numpy", "--head-counts", "1,3", "--json", str(path)])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "parity cells:" in captured.out and "FAIL" not in captured.out
+    assert "[1/" in captured.err  # progress
+    report = json.loads(path.read_text())
+    assert {c["variant"] for c in report["cells"]} == set(posbias.list_biases())
+    assert all(c["passed"] for c in report["cells"])
+
+
+def test_parity_exit_code_on_failure(capsys, isolated_registry):
+    from test_parity import Untiled
+
+    posbias.register("test/untiled")(Untiled)
+    code = main(["parity", "--backends", "numpy", "--variants", "test/untiled", "--quiet"])
+    assert code == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_console_script_module():
+    out = subprocess.run(
+        [sys.executable, "-m", "posbias", "--version"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == f"posbias {posbias.__version__}"

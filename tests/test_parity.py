@@ -1,0 +1,100 @@
+"""The parity harness (posbias.testing) and the parity matrix for every registered bias."""
+
+import numpy as np
+import pytest
+
+import posbias
+from conftest import BACKENDS
+from posbias import testing as pt
+
+
+@pytest.mark.parametrize("name", posbias.list_biases())
+def test_registered_variant_parity(name, backend):
+    cells = pt.assert_parity(name, backends=[backend])
+    assert all(c.checks > 0 for c in cells)
+    if backend != "numpy":
+        assert all(c.bitwise for c in cells)  # ALiBi family: bit-identical everywhere
+    assert all(c.tiles_exact for c in cells)
+
+
+def test_cases_cover_the_contract():
+    labels = {c.label for c in pt.default_cases(12)}
+    assert {
+        "1x1",
+        "q<k bottom-right",
+        "q>k bottom-right",
+        "offsets",
+        "batched positions",
+        "batched offsets",
+        "head subset",
+        "heads reordered",
+    } <= labels
+
+
+class LinearWindow(posbias.BiasSpec):
+    """The README's user variant: ALiBi inside a window, a constant penalty outside."""
+
+    toeplitz = True
+    window: int = 4
+    penalty: float = -10.0
+
+    def compute(self, xp, q_pos, k_pos, heads, params):
+        m = xp.constant(1.0 / (heads + 2.0))[:, None, None]
+        distance = xp.abs(k_pos - q_pos)[..., None, :, :]
+        inside = m * xp.float(-distance)
+        return xp.where(distance <= self.window, inside, xp.constant(np.float64(self.penalty)))
+
+
+def test_user_variant_runs_on_every_backend(isolated_registry):
+    posbias.register("myorg/linear_window")(LinearWindow)
+    spec = posbias.get("myorg/linear_window", num_heads=3, window=2)
+    cells = pt.assert_parity(spec)
+    assert {c.backend for c in cells} == set(BACKENDS)
+    assert posbias.from_config(spec.to_config()) == spec
+    matrix = pt.run_parity(["myorg/linear_window"], head_counts=[1, 3])
+    assert all(c.passed for c in matrix)
+
+
+class Drifting(posbias.BiasSpec):
+    """A deliberately wrong variant: off by a little on every backend but NumPy."""
+
+    def compute(self, xp, q_pos, k_pos, heads, params):
+        values = (
+            xp.float(-xp.abs(k_pos - q_pos))[..., None, :, :]
+            * xp.constant(np.ones(len(heads)))[:, None, None]
+        )
+        return values if xp.name == "numpy" else values * 1.001
+
+
+def test_harness_catches_a_wrong_backend(isolated_registry):
+    if BACKENDS == ["numpy"]:
+        pytest.skip("needs a framework backend")
+    posbias.register("test/drifting")(Drifting)
+    with pytest.raises(AssertionError, match="exceeds"):
+        pt.assert_parity("test/drifting")
+    cells = pt.run_parity(["test/drifting"], dtypes=["float32"], head_counts=[2])
+    assert [c.passed for c in cells] == [b == "numpy" for b in BACKENDS]
+
+
+class Untiled(posbias.BiasSpec):
+    """Wrong on purpose: depends on the tile's own length, so tiles do not concatenate."""
+
+    def compute(self, xp, q_pos, k_pos, heads, params):
+        lk = xp.shape(k_pos)[-1]
+        d = xp.float(-xp.abs(k_pos - q_pos))[..., None, :, :]
+        return d * xp.constant(np.full(len(heads), 1.0 / lk))[:, None, None]
+
+
+def test_harness_catches_tiles_that_do_not_concatenate():
+    spec = Untiled(num_heads=2)
+    assert pt.tile_mismatch(spec, "numpy", q_len=5, k_len=6, q_split=2, k_split=3, h_split=1) > 0
+    with pytest.raises(AssertionError, match="tiles differ"):
+        pt.assert_parity(spec, backends=["numpy"])
+
+
+def test_backends_env_var(monkeypatch):
+    monkeypatch.setenv(pt.ENV_VAR, "numpy")
+    assert pt.backends_under_test() == ["numpy"]
+    monkeypatch.setenv(pt.ENV_VAR, "numpy,mxnet")
+    with pytest.raises(posbias.BackendError, match="unknown backend"):
+        pt.backends_under_test()
