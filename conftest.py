@@ -1,17 +1,24 @@
-"""Root pytest configuration: skip doctest collection of adapters whose framework is absent."""
+"""Root pytest configuration.
+
+Doctests are collected from the package; modules of frameworks that are not
+installed are skipped (each nox session installs one framework only).
+"""
 
 import importlib.util
 
+import pytest
+from _pytest.doctest import DoctestItem
+
+_MODULES = {
+    "torch": ["posbias/backends/torch.py", "posbias/torch"],
+    "jax": ["posbias/backends/jax.py", "posbias/jax.py"],
+    "tensorflow": ["posbias/backends/tensorflow.py", "posbias/tensorflow.py"],
+}
+
 collect_ignore = ["posbias/__main__.py", "noxfile.py"]
-collect_ignore += [
-    f"posbias/backends/{name}.py"
-    for name in ("torch", "jax", "tensorflow")
-    if importlib.util.find_spec(name) is None
-]
-
-
-import pytest  # noqa: E402
-from _pytest.doctest import DoctestItem  # noqa: E402
+for _framework, _paths in _MODULES.items():
+    if importlib.util.find_spec(_framework) is None:
+        collect_ignore += _paths
 
 
 @pytest.fixture(autouse=True)

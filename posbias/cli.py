@@ -13,6 +13,7 @@ cell fails.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__, registry
+from . import _layer_parity as _lp
 from . import backends as _backends
 from . import testing as _testing
 from .errors import PosBiasError
@@ -139,28 +141,82 @@ def _cmd_parity(args: argparse.Namespace) -> int:
         )
         for c in cells
     ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, tuple("-" * w for w in widths), *rows]:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    _print_table(header, rows)
+    layer_cells = [] if args.no_layers else _layer_parity_table(backend_names, args)
     failed = [c for c in cells if not c.passed]
     for cell in failed:
         print(f"\n{cell.variant} / {cell.backend} / {cell.dtype} failed:")
         for failure in cell.failures[:10]:
             print("  " + failure)
+    failed_layers = [c for c in layer_cells if not c.passed]
+    for cell in failed_layers:
+        print(f"\nattention / {cell.backend} / {cell.dtype} failed:")
+        for failure in cell.failures[:10]:
+            print("  " + failure)
     print(
-        f"\nparity cells: {len(cells) - len(failed)} pass, {len(failed)} fail "
+        f"\nbias cells: {len(cells) - len(failed)} pass, {len(failed)} fail "
         f"(tolerances rtol/atol per dtype: {_testing.TOLERANCES})"
     )
+    if layer_cells:
+        print(
+            f"attention cells: {len(layer_cells) - len(failed_layers)} pass, "
+            f"{len(failed_layers)} fail (normwise tolerances: {_lp.ATTENTION_TOLERANCES})"
+        )
+    failed = failed + failed_layers
     if args.json:
         report = {
             "versions": versions,
             "tolerances": _testing.TOLERANCES,
             "cells": [c.as_dict() for c in cells],
+            "attention_tolerances": _lp.ATTENTION_TOLERANCES,
+            "attention_cells": [{**dataclasses.asdict(c), "passed": c.passed} for c in layer_cells],
         }
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2)
         print(f"wrote {args.json}")
     return 1 if failed else 0
+
+
+def _layer_parity_table(backend_names, args) -> list[_lp.LayerCell]:
+    """Attention functions and layers vs the NumPy float64 reference, per framework."""
+    frameworks = [b for b in backend_names if b != "numpy"]
+    jobs = [(b, d) for b in frameworks for d in args.dtypes if d in _lp.ATTENTION_TOLERANCES]
+    jobs += [(b, "layers") for b in frameworks]
+    cells = []
+    for done, (backend, kind) in enumerate(jobs, 1):
+        if kind == "layers":
+            cell = _lp.check_layers(backend)
+            cell.dtype = "float32 MultiHeadAttention"
+        else:
+            cell = _lp.check_functional(backend, kind)
+            cell.dtype = f"{kind} attention()"
+        cells.append(cell)
+        if not args.quiet:
+            status = "ok" if cell.passed else "FAIL"
+            line = f"[{done}/{len(jobs)}] attention / {backend} / {cell.dtype}: {status}"
+            print(f"{line:<79}", file=sys.stderr, flush=True)
+    if cells:
+        print("\nattention parity (same weights and inputs; error = max|x-ref| / max|ref|):")
+        header = ("backend", "what", "checks", "max error", "tolerance", "result")
+        rows = [
+            (
+                c.backend,
+                c.dtype,
+                str(c.checks),
+                f"{c.max_error:.3g}",
+                str(_lp.ATTENTION_TOLERANCES[c.dtype.split()[0]]),
+                "pass" if c.passed else "FAIL",
+            )
+            for c in cells
+        ]
+        _print_table(header, rows)
+    return cells
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument(
+        "--no-layers", action="store_true", help="skip the attention function / layer parity"
+    )
     p.set_defaults(func=_cmd_parity)
     return parser
 

@@ -56,7 +56,7 @@ def test_parity_json(tmp_path, capsys):
     code = main(["parity", "--backends", "numpy", "--head-counts", "1,3", "--json", str(path)])
     assert code == 0
     captured = capsys.readouterr()
-    assert "parity cells:" in captured.out and "FAIL" not in captured.out
+    assert "bias cells:" in captured.out and "FAIL" not in captured.out
     assert "[1/" in captured.err  # progress
     report = json.loads(path.read_text())
     assert {c["variant"] for c in report["cells"]} == set(posbias.list_biases())
@@ -77,3 +77,32 @@ def test_console_script_module():
         [sys.executable, "-m", "posbias", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == f"posbias {posbias.__version__}"
+
+
+def test_parity_includes_attention_layers(tmp_path, capsys):
+    from conftest import FRAMEWORKS
+
+    if not FRAMEWORKS:
+        pytest.skip("no framework under test")
+    path = tmp_path / "parity.json"
+    argv = [
+        "parity",
+        "--backends",
+        FRAMEWORKS[0],
+        "--variants",
+        "alibi",
+        "--head-counts",
+        "3",
+        "--dtypes",
+        "float32",
+        "--json",
+        str(path),
+        "--quiet",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "attention parity" in out and "MultiHeadAttention" in out
+    report = json.loads(path.read_text())
+    kinds = {c["dtype"] for c in report["attention_cells"]}
+    assert kinds == {"float32 attention()", "float32 MultiHeadAttention"}
+    assert all(c["passed"] for c in report["attention_cells"])

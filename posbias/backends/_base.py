@@ -33,6 +33,8 @@ from ..errors import BackendError
 
 #: Canonical dtype names understood by every backend.
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+#: Every dtype name a backend maps (floats, position integers, masks).
+NAMES = (*FLOAT_DTYPES, "int64", "int32", "bool")
 _FLOAT16_MAX = 65504.0
 
 
@@ -172,6 +174,33 @@ class Backend:
 
     def matmul(self, a, b):
         return self.xp.matmul(a, b)
+
+    # ------------------------------------------ attention vocabulary (layers)
+    def einsum(self, equation, *operands):
+        return self.xp.einsum(equation, *operands)
+
+    def cumsum(self, x, axis):
+        return self.xp.cumsum(x, axis)
+
+    def amax(self, x, axis, keepdims=False):
+        return self.xp.max(x, axis, keepdims=keepdims)
+
+    def sum_keepdims(self, x, axis):
+        return self.xp.sum(x, axis, keepdims=True)
+
+    def zeros(self, shape, dtype):
+        return self.from_numpy(np.zeros(shape, dtype=self.native_dtype(dtype)))
+
+    def finfo_min(self, name: str) -> float:
+        """Most negative finite value of a compute dtype (masked scores)."""
+        return float(np.finfo(name).min)
+
+    def finfo_tiny(self, name: str) -> float:
+        return float(np.finfo(name).tiny)
+
+    def is_concrete(self, x) -> bool:
+        """False while tracing / compiling (values unknown): skip value checks."""
+        return True
 
 
 def check_dtype_name(name: str, known: tuple[str, ...] = FLOAT_DTYPES) -> str:

@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import BackendError
-from ._base import Backend, check_dtype_name
+from ._base import NAMES, Backend, check_dtype_name
 
 
 def _x64() -> bool:
@@ -22,9 +22,7 @@ class JaxBackend(Backend):
     xp = jnp
 
     def native_dtype(self, name: str) -> Any:
-        name = check_dtype_name(
-            name, ("float64", "float32", "float16", "bfloat16", "int64", "int32")
-        )
+        name = check_dtype_name(name, NAMES)
         if name in ("float64", "int64") and not _x64():
             if name == "int64":
                 return jnp.int32
@@ -65,3 +63,6 @@ class JaxBackend(Backend):
 
     def relu(self, x):
         return jax.nn.relu(x)
+
+    def is_concrete(self, x) -> bool:
+        return not isinstance(x, jax.core.Tracer)

@@ -7,7 +7,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from ._base import Backend, check_dtype_name
+from ._base import NAMES, Backend, check_dtype_name
 
 
 class NumpyBackend(Backend):
@@ -15,9 +15,7 @@ class NumpyBackend(Backend):
     xp = np
 
     def native_dtype(self, name: str) -> Any:
-        name = check_dtype_name(
-            name, ("float64", "float32", "float16", "bfloat16", "int64", "int32")
-        )
+        name = check_dtype_name(name, NAMES)
         return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
     def dtype_name(self, dtype: Any) -> str | None:

@@ -17,6 +17,7 @@ _DTYPES = {
     "bfloat16": tf.bfloat16,
     "int64": tf.int64,
     "int32": tf.int32,
+    "bool": tf.bool,
 }
 
 
@@ -59,6 +60,10 @@ class TensorflowBackend(Backend):
         return getattr(x, "device", None) or None
 
     def where(self, cond, a, b):
+        if not tf.is_tensor(a):
+            a = tf.cast(a, b.dtype)
+        if not tf.is_tensor(b):
+            b = tf.cast(b, a.dtype)
         return tf.where(cond, a, b)
 
     def sigmoid(self, x):
@@ -75,3 +80,22 @@ class TensorflowBackend(Backend):
 
     def matmul(self, a, b):
         return tf.linalg.matmul(a, b)
+
+    def einsum(self, equation, *operands):
+        return tf.einsum(equation, *operands)
+
+    def cumsum(self, x, axis):
+        return tf.math.cumsum(x, axis=axis)
+
+    def amax(self, x, axis, keepdims=False):
+        return tf.reduce_max(x, axis=axis, keepdims=keepdims)
+
+    def sum_keepdims(self, x, axis):
+        return tf.reduce_sum(x, axis=axis, keepdims=True)
+
+    def zeros(self, shape, dtype):
+        with self._placed():
+            return tf.zeros(shape, dtype=self.native_dtype(dtype))
+
+    def is_concrete(self, x) -> bool:
+        return tf.executing_eagerly()

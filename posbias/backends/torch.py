@@ -17,6 +17,7 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "int64": torch.int64,
     "int32": torch.int32,
+    "bool": torch.bool,
 }
 
 
@@ -67,3 +68,18 @@ class TorchBackend(Backend):
 
     def sum(self, x, axis):
         return torch.sum(x, dim=axis)
+
+    def cumsum(self, x, axis):
+        return torch.cumsum(x, dim=axis)
+
+    def amax(self, x, axis, keepdims=False):
+        return torch.amax(x, dim=axis, keepdim=keepdims)
+
+    def sum_keepdims(self, x, axis):
+        return torch.sum(x, dim=axis, keepdim=True)
+
+    def zeros(self, shape, dtype):
+        return torch.zeros(shape, dtype=self.native_dtype(dtype), device=self.device)
+
+    def is_concrete(self, x) -> bool:
+        return not torch.compiler.is_compiling()

@@ -1,0 +1,173 @@
+"""JAX layers (Flax NNX): ``PositionalBias``, ``MultiHeadAttention`` and ``attention``.
+
+    >>> import jax.numpy as jnp
+    >>> from posbias.jax import MultiHeadAttention
+    >>> mha = MultiHeadAttention(64, 8, bias="alibi", causal=True)
+    >>> mha(jnp.ones((2, 10, 64))).shape
+    (2, 10, 64)
+
+Layout of :func:`attention`: ``(B, L, H, D)``, like ``jax.nn.dot_product_attention``.
+Everything works under ``jax.jit`` / ``nnx.jit``, ``jax.grad`` and ``jax.vmap``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from . import _attention, _layers
+from .backends.jax import JaxBackend
+from .spec import BiasSpec
+
+__all__ = ["KVCache", "MultiHeadAttention", "PositionalBias", "attention"]
+
+KVCache = _attention.KVCache
+
+attention = _attention.functional("jax", "blhd")
+attention.__doc__ = """Attention with an additive positional bias, layout ``(B, L, H, D)``.
+
+Same arguments and rules as :func:`posbias.torch.attention` (see there): bias
+added after scaling, float32 scores and softmax, output in the input dtype,
+grouped-query attention, ``causal``, ``q_offset``, ``key_padding_mask``,
+``segment_ids``, ``scale``, ``q_pos``/``k_pos``; rows with no visible key
+return zeros.
+"""
+
+
+class PositionalBias(nnx.Module):
+    """The bias as an NNX module: ``bias_module(q_len, k_len)`` → ``(H, Lq, Lk)`` float32.
+
+    Args:
+        bias: registered name, ``BiasSpec`` or config dict.
+        num_heads: head count when ``bias`` is a name.
+        **hyper: hyper-parameters of the named bias.
+    """
+
+    def __init__(self, bias: Any = "alibi", num_heads: int | None = None, **hyper: Any) -> None:
+        self.spec: BiasSpec = _layers.make_spec(bias, num_heads, hyper)
+
+    def __call__(
+        self,
+        q_len: int | None = None,
+        k_len: int | None = None,
+        *,
+        q_pos: Any = None,
+        k_pos: Any = None,
+        q_offset: Any = None,
+        k_offset: Any = None,
+        heads: Any = None,
+        dtype: Any = jnp.float32,
+    ) -> jnp.ndarray:
+        return self.spec.bias(
+            q_len,
+            k_len,
+            q_pos=q_pos,
+            k_pos=k_pos,
+            q_offset=q_offset,
+            k_offset=k_offset,
+            heads=heads,
+            dtype=dtype,
+            backend="jax",
+        )
+
+
+class MultiHeadAttention(nnx.Module):
+    """Multi-head self-attention with a positional bias, GQA and a KV cache (Flax NNX).
+
+    Arguments as in :class:`posbias.torch.MultiHeadAttention`; ``seed`` seeds the
+    NumPy initialisation shared by every framework.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> mha = MultiHeadAttention(32, 4, causal=True, num_kv_heads=2)
+        >>> x = jnp.arange(6 * 32, dtype=jnp.float32).reshape(1, 6, 32) / 100
+        >>> cache = mha.init_cache(batch_size=1, capacity=8)
+        >>> y1, cache = mha(x[:, :4], cache=cache)
+        >>> y2, cache = mha(x[:, 4:], cache=cache)
+        >>> bool(jnp.allclose(jnp.concatenate([y1, y2], 1), mha(x), atol=1e-5))
+        True
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        bias: Any = "alibi",
+        *,
+        causal: bool = False,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        use_bias: bool = True,
+        seed: int = 0,
+        param_dtype: Any = jnp.float32,
+    ) -> None:
+        self.config = _layers.MHAConfig.create(
+            embed_dim,
+            num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            causal=causal,
+            use_bias=use_bias,
+        )
+        shapes = self.config.shapes()
+        rngs = nnx.Rngs(seed)
+        for name in _layers.PROJECTIONS:
+            fan_in, fan_out = shapes[f"{name}.kernel"]
+            setattr(
+                self,
+                f"{name}_proj",
+                nnx.Linear(fan_in, fan_out, use_bias=use_bias, param_dtype=param_dtype, rngs=rngs),
+            )
+        self.bias = None if bias is None else PositionalBias(bias, num_heads)
+        self.load_portable_weights(_layers.init_weights(self.config, seed))
+
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        *,
+        key_padding_mask: Any = None,
+        segment_ids: Any = None,
+        cache: KVCache | None = None,
+    ) -> Any:
+        return _layers.mha_forward(
+            JaxBackend(),
+            self.config,
+            self._project,
+            x,
+            self.bias,
+            key_padding_mask=key_padding_mask,
+            segment_ids=segment_ids,
+            cache=cache,
+        )
+
+    def _project(self, name: str, x: jnp.ndarray) -> jnp.ndarray:
+        return getattr(self, f"{name}_proj")(x)
+
+    def init_cache(self, batch_size: int, capacity: int, dtype: Any = None) -> KVCache:
+        """An empty KV cache (dtype: the parameters' dtype by default)."""
+        name = JaxBackend().dtype_name(dtype or self.q_proj.kernel.get_value().dtype)
+        return _layers.init_cache(JaxBackend(), self.config, batch_size, capacity, name)
+
+    def portable_weights(self) -> dict[str, np.ndarray]:
+        """Weights as ``{"q.kernel": (E, H·D), ...}`` float32 NumPy arrays."""
+        out = {}
+        for name in _layers.PROJECTIONS:
+            layer = getattr(self, f"{name}_proj")
+            out[f"{name}.kernel"] = np.asarray(layer.kernel.get_value(), dtype=np.float32)
+            if layer.bias is not None:
+                out[f"{name}.bias"] = np.asarray(layer.bias.get_value(), dtype=np.float32)
+        return out
+
+    def load_portable_weights(self, weights: dict[str, Any]) -> None:
+        """Load weights exported by any framework's ``portable_weights()``."""
+        arrays = _layers.check_weights(self.config, weights)
+        for name in _layers.PROJECTIONS:
+            layer = getattr(self, f"{name}_proj")
+            kernel = layer.kernel.get_value()
+            layer.kernel.set_value(jnp.asarray(arrays[f"{name}.kernel"], kernel.dtype))
+            if layer.bias is not None:
+                bias = layer.bias.get_value()
+                layer.bias.set_value(jnp.asarray(arrays[f"{name}.bias"], bias.dtype))

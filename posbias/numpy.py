@@ -1,0 +1,112 @@
+"""NumPy: the float64 reference attention.
+
+    >>> import numpy as np
+    >>> from posbias.numpy import attention
+    >>> q = k = v = np.ones((1, 2, 3, 4))
+    >>> attention(q, k, v, bias="alibi", causal=True).shape
+    (1, 2, 3, 4)
+
+Layout ``(B, H, L, D)`` like PyTorch's SDPA. Inputs are computed in float64
+(the reference); the output is float64.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import _attention, _layers
+from .backends.numpy import NumpyBackend
+
+__all__ = ["MultiHeadAttention", "attention"]
+
+_attention_fn = _attention.functional("numpy", "bhld")
+
+
+def attention(q: Any, k: Any, v: Any, bias: Any = None, **kwargs: Any) -> np.ndarray:
+    """Reference attention in float64: ``softmax(q·kᵀ·scale + bias + mask)·v``.
+
+    Args:
+        q: ``(B, H, Lq, D)``; k, v: ``(B, H_kv, Lk, D)`` with ``H % H_kv == 0``.
+        bias: a registered name, a :class:`~posbias.BiasSpec` or None.
+        causal, q_offset, key_padding_mask, segment_ids, scale, q_pos, k_pos:
+            as in :mod:`posbias._attention`.
+
+    Returns:
+        ``(B, H, Lq, D)`` float64.
+    """
+    q, k, v = (np.asarray(t, dtype=np.float64) for t in (q, k, v))
+    return _attention_fn(q, k, v, bias, **kwargs)
+
+
+class MultiHeadAttention:
+    """Float64 reference of the multi-head attention layers (no training).
+
+    Holds portable weights and computes exactly what
+    :class:`posbias.torch.MultiHeadAttention`, :class:`posbias.jax.MultiHeadAttention`
+    and :class:`posbias.tensorflow.MultiHeadAttention` compute, in float64.
+
+    Example:
+        >>> import numpy as np
+        >>> mha = MultiHeadAttention(16, 4, causal=True, num_kv_heads=2)
+        >>> mha(np.ones((1, 5, 16))).shape
+        (1, 5, 16)
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        bias: Any = "alibi",
+        *,
+        causal: bool = False,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        use_bias: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.config = _layers.MHAConfig.create(
+            embed_dim,
+            num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            causal=causal,
+            use_bias=use_bias,
+        )
+        self.spec = None if bias is None else _layers.make_spec(bias, num_heads, {})
+        self.weights = _layers.init_weights(self.config, seed)
+
+    def portable_weights(self) -> dict[str, np.ndarray]:
+        return {name: value.astype(np.float32) for name, value in self.weights.items()}
+
+    def load_portable_weights(self, weights: dict[str, Any]) -> None:
+        self.weights = _layers.check_weights(self.config, weights)
+
+    def _project(self, name: str, x: np.ndarray) -> np.ndarray:
+        out = x @ self.weights[f"{name}.kernel"].astype(np.float64)
+        if self.config.use_bias:
+            out = out + self.weights[f"{name}.bias"].astype(np.float64)
+        return out
+
+    def init_cache(self, batch_size: int, capacity: int) -> _attention.KVCache:
+        return _layers.init_cache(NumpyBackend(), self.config, batch_size, capacity, "float64")
+
+    def __call__(
+        self,
+        x: Any,
+        *,
+        key_padding_mask: Any = None,
+        segment_ids: Any = None,
+        cache: _attention.KVCache | None = None,
+    ) -> Any:
+        return _layers.mha_forward(
+            NumpyBackend(),
+            self.config,
+            self._project,
+            np.asarray(x, dtype=np.float64),
+            self.spec,
+            key_padding_mask=key_padding_mask,
+            segment_ids=segment_ids,
+            cache=cache,
+        )

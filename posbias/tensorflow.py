@@ -1,0 +1,219 @@
+"""TensorFlow / Keras 3 layers: ``PositionalBias``, ``MultiHeadAttention`` and ``attention``.
+
+    >>> import numpy as np
+    >>> from posbias.tensorflow import MultiHeadAttention
+    >>> mha = MultiHeadAttention(64, 8, bias="alibi", causal=True)
+    >>> tuple(mha(np.ones((2, 10, 64), "float32")).shape)
+    (2, 10, 64)
+
+Layout of :func:`attention`: ``(B, L, H, D)``, like ``keras.ops.dot_product_attention``.
+The layers run on Keras' TensorFlow backend (the default when TensorFlow is
+installed); they serialise with ``get_config`` and in ``.keras`` files, and work
+inside ``tf.function(jit_compile=True)`` and ``model.fit``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from . import _attention, _layers
+from .backends.tensorflow import TensorflowBackend
+from .errors import BackendError
+
+__all__ = ["KVCache", "MultiHeadAttention", "PositionalBias", "attention"]
+
+KVCache = _attention.KVCache
+
+attention = _attention.functional("tensorflow", "blhd")
+attention.__doc__ = """Attention with an additive positional bias, layout ``(B, L, H, D)``.
+
+Same arguments and rules as :func:`posbias.torch.attention` (see there).
+"""
+
+
+def _check_keras_backend() -> None:
+    if keras.backend.backend() != "tensorflow":
+        raise BackendError(
+            f"posbias.tensorflow layers need Keras' TensorFlow backend, but Keras runs on "
+            f"{keras.backend.backend()!r}; set KERAS_BACKEND=tensorflow before importing keras."
+        )
+
+
+@keras.saving.register_keras_serializable(package="posbias")
+class PositionalBias(keras.layers.Layer):
+    """The bias as a Keras layer: ``layer(q_pos, k_pos)`` → ``(H, Lq, Lk)`` float32.
+
+    Args:
+        bias: registered name, ``BiasSpec`` or config dict.
+        num_heads: head count when ``bias`` is a name.
+        bias_options: hyper-parameters of the named bias (a dict).
+        **kwargs: ``keras.layers.Layer`` arguments (``name``, ...).
+    """
+
+    def __init__(
+        self,
+        bias: Any = "alibi",
+        num_heads: int | None = None,
+        bias_options: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        _check_keras_backend()
+        super().__init__(**kwargs)
+        self.spec = _layers.make_spec(bias, num_heads, bias_options or {})
+
+    def call(
+        self,
+        q_pos: Any = None,
+        k_pos: Any = None,
+        *,
+        q_len: int | None = None,
+        k_len: int | None = None,
+        q_offset: Any = None,
+        k_offset: Any = None,
+        heads: Any = None,
+        dtype: Any = "float32",
+    ) -> tf.Tensor:
+        return self.spec.bias(
+            q_len,
+            k_len,
+            q_pos=q_pos,
+            k_pos=k_pos,
+            q_offset=q_offset,
+            k_offset=k_offset,
+            heads=heads,
+            dtype=dtype,
+            backend="tensorflow",
+        )
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "bias": self.spec.to_config()}
+
+
+@keras.saving.register_keras_serializable(package="posbias")
+class MultiHeadAttention(keras.layers.Layer):
+    """Multi-head self-attention with a positional bias, GQA and a KV cache (Keras 3).
+
+    Arguments as in :class:`posbias.torch.MultiHeadAttention`, plus Keras layer
+    keyword arguments (``name``, ``dtype`` policy such as ``"mixed_bfloat16"``).
+
+    Call: ``layer(x, key_padding_mask=None, segment_ids=None)``; with ``cache=``
+    it returns ``(out, new_cache)`` (see :meth:`init_cache`).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        bias: Any = "alibi",
+        *,
+        causal: bool = False,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        use_bias: bool = True,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        _check_keras_backend()
+        super().__init__(**kwargs)
+        self.mha_config = _layers.MHAConfig.create(
+            embed_dim,
+            num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            causal=causal,
+            use_bias=use_bias,
+        )
+        self.seed = seed
+        shapes = self.mha_config.shapes()
+        self.projections = {
+            name: keras.layers.Dense(
+                shapes[f"{name}.kernel"][1],
+                use_bias=use_bias,
+                name=f"{name}_proj",
+                dtype=self.dtype_policy,
+            )
+            for name in _layers.PROJECTIONS
+        }
+        for name, layer in self.projections.items():
+            setattr(self, f"{name}_proj", layer)
+        self.positional_bias = (
+            None if bias is None else PositionalBias(bias, num_heads, name="positional_bias")
+        )
+
+    def build(self, input_shape: Any) -> None:
+        shapes = self.mha_config.shapes()
+        for name, layer in self.projections.items():
+            layer.build((None, shapes[f"{name}.kernel"][0]))
+        super().build(input_shape)
+        self.load_portable_weights(_layers.init_weights(self.mha_config, self.seed))
+
+    def call(
+        self,
+        x: Any,
+        key_padding_mask: Any = None,
+        segment_ids: Any = None,
+        cache: KVCache | None = None,
+    ) -> Any:
+        bias = None if self.positional_bias is None else self.positional_bias.spec.bias
+        return _layers.mha_forward(
+            TensorflowBackend(),
+            self.mha_config,
+            self._project,
+            x,
+            bias,
+            key_padding_mask=key_padding_mask,
+            segment_ids=segment_ids,
+            cache=cache,
+        )
+
+    def _project(self, name: str, x: Any) -> Any:
+        return self.projections[name](x)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def init_cache(self, batch_size: int, capacity: int, dtype: Any = None) -> KVCache:
+        """An empty KV cache (dtype: the layer's compute dtype by default)."""
+        name = dtype or self.compute_dtype
+        name = name if isinstance(name, str) else TensorflowBackend().dtype_name(name)
+        return _layers.init_cache(TensorflowBackend(), self.mha_config, batch_size, capacity, name)
+
+    def portable_weights(self) -> dict[str, np.ndarray]:
+        """Weights as ``{"q.kernel": (E, H·D), ...}`` float32 NumPy arrays."""
+        if not self.built:
+            self.build((None, None, self.mha_config.embed_dim))
+        out = {}
+        for name, layer in self.projections.items():
+            out[f"{name}.kernel"] = np.asarray(layer.kernel.numpy(), dtype=np.float32)
+            if layer.bias is not None:
+                out[f"{name}.bias"] = np.asarray(layer.bias.numpy(), dtype=np.float32)
+        return out
+
+    def load_portable_weights(self, weights: dict[str, Any]) -> None:
+        """Load weights exported by any framework's ``portable_weights()``."""
+        arrays = _layers.check_weights(self.mha_config, weights)
+        if not self.built:
+            self.build((None, None, self.mha_config.embed_dim))
+        for name, layer in self.projections.items():
+            layer.kernel.assign(arrays[f"{name}.kernel"])
+            if layer.bias is not None:
+                layer.bias.assign(arrays[f"{name}.bias"])
+
+    def get_config(self) -> dict[str, Any]:
+        cfg = self.mha_config
+        bias = None if self.positional_bias is None else self.positional_bias.spec.to_config()
+        return {
+            **super().get_config(),
+            "embed_dim": cfg.embed_dim,
+            "num_heads": cfg.num_heads,
+            "bias": bias,
+            "causal": cfg.causal,
+            "num_kv_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim,
+            "use_bias": cfg.use_bias,
+            "seed": self.seed,
+        }

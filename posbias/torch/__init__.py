@@ -1,0 +1,205 @@
+"""PyTorch layers: ``PositionalBias``, ``MultiHeadAttention`` and ``attention``.
+
+    >>> import torch
+    >>> from posbias.torch import MultiHeadAttention
+    >>> mha = MultiHeadAttention(64, 8, bias="alibi", causal=True)
+    >>> mha(torch.randn(2, 10, 64)).shape
+    torch.Size([2, 10, 64])
+
+Layout of :func:`attention`: ``(B, H, L, D)``, like
+``torch.nn.functional.scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import _attention, _layers
+from ..backends.torch import TorchBackend
+from ..spec import BiasSpec
+
+__all__ = ["KVCache", "MultiHeadAttention", "PositionalBias", "attention"]
+
+KVCache = _attention.KVCache
+
+attention = _attention.functional("torch", "bhld")
+attention.__doc__ = """Attention with an additive positional bias, layout ``(B, H, L, D)``.
+
+``softmax(q·kᵀ·scale + bias + mask)·v`` with the bias added after scaling,
+scores and softmax in float32 (float64 for float64 inputs), output in the input
+dtype. ``k``/``v`` may have fewer heads (grouped-query attention).
+
+Args:
+    q: ``(B, H, Lq, D)``; k, v: ``(B, H_kv, Lk, D)``.
+    bias: a registered name (built with ``H`` heads), a ``BiasSpec``, a
+        ``PositionalBias`` module or None.
+    causal: key ``j`` visible to query ``i`` iff ``j <= i`` (bottom-right).
+    q_offset: slot of the first query (int or ``(B,)``); default ``Lk - Lq``.
+    key_padding_mask: ``(B, Lk)`` bool, True for real tokens; bias positions
+        then come from ``cumsum(mask) - 1``.
+    segment_ids: ``(B, Lk)`` ints for packed sequences: no attention across
+        segments, positions restart per segment.
+    scale: default ``1/sqrt(D)``.
+    q_pos, k_pos: explicit bias positions (override the derived ones).
+
+Rows with no visible key return zeros.
+"""
+
+
+class PositionalBias(nn.Module):
+    """The bias as a module: ``bias_module(q_len, k_len)`` → ``(H, Lq, Lk)`` float32.
+
+    Args:
+        bias: registered name, ``BiasSpec`` or config dict.
+        num_heads: head count when ``bias`` is a name.
+        **hyper: hyper-parameters of the named bias.
+
+    The bias is always computed in float32 (constants are cast from float64 at
+    each call), also after ``module.to(torch.bfloat16)``: ask for another
+    ``dtype=`` explicitly.
+    """
+
+    def __init__(self, bias: Any = "alibi", num_heads: int | None = None, **hyper: Any) -> None:
+        super().__init__()
+        self.spec: BiasSpec = _layers.make_spec(bias, num_heads, hyper)
+        # Tracks the module's device (.to / .cuda); not saved in the state dict.
+        self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
+
+    def forward(
+        self,
+        q_len: int | None = None,
+        k_len: int | None = None,
+        *,
+        q_pos: Any = None,
+        k_pos: Any = None,
+        q_offset: Any = None,
+        k_offset: Any = None,
+        heads: Any = None,
+        dtype: Any = torch.float32,
+    ) -> torch.Tensor:
+        device = q_pos.device if isinstance(q_pos, torch.Tensor) else self._device_anchor.device
+        return self.spec.bias(
+            q_len,
+            k_len,
+            q_pos=q_pos,
+            k_pos=k_pos,
+            q_offset=q_offset,
+            k_offset=k_offset,
+            heads=heads,
+            dtype=dtype,
+            backend="torch",
+            device=device,
+        )
+
+    def extra_repr(self) -> str:
+        return repr(self.spec)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self-attention with a positional bias, GQA and a KV cache.
+
+    Args:
+        embed_dim: model width ``E``.
+        num_heads: query heads ``H``.
+        bias: registered name, ``BiasSpec``, config dict or None (default ``"alibi"``).
+        causal: causal self-attention (required for KV-cache decoding).
+        num_kv_heads: K/V heads (default ``H``; fewer for grouped-query attention).
+        head_dim: per-head size (default ``E // H``).
+        use_bias: biases in the projections.
+        seed: seed of the NumPy initialisation shared by every framework.
+
+    Call: ``mha(x, key_padding_mask=None, segment_ids=None)`` → ``(B, L, E)``;
+    with ``cache=`` it returns ``(out, new_cache)`` (see :meth:`init_cache`).
+
+    Example:
+        >>> import torch
+        >>> mha = MultiHeadAttention(32, 4, causal=True, num_kv_heads=2)
+        >>> x = torch.randn(1, 6, 32)
+        >>> cache = mha.init_cache(batch_size=1, capacity=8)
+        >>> y1, cache = mha(x[:, :4], cache=cache)        # prefill
+        >>> y2, cache = mha(x[:, 4:], cache=cache)        # two more tokens
+        >>> torch.allclose(torch.cat([y1, y2], 1), mha(x), atol=1e-6)
+        True
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        bias: Any = "alibi",
+        *,
+        causal: bool = False,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        use_bias: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.config = _layers.MHAConfig.create(
+            embed_dim,
+            num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            causal=causal,
+            use_bias=use_bias,
+        )
+        shapes = self.config.shapes()
+        for name in _layers.PROJECTIONS:
+            fan_in, fan_out = shapes[f"{name}.kernel"]
+            setattr(self, f"{name}_proj", nn.Linear(fan_in, fan_out, bias=use_bias))
+        self.bias = None if bias is None else PositionalBias(bias, num_heads)
+        self.load_portable_weights(_layers.init_weights(self.config, seed))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        key_padding_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Any:
+        return _layers.mha_forward(
+            TorchBackend(x.device),
+            self.config,
+            self._project,
+            x,
+            self.bias,
+            key_padding_mask=key_padding_mask,
+            segment_ids=segment_ids,
+            cache=cache,
+        )
+
+    def _project(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, f"{name}_proj")(x)
+
+    def init_cache(self, batch_size: int, capacity: int, dtype: Any = None) -> KVCache:
+        """An empty KV cache on this module's device (dtype: the module's by default)."""
+        weight = self.q_proj.weight
+        name = TorchBackend().dtype_name(dtype or weight.dtype)
+        return _layers.init_cache(
+            TorchBackend(weight.device), self.config, batch_size, capacity, name
+        )
+
+    def portable_weights(self) -> dict[str, np.ndarray]:
+        """Weights as ``{"q.kernel": (E, H·D), ...}`` float32 NumPy arrays."""
+        out = {}
+        for name in _layers.PROJECTIONS:
+            layer = getattr(self, f"{name}_proj")
+            out[f"{name}.kernel"] = layer.weight.detach().float().cpu().numpy().T.copy()
+            if layer.bias is not None:
+                out[f"{name}.bias"] = layer.bias.detach().float().cpu().numpy().copy()
+        return out
+
+    def load_portable_weights(self, weights: dict[str, Any]) -> None:
+        """Load weights exported by any framework's ``portable_weights()``."""
+        arrays = _layers.check_weights(self.config, weights)
+        with torch.no_grad():
+            for name in _layers.PROJECTIONS:
+                layer = getattr(self, f"{name}_proj")
+                layer.weight.copy_(torch.as_tensor(arrays[f"{name}.kernel"].T))
+                if layer.bias is not None:
+                    layer.bias.copy_(torch.as_tensor(arrays[f"{name}.bias"]))
