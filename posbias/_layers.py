@@ -139,6 +139,42 @@ def check_weights(cfg: MHAConfig, weights: Mapping[str, Any]) -> dict[str, np.nd
     return arrays
 
 
+class PortableWeightsMixin:
+    """Framework-free half of every ``MultiHeadAttention``: portable weight I/O.
+
+    A layer sets ``self.mha_config`` and implements ``_read_projection(name)``
+    → ``(kernel, bias or None)`` as NumPy-convertible arrays in ``x @ kernel``
+    orientation, and ``_write_projection(name, kernel, bias)``.
+    """
+
+    mha_config: MHAConfig
+
+    def _read_projection(self, name: str) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def _write_projection(self, name: str, kernel: np.ndarray, bias: np.ndarray | None) -> None:
+        raise NotImplementedError
+
+    def portable_weights(self) -> dict[str, np.ndarray]:
+        """Weights as ``{"q.kernel": (E, H·D), "q.bias": (H·D,), ...}`` float32 NumPy arrays."""
+        out = {}
+        for name in PROJECTIONS:
+            kernel, bias = self._read_projection(name)
+            out[f"{name}.kernel"] = np.array(kernel, dtype=np.float32)
+            if bias is not None:
+                out[f"{name}.bias"] = np.array(bias, dtype=np.float32)
+        return out
+
+    def load_portable_weights(self, weights: Mapping[str, Any]) -> None:
+        """Load weights exported by any framework's ``portable_weights()``.
+
+        Missing, unexpected and mis-shaped entries are all listed in one error.
+        """
+        arrays = check_weights(self.mha_config, weights)
+        for name in PROJECTIONS:
+            self._write_projection(name, arrays[f"{name}.kernel"], arrays.get(f"{name}.bias"))
+
+
 def mha_forward(
     xp,
     cfg: MHAConfig,

@@ -74,7 +74,7 @@ class PositionalBias(nnx.Module):
         )
 
 
-class MultiHeadAttention(nnx.Module):
+class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
     """Multi-head self-attention with a positional bias, GQA and a KV cache (Flax NNX).
 
     Arguments as in :class:`posbias.torch.MultiHeadAttention`; ``seed`` seeds the
@@ -104,7 +104,7 @@ class MultiHeadAttention(nnx.Module):
         seed: int = 0,
         param_dtype: Any = jnp.float32,
     ) -> None:
-        self.config = _layers.MHAConfig.create(
+        self.mha_config = _layers.MHAConfig.create(
             embed_dim,
             num_heads,
             num_kv_heads=num_kv_heads,
@@ -112,7 +112,7 @@ class MultiHeadAttention(nnx.Module):
             causal=causal,
             use_bias=use_bias,
         )
-        shapes = self.config.shapes()
+        shapes = self.mha_config.shapes()
         rngs = nnx.Rngs(seed)
         for name in _layers.PROJECTIONS:
             fan_in, fan_out = shapes[f"{name}.kernel"]
@@ -122,7 +122,7 @@ class MultiHeadAttention(nnx.Module):
                 nnx.Linear(fan_in, fan_out, use_bias=use_bias, param_dtype=param_dtype, rngs=rngs),
             )
         self.bias = None if bias is None else PositionalBias(bias, num_heads)
-        self.load_portable_weights(_layers.init_weights(self.config, seed))
+        self.load_portable_weights(_layers.init_weights(self.mha_config, seed))
 
     def __call__(
         self,
@@ -134,7 +134,7 @@ class MultiHeadAttention(nnx.Module):
     ) -> Any:
         return _layers.mha_forward(
             JaxBackend(),
-            self.config,
+            self.mha_config,
             self._project,
             x,
             self.bias,
@@ -149,25 +149,15 @@ class MultiHeadAttention(nnx.Module):
     def init_cache(self, batch_size: int, capacity: int, dtype: Any = None) -> KVCache:
         """An empty KV cache (dtype: the parameters' dtype by default)."""
         name = JaxBackend().dtype_name(dtype or self.q_proj.kernel.get_value().dtype)
-        return _layers.init_cache(JaxBackend(), self.config, batch_size, capacity, name)
+        return _layers.init_cache(JaxBackend(), self.mha_config, batch_size, capacity, name)
 
-    def portable_weights(self) -> dict[str, np.ndarray]:
-        """Weights as ``{"q.kernel": (E, H·D), ...}`` float32 NumPy arrays."""
-        out = {}
-        for name in _layers.PROJECTIONS:
-            layer = getattr(self, f"{name}_proj")
-            out[f"{name}.kernel"] = np.asarray(layer.kernel.get_value(), dtype=np.float32)
-            if layer.bias is not None:
-                out[f"{name}.bias"] = np.asarray(layer.bias.get_value(), dtype=np.float32)
-        return out
+    def _read_projection(self, name: str) -> tuple[Any, Any]:
+        layer = getattr(self, f"{name}_proj")
+        bias = None if layer.bias is None else layer.bias.get_value()
+        return layer.kernel.get_value(), bias
 
-    def load_portable_weights(self, weights: dict[str, Any]) -> None:
-        """Load weights exported by any framework's ``portable_weights()``."""
-        arrays = _layers.check_weights(self.config, weights)
-        for name in _layers.PROJECTIONS:
-            layer = getattr(self, f"{name}_proj")
-            kernel = layer.kernel.get_value()
-            layer.kernel.set_value(jnp.asarray(arrays[f"{name}.kernel"], kernel.dtype))
-            if layer.bias is not None:
-                bias = layer.bias.get_value()
-                layer.bias.set_value(jnp.asarray(arrays[f"{name}.bias"], bias.dtype))
+    def _write_projection(self, name: str, kernel: np.ndarray, bias: np.ndarray | None) -> None:
+        layer = getattr(self, f"{name}_proj")
+        layer.kernel.set_value(jnp.asarray(kernel, layer.kernel.get_value().dtype))
+        if layer.bias is not None:
+            layer.bias.set_value(jnp.asarray(bias, layer.bias.get_value().dtype))

@@ -40,7 +40,7 @@ def attention(q: Any, k: Any, v: Any, bias: Any = None, **kwargs: Any) -> np.nda
     return _attention_fn(q, k, v, bias, **kwargs)
 
 
-class MultiHeadAttention:
+class MultiHeadAttention(_layers.PortableWeightsMixin):
     """Float64 reference of the multi-head attention layers (no training).
 
     Holds portable weights and computes exactly what
@@ -66,7 +66,7 @@ class MultiHeadAttention:
         use_bias: bool = True,
         seed: int = 0,
     ) -> None:
-        self.config = _layers.MHAConfig.create(
+        self.mha_config = _layers.MHAConfig.create(
             embed_dim,
             num_heads,
             num_kv_heads=num_kv_heads,
@@ -75,22 +75,24 @@ class MultiHeadAttention:
             use_bias=use_bias,
         )
         self.spec = None if bias is None else _layers.make_spec(bias, num_heads, {})
-        self.weights = _layers.init_weights(self.config, seed)
+        self.weights = _layers.init_weights(self.mha_config, seed)
 
-    def portable_weights(self) -> dict[str, np.ndarray]:
-        return {name: value.astype(np.float32) for name, value in self.weights.items()}
+    def _read_projection(self, name: str) -> tuple[Any, Any]:
+        return self.weights[f"{name}.kernel"], self.weights.get(f"{name}.bias")
 
-    def load_portable_weights(self, weights: dict[str, Any]) -> None:
-        self.weights = _layers.check_weights(self.config, weights)
+    def _write_projection(self, name: str, kernel: np.ndarray, bias: np.ndarray | None) -> None:
+        self.weights[f"{name}.kernel"] = kernel
+        if bias is not None:
+            self.weights[f"{name}.bias"] = bias
 
     def _project(self, name: str, x: np.ndarray) -> np.ndarray:
         out = x @ self.weights[f"{name}.kernel"].astype(np.float64)
-        if self.config.use_bias:
+        if self.mha_config.use_bias:
             out = out + self.weights[f"{name}.bias"].astype(np.float64)
         return out
 
     def init_cache(self, batch_size: int, capacity: int) -> _attention.KVCache:
-        return _layers.init_cache(NumpyBackend(), self.config, batch_size, capacity, "float64")
+        return _layers.init_cache(NumpyBackend(), self.mha_config, batch_size, capacity, "float64")
 
     def __call__(
         self,
@@ -102,7 +104,7 @@ class MultiHeadAttention:
     ) -> Any:
         return _layers.mha_forward(
             NumpyBackend(),
-            self.config,
+            self.mha_config,
             self._project,
             np.asarray(x, dtype=np.float64),
             self.spec,

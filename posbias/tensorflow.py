@@ -94,7 +94,7 @@ class PositionalBias(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="posbias")
-class MultiHeadAttention(keras.layers.Layer):
+class MultiHeadAttention(_layers.PortableWeightsMixin, keras.layers.Layer):
     """Multi-head self-attention with a positional bias, GQA and a KV cache (Keras 3).
 
     Arguments as in :class:`posbias.torch.MultiHeadAttention`, plus Keras layer
@@ -182,26 +182,21 @@ class MultiHeadAttention(keras.layers.Layer):
         name = name if isinstance(name, str) else TensorflowBackend().dtype_name(name)
         return _layers.init_cache(TensorflowBackend(), self.mha_config, batch_size, capacity, name)
 
-    def portable_weights(self) -> dict[str, np.ndarray]:
-        """Weights as ``{"q.kernel": (E, H·D), ...}`` float32 NumPy arrays."""
-        if not self.built:
-            self.build((None, None, self.mha_config.embed_dim))
-        out = {}
-        for name, layer in self.projections.items():
-            out[f"{name}.kernel"] = np.asarray(layer.kernel.numpy(), dtype=np.float32)
-            if layer.bias is not None:
-                out[f"{name}.bias"] = np.asarray(layer.bias.numpy(), dtype=np.float32)
-        return out
+    def _read_projection(self, name: str) -> tuple[Any, Any]:
+        self._ensure_built()
+        layer = self.projections[name]
+        return layer.kernel.numpy(), None if layer.bias is None else layer.bias.numpy()
 
-    def load_portable_weights(self, weights: dict[str, Any]) -> None:
-        """Load weights exported by any framework's ``portable_weights()``."""
-        arrays = _layers.check_weights(self.mha_config, weights)
+    def _write_projection(self, name: str, kernel: np.ndarray, bias: np.ndarray | None) -> None:
+        self._ensure_built()
+        layer = self.projections[name]
+        layer.kernel.assign(kernel)
+        if layer.bias is not None:
+            layer.bias.assign(bias)
+
+    def _ensure_built(self) -> None:
         if not self.built:
             self.build((None, None, self.mha_config.embed_dim))
-        for name, layer in self.projections.items():
-            layer.kernel.assign(arrays[f"{name}.kernel"])
-            if layer.bias is not None:
-                layer.bias.assign(arrays[f"{name}.bias"])
 
     def get_config(self) -> dict[str, Any]:
         cfg = self.mha_config

@@ -99,7 +99,7 @@ class PositionalBias(nn.Module):
         return repr(self.spec)
 
 
-class MultiHeadAttention(nn.Module):
+class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
     """Multi-head self-attention with a positional bias, GQA and a KV cache.
 
     Args:
@@ -139,7 +139,7 @@ class MultiHeadAttention(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.config = _layers.MHAConfig.create(
+        self.mha_config = _layers.MHAConfig.create(
             embed_dim,
             num_heads,
             num_kv_heads=num_kv_heads,
@@ -147,12 +147,12 @@ class MultiHeadAttention(nn.Module):
             causal=causal,
             use_bias=use_bias,
         )
-        shapes = self.config.shapes()
+        shapes = self.mha_config.shapes()
         for name in _layers.PROJECTIONS:
             fan_in, fan_out = shapes[f"{name}.kernel"]
             setattr(self, f"{name}_proj", nn.Linear(fan_in, fan_out, bias=use_bias))
         self.bias = None if bias is None else PositionalBias(bias, num_heads)
-        self.load_portable_weights(_layers.init_weights(self.config, seed))
+        self.load_portable_weights(_layers.init_weights(self.mha_config, seed))
 
     def forward(
         self,
@@ -164,7 +164,7 @@ class MultiHeadAttention(nn.Module):
     ) -> Any:
         return _layers.mha_forward(
             TorchBackend(x.device),
-            self.config,
+            self.mha_config,
             self._project,
             x,
             self.bias,
@@ -181,25 +181,17 @@ class MultiHeadAttention(nn.Module):
         weight = self.q_proj.weight
         name = TorchBackend().dtype_name(dtype or weight.dtype)
         return _layers.init_cache(
-            TorchBackend(weight.device), self.config, batch_size, capacity, name
+            TorchBackend(weight.device), self.mha_config, batch_size, capacity, name
         )
 
-    def portable_weights(self) -> dict[str, np.ndarray]:
-        """Weights as ``{"q.kernel": (E, H·D), ...}`` float32 NumPy arrays."""
-        out = {}
-        for name in _layers.PROJECTIONS:
-            layer = getattr(self, f"{name}_proj")
-            out[f"{name}.kernel"] = layer.weight.detach().float().cpu().numpy().T.copy()
-            if layer.bias is not None:
-                out[f"{name}.bias"] = layer.bias.detach().float().cpu().numpy().copy()
-        return out
+    def _read_projection(self, name: str) -> tuple[Any, Any]:
+        layer = getattr(self, f"{name}_proj")
+        bias = None if layer.bias is None else layer.bias.detach().float().cpu().numpy()
+        return layer.weight.detach().float().cpu().numpy().T, bias
 
-    def load_portable_weights(self, weights: dict[str, Any]) -> None:
-        """Load weights exported by any framework's ``portable_weights()``."""
-        arrays = _layers.check_weights(self.config, weights)
+    def _write_projection(self, name: str, kernel: np.ndarray, bias: np.ndarray | None) -> None:
+        layer = getattr(self, f"{name}_proj")
         with torch.no_grad():
-            for name in _layers.PROJECTIONS:
-                layer = getattr(self, f"{name}_proj")
-                layer.weight.copy_(torch.as_tensor(arrays[f"{name}.kernel"].T))
-                if layer.bias is not None:
-                    layer.bias.copy_(torch.as_tensor(arrays[f"{name}.bias"]))
+            layer.weight.copy_(torch.as_tensor(kernel.T))
+            if layer.bias is not None:
+                layer.bias.copy_(torch.as_tensor(bias))
