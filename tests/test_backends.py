@@ -170,3 +170,18 @@ def test_tf_variables_as_positions(alibi12):
     qp = tf.Variable([0, 1, 2])
     out = alibi12.bias(q_pos=qp, k_pos=tf.range(3))
     assert backends.detect(out) == "tensorflow"
+
+
+@needs["torch"]
+def test_torch_cuda_bias_is_bit_identical_to_cpu(alibi12):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    qp = torch.arange(100, 300, device="cuda")
+    kp = torch.arange(400, device="cuda")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        out = alibi12.bias(q_pos=qp, k_pos=kp, dtype=dtype)
+        assert out.device.type == "cuda"
+        cpu = alibi12.bias(q_pos=qp.cpu(), k_pos=kp.cpu(), dtype=dtype)
+        assert torch.equal(out.cpu(), cpu)
