@@ -78,7 +78,10 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
     """Multi-head self-attention with a positional bias, GQA and a KV cache (Flax NNX).
 
     Arguments as in :class:`posbias.torch.MultiHeadAttention`; ``seed`` seeds the
-    NumPy initialisation shared by every framework.
+    NumPy initialisation shared by every framework; ``param_dtype`` is the
+    parameters' dtype; ``precision`` is the projections' matmul precision
+    (default ``"highest"``: true float32 on GPUs/TPUs, where JAX's default is
+    TF32 / bf16 passes; pass ``None`` for JAX's default).
 
     Example:
         >>> import jax.numpy as jnp
@@ -103,6 +106,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
         use_bias: bool = True,
         seed: int = 0,
         param_dtype: Any = jnp.float32,
+        precision: Any = "highest",
     ) -> None:
         self.mha_config = _layers.MHAConfig.create(
             embed_dim,
@@ -119,7 +123,14 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
             setattr(
                 self,
                 f"{name}_proj",
-                nnx.Linear(fan_in, fan_out, use_bias=use_bias, param_dtype=param_dtype, rngs=rngs),
+                nnx.Linear(
+                    fan_in,
+                    fan_out,
+                    use_bias=use_bias,
+                    param_dtype=param_dtype,
+                    precision=precision,
+                    rngs=rngs,
+                ),
             )
         self.bias = None if bias is None else PositionalBias(bias, num_heads)
         self.load_portable_weights(_layers.init_weights(self.mha_config, seed))

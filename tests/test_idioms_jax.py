@@ -69,6 +69,7 @@ def test_matches_jax_nn_dot_product_attention(causal):
     v = jax.random.normal(key[2], (2, 7, 4, 16))
     spec = posbias.get("alibi", num_heads=12)
     bias = spec.bias(q_len=7, k_len=7, backend="jax")[None]
-    expected = jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=causal)
+    with jax.default_matmul_precision("highest"):  # JAX's GPU default is TF32
+        expected = jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=causal)
     out = attention(q, k, v, spec, causal=causal)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)

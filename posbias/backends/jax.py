@@ -64,5 +64,13 @@ class JaxBackend(Backend):
     def relu(self, x):
         return jax.nn.relu(x)
 
+    def einsum(self, equation, *operands):
+        # JAX's default float32 matmul precision on GPUs/TPUs is TF32/bf16 passes;
+        # ask for full float32 so results match the other frameworks.
+        return jnp.einsum(equation, *operands, precision=jax.lax.Precision.HIGHEST)
+
+    def matmul(self, a, b):
+        return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
     def is_concrete(self, x) -> bool:
         return not isinstance(x, jax.core.Tracer)
