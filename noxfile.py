@@ -24,6 +24,8 @@ BACKENDS = ("numpy", *FRAMEWORKS, "all")
 def _extras(backend: str) -> str:
     if backend == "numpy":
         return "test"
+    if backend == "all":
+        return "all,test,compat"  # also the libraries the equivalence tests compare with
     return f"{backend},test"
 
 

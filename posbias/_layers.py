@@ -139,6 +139,53 @@ def check_weights(cfg: MHAConfig, weights: Mapping[str, Any]) -> dict[str, np.nd
     return arrays
 
 
+class BiasParamsMixin:
+    """Framework-free half of every ``PositionalBias``: its learnable parameters.
+
+    A module sets ``self.spec`` and implements ``_read_param(name)`` (native
+    value) and ``_write_param(name, array)``; parameters are created from
+    ``spec.init_params(seed)`` (seeded NumPy), so every framework starts from
+    identical values.
+    """
+
+    spec: BiasSpec
+
+    def _read_param(self, name: str) -> Any:
+        raise NotImplementedError
+
+    def _write_param(self, name: str, value: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def native_params(self) -> dict[str, Any] | None:
+        """The parameters as this framework's tensors (None for parameter-free biases)."""
+        if not self.spec.learnable:
+            return None
+        return {name: self._read_param(name) for name in self.spec.param_shapes()}
+
+    def export_params(self) -> dict[str, np.ndarray]:
+        """Parameters as a portable ``dict[str, numpy.ndarray]`` (float32)."""
+        params = self.native_params() or {}
+        return {
+            name: np.array(_to_numpy(value), dtype=np.float32) for name, value in params.items()
+        }
+
+    def load_params(self, params: Mapping[str, Any]) -> None:
+        """Load a portable parameter dict (from any framework's ``export_params``).
+
+        Missing, unexpected and mis-shaped entries are listed in one error.
+        """
+        arrays = {k: np.asarray(_to_numpy(v), dtype=np.float64) for k, v in params.items()}
+        self.spec.check_params(arrays)
+        for name, value in arrays.items():
+            self._write_param(name, value.astype(np.float32))
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    from .testing import to_numpy
+
+    return to_numpy(value)
+
+
 class PortableWeightsMixin:
     """Framework-free half of every ``MultiHeadAttention``: portable weight I/O.
 

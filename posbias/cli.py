@@ -2,6 +2,7 @@
 
     posbias list [PATTERN]
     posbias show NAME [--heads H] [--length L] [--param KEY=VALUE ...]
+    posbias plot NAME [--heads H] [--length L] [-o file.png]
     posbias parity [--variants V,...] [--backends B,...] [--dtypes D,...] [--json PATH]
 
 ``posbias parity`` is the main job: the parity matrix of registered variants ×
@@ -73,6 +74,16 @@ def _cmd_show(args: argparse.Namespace) -> int:
     for h in heads:
         print(f"\nhead {h}: bias[i, j] for i, j in 0..{args.length - 1} (rows: queries)")
         print(np.array2string(values[h], precision=4, suppress_small=True, max_line_width=120))
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_bias
+
+    spec = registry.get(args.name, num_heads=args.heads, **dict(args.param or []))
+    output = args.output or f"{args.name.replace('/', '_')}.png"
+    plot_bias(spec, length=args.length, path=output)
+    print(f"wrote {output}")
     return 0
 
 
@@ -245,6 +256,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--all-heads", action="store_true", help="print every head's matrix")
     p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser("plot", help="draw a bias as heatmaps per head (needs matplotlib)")
+    p.add_argument("name")
+    p.add_argument("--heads", type=int, default=4, help="number of heads (default 4)")
+    p.add_argument("--length", type=int, default=32, help="query/key length (default 32)")
+    p.add_argument(
+        "--param",
+        type=_param,
+        action="append",
+        metavar="KEY=VALUE",
+        help="extra hyper-parameter, value as JSON (repeatable)",
+    )
+    p.add_argument("-o", "--output", help="PNG path (default NAME.png)")
+    p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("parity", help="run the cross-framework parity matrix")
     p.add_argument("--variants", type=_csv, default=None, help="comma list (default: all)")

@@ -37,17 +37,26 @@ return zeros.
 """
 
 
-class PositionalBias(nnx.Module):
+class PositionalBias(_layers.BiasParamsMixin, nnx.Module):
     """The bias as an NNX module: ``bias_module(q_len, k_len)`` → ``(H, Lq, Lk)`` float32.
 
     Args:
         bias: registered name, ``BiasSpec`` or config dict.
         num_heads: head count when ``bias`` is a name.
+        seed: seed of the NumPy initialisation of learnable parameters.
         **hyper: hyper-parameters of the named bias.
+
+    Learnable variants hold their parameters as ``nnx.Param`` attributes named
+    ``param_<name>`` (``export_params()`` / ``load_params()`` move them to and
+    from a portable ``dict`` of NumPy arrays).
     """
 
-    def __init__(self, bias: Any = "alibi", num_heads: int | None = None, **hyper: Any) -> None:
+    def __init__(
+        self, bias: Any = "alibi", num_heads: int | None = None, *, seed: int = 0, **hyper: Any
+    ) -> None:
         self.spec: BiasSpec = _layers.make_spec(bias, num_heads, hyper)
+        for name, value in self.spec.init_params(seed).items():
+            setattr(self, f"param_{name}", nnx.Param(jnp.asarray(value, jnp.float32)))
 
     def __call__(
         self,
@@ -71,7 +80,14 @@ class PositionalBias(nnx.Module):
             heads=heads,
             dtype=dtype,
             backend="jax",
+            params=self.native_params(),
         )
+
+    def _read_param(self, name: str) -> jnp.ndarray:
+        return getattr(self, f"param_{name}").get_value()
+
+    def _write_param(self, name: str, value: np.ndarray) -> None:
+        getattr(self, f"param_{name}").set_value(jnp.asarray(value, jnp.float32))
 
 
 class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
@@ -132,7 +148,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
                     rngs=rngs,
                 ),
             )
-        self.bias = None if bias is None else PositionalBias(bias, num_heads)
+        self.bias = None if bias is None else PositionalBias(bias, num_heads, seed=seed)
         self.load_portable_weights(_layers.init_weights(self.mha_config, seed))
 
     def __call__(

@@ -134,3 +134,39 @@ def resolve(
                 f"{bq} vs {bk}; give both as (B, L) with the same B (or one as (L,))."
             )
     return q_pos, k_pos
+
+
+#: 2-D points (row, col) travel through the 1-D machinery as row * POINT_BASE + col.
+POINT_BASE = 1 << 20
+
+
+def encode_points(xp: Backend, name: str, points: Any) -> Any:
+    """``(..., L, 2)`` integer (row, col) points → ``(..., L)`` codes (None passes)."""
+    if points is None:
+        return None
+    array = _native_int_array(xp, name, points, max_ndim=3)
+    shape = xp.shape(array)
+    if len(shape) < 2 or shape[-1] != 2:
+        raise InvalidArgumentError(
+            f"{name} of a 2-D bias must be (row, col) points of shape (L, 2) or (B, L, 2), "
+            f"got shape {shape}."
+        )
+    if isinstance(points, np.ndarray | list | tuple):
+        values = np.asarray(points)
+        if values.size and (values.min() < 0 or values.max() >= POINT_BASE):
+            raise InvalidArgumentError(
+                f"{name} rows and columns must lie in [0, {POINT_BASE}), got "
+                f"[{values.min()}, {values.max()}]."
+            )
+    return array[..., 0] * POINT_BASE + array[..., 1]
+
+
+def points_from_index(index: Any, width: int) -> Any:
+    """Token indices of a row-major grid of ``width`` columns → point codes."""
+    return (index // width) * POINT_BASE + index % width
+
+
+def decode_points(codes: Any) -> tuple[Any, Any]:
+    """Point codes → ``(row, col)`` integer tensors."""
+    row = codes // POINT_BASE
+    return row, codes - row * POINT_BASE

@@ -81,6 +81,10 @@ class BiasSpec:
     linear: ClassVar[bool] = False
     learnable: ClassVar[bool] = False
     exact: ClassVar[bool] = True
+    #: 1 for sequences (integer positions), 2 for image grids ((row, col) points)
+    position_dims: ClassVar[int] = 1
+    #: per-dtype ``(rtol, atol)`` overriding :data:`posbias.testing.TOLERANCES`
+    tolerances: ClassVar[dict[str, tuple[float, float]]] = {}
 
     num_heads: int
 
@@ -218,6 +222,11 @@ class BiasSpec:
         out_dtype = self._resolve_dtype(backend_cls(device), dtype)
         xp = backend_cls(device, "float64" if out_dtype == "float64" else "float32")
         head_index = check_heads(heads, self.num_heads)
+        explicit = (q_pos is not None, k_pos is not None)
+        if self.position_dims == 2:
+            q_pos, k_pos = (
+                _positions.encode_points(xp, n, p) for n, p in (("q_pos", q_pos), ("k_pos", k_pos))
+            )
         q, k = _positions.resolve(
             xp,
             q_len=q_len,
@@ -227,10 +236,16 @@ class BiasSpec:
             q_offset=q_offset,
             k_offset=k_offset,
         )
+        if self.position_dims == 2 and not all(explicit):  # token index -> (row, col)
+            width = self.grid_width()
+            q, k = (
+                p if given else _positions.points_from_index(p, width)
+                for p, given in zip((q, k), explicit, strict=True)
+            )
         self._check_size(xp, q, k, len(head_index), out_dtype)
         native_params = self._native_params(xp, params)
         values = self.compute(xp, q[..., :, None], k[..., None, :], head_index, native_params)
-        return xp.cast_output(values, out_dtype)
+        return xp.cast_output(xp.float(values), out_dtype)
 
     # ---------------------------------------------------------- internals
     @staticmethod
@@ -306,10 +321,58 @@ class BiasSpec:
             raise InvalidArgumentError(
                 f"{self.name or type(self).__name__} has no learnable parameters; drop params=."
             )
+        self.check_params(params, shapes_of=xp.shape)
         native = {}
         for key, value in params.items():
-            if isinstance(value, np.ndarray):
-                native[key] = xp.constant(value)
+            if isinstance(value, (np.ndarray, list, tuple, float, int)):
+                native[key] = xp.constant(np.asarray(value, dtype=np.float64))
             else:
                 native[key] = xp.float(value)
         return native
+
+    # ------------------------------------------------------- learnable API
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the learnable parameters (empty if none)."""
+        return {k: tuple(np.shape(v)) for k, v in self.init_params(0).items()}
+
+    def check_params(self, params: Mapping[str, Any], *, shapes_of: Any = None) -> None:
+        """Raise one error listing missing, unexpected and mis-shaped parameters."""
+        if not isinstance(params, Mapping):
+            raise InvalidArgumentError(
+                f"params must be a dict of arrays, got {type(params).__name__}."
+            )
+        expected = self.param_shapes()
+        problems = []
+        missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
+        if missing:
+            problems.append(f"missing {missing}")
+        if extra:
+            problems.append(f"unexpected {extra}")
+        for key in sorted(set(expected) & set(params)):
+            value = params[key]
+            shape = (
+                tuple(np.shape(value))
+                if _backends.detect(value) in (None, "numpy")
+                else (tuple(shapes_of(value)) if shapes_of else tuple(value.shape))
+            )
+            if shape != expected[key]:
+                problems.append(f"{key!r} has shape {shape}, expected {expected[key]}")
+        if problems:
+            raise InvalidArgumentError(
+                f"{self.name or type(self).__name__} parameters: "
+                + "; ".join(problems)
+                + f". Expected {expected} (see spec.init_params())."
+            )
+        self.validate_param_values(
+            {k: np.asarray(v) for k, v in params.items() if _backends.detect(v) in (None, "numpy")}
+        )
+
+    def validate_param_values(self, params: Mapping[str, np.ndarray]) -> None:
+        """Check the values of parameters given as NumPy arrays (override per variant)."""
+
+    def grid_width(self) -> int:
+        """Grid width used to map token indices to (row, col) (2-D variants)."""
+        raise InvalidArgumentError(
+            f"{type(self).__name__} needs 2-D positions: pass q_pos/k_pos as (L, 2) "
+            "(row, col) arrays, or set grid= to map token indices to a grid."
+        )

@@ -44,14 +44,19 @@ def _check_keras_backend() -> None:
 
 
 @keras.saving.register_keras_serializable(package="posbias")
-class PositionalBias(keras.layers.Layer):
+class PositionalBias(_layers.BiasParamsMixin, keras.layers.Layer):
     """The bias as a Keras layer: ``layer(q_pos, k_pos)`` → ``(H, Lq, Lk)`` float32.
 
     Args:
         bias: registered name, ``BiasSpec`` or config dict.
         num_heads: head count when ``bias`` is a name.
         bias_options: hyper-parameters of the named bias (a dict).
+        seed: seed of the NumPy initialisation of learnable parameters.
         **kwargs: ``keras.layers.Layer`` arguments (``name``, ...).
+
+    Learnable variants hold their parameters as float32 Keras weights
+    (``export_params()`` / ``load_params()`` move them to and from a portable
+    ``dict`` of NumPy arrays); they are saved in ``.keras`` files.
     """
 
     def __init__(
@@ -59,11 +64,27 @@ class PositionalBias(keras.layers.Layer):
         bias: Any = "alibi",
         num_heads: int | None = None,
         bias_options: dict[str, Any] | None = None,
+        seed: int = 0,
         **kwargs: Any,
     ) -> None:
         _check_keras_backend()
         super().__init__(**kwargs)
         self.spec = _layers.make_spec(bias, num_heads, bias_options or {})
+        self.seed = seed
+        self.bias_params = {
+            name: self.add_weight(
+                name=name,
+                shape=value.shape,
+                initializer="zeros",
+                dtype="float32",
+                trainable=True,
+                autocast=False,
+            )
+            for name, value in self.spec.init_params(seed).items()
+        }
+        for name, value in self.spec.init_params(seed).items():
+            self.bias_params[name].assign(value.astype(np.float32))
+        self.built = True
 
     def call(
         self,
@@ -87,10 +108,17 @@ class PositionalBias(keras.layers.Layer):
             heads=heads,
             dtype=dtype,
             backend="tensorflow",
+            params=self.native_params(),
         )
 
+    def _read_param(self, name: str) -> Any:
+        return tf.convert_to_tensor(self.bias_params[name])
+
+    def _write_param(self, name: str, value: np.ndarray) -> None:
+        self.bias_params[name].assign(value)
+
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "bias": self.spec.to_config()}
+        return {**super().get_config(), "bias": self.spec.to_config(), "seed": self.seed}
 
 
 @keras.saving.register_keras_serializable(package="posbias")
@@ -141,7 +169,9 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, keras.layers.Layer):
         for name, layer in self.projections.items():
             setattr(self, f"{name}_proj", layer)
         self.positional_bias = (
-            None if bias is None else PositionalBias(bias, num_heads, name="positional_bias")
+            None
+            if bias is None
+            else PositionalBias(bias, num_heads, seed=seed, name="positional_bias")
         )
 
     def build(self, input_shape: Any) -> None:
@@ -158,7 +188,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, keras.layers.Layer):
         segment_ids: Any = None,
         cache: KVCache | None = None,
     ) -> Any:
-        bias = None if self.positional_bias is None else self.positional_bias.spec.bias
+        bias = None if self.positional_bias is None else self._bias
         return _layers.mha_forward(
             TensorflowBackend(),
             self.mha_config,
@@ -172,6 +202,9 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, keras.layers.Layer):
 
     def _project(self, name: str, x: Any) -> Any:
         return self.projections[name](x)
+
+    def _bias(self, *, q_pos: Any, k_pos: Any, dtype: Any) -> Any:
+        return self.positional_bias(q_pos, k_pos, dtype=dtype)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return input_shape

@@ -106,3 +106,25 @@ def test_parity_includes_attention_layers(tmp_path, capsys):
     kinds = {c["dtype"] for c in report["attention_cells"]}
     assert kinds == {"float32 attention()", "float32 MultiHeadAttention"}
     assert all(c["passed"] for c in report["attention_cells"])
+
+
+def test_plot_writes_a_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "t5.png"
+    assert main(["plot", "t5", "--heads", "2", "--length", "8", "-o", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (
+        main(
+            [
+                "plot",
+                "swin",
+                "--heads",
+                "2",
+                "--param",
+                "window=[2, 2]",
+                "-o",
+                str(tmp_path / "swin.png"),
+            ]
+        )
+        == 0
+    )

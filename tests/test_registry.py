@@ -24,7 +24,13 @@ def test_builtins_listed():
     names = posbias.list_biases()
     assert "alibi" in names and "alibi_asymmetric" in names
     assert names == sorted(names)
-    assert posbias.list_biases("alibi_*") == ["alibi_asymmetric"]
+    assert posbias.list_biases("alibi_*") == [
+        "alibi_2d",
+        "alibi_asymmetric",
+        "alibi_learned",
+        "alibi_scaled",
+    ]
+    assert posbias.list_biases("kerple_*") == ["kerple_log", "kerple_power"]
     assert posbias.list_biases("nothing*") == []
 
 

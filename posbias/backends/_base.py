@@ -169,6 +169,13 @@ class Backend:
     def take(self, table, index):
         return table[index]
 
+    def take_axis(self, x, index: np.ndarray, axis: int):
+        """``x`` restricted to the static NumPy ``index`` along ``axis`` (e.g. head subsets)."""
+        return self.xp.take(x, index, axis)
+
+    def stack(self, tensors, axis):
+        return self.xp.stack(tensors, axis)
+
     def sum(self, x, axis):
         return self.xp.sum(x, axis)
 

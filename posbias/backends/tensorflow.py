@@ -75,6 +75,12 @@ class TensorflowBackend(Backend):
     def take(self, table, index):
         return tf.gather(table, index)
 
+    def take_axis(self, x, index, axis):
+        return tf.gather(x, index, axis=axis)
+
+    def stack(self, tensors, axis):
+        return tf.stack(tensors, axis=axis)
+
     def sum(self, x, axis):
         return tf.reduce_sum(x, axis=axis)
 

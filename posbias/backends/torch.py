@@ -69,6 +69,12 @@ class TorchBackend(Backend):
     def sum(self, x, axis):
         return torch.sum(x, dim=axis)
 
+    def take_axis(self, x, index, axis):
+        return torch.index_select(x, axis, torch.as_tensor(index, device=x.device))
+
+    def stack(self, tensors, axis):
+        return torch.stack(tensors, dim=axis)
+
     def cumsum(self, x, axis):
         return torch.cumsum(x, dim=axis)
 

@@ -50,22 +50,34 @@ Rows with no visible key return zeros.
 """
 
 
-class PositionalBias(nn.Module):
+class PositionalBias(_layers.BiasParamsMixin, nn.Module):
     """The bias as a module: ``bias_module(q_len, k_len)`` → ``(H, Lq, Lk)`` float32.
 
     Args:
         bias: registered name, ``BiasSpec`` or config dict.
         num_heads: head count when ``bias`` is a name.
+        seed: seed of the NumPy initialisation of learnable parameters.
         **hyper: hyper-parameters of the named bias.
 
-    The bias is always computed in float32 (constants are cast from float64 at
-    each call), also after ``module.to(torch.bfloat16)``: ask for another
+    Learnable variants hold their parameters as ``nn.Parameter`` in
+    ``module.params`` (``export_params()`` / ``load_params()`` move them to
+    and from a portable ``dict`` of NumPy arrays). The bias is always computed
+    in float32 (constants are cast from float64 at each call, parameters are
+    cast up), also after ``module.to(torch.bfloat16)``: ask for another
     ``dtype=`` explicitly.
     """
 
-    def __init__(self, bias: Any = "alibi", num_heads: int | None = None, **hyper: Any) -> None:
+    def __init__(
+        self, bias: Any = "alibi", num_heads: int | None = None, *, seed: int = 0, **hyper: Any
+    ) -> None:
         super().__init__()
         self.spec: BiasSpec = _layers.make_spec(bias, num_heads, hyper)
+        self.params = nn.ParameterDict(
+            {
+                k: nn.Parameter(torch.as_tensor(v, dtype=torch.float32))
+                for k, v in self.spec.init_params(seed).items()
+            }
+        )
         # Tracks the module's device (.to / .cuda); not saved in the state dict.
         self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
 
@@ -93,7 +105,15 @@ class PositionalBias(nn.Module):
             dtype=dtype,
             backend="torch",
             device=device,
+            params=self.native_params(),
         )
+
+    def _read_param(self, name: str) -> torch.Tensor:
+        return self.params[name]
+
+    def _write_param(self, name: str, value: np.ndarray) -> None:
+        with torch.no_grad():
+            self.params[name].copy_(torch.as_tensor(value))
 
     def extra_repr(self) -> str:
         return repr(self.spec)
@@ -151,7 +171,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
         for name in _layers.PROJECTIONS:
             fan_in, fan_out = shapes[f"{name}.kernel"]
             setattr(self, f"{name}_proj", nn.Linear(fan_in, fan_out, bias=use_bias))
-        self.bias = None if bias is None else PositionalBias(bias, num_heads)
+        self.bias = None if bias is None else PositionalBias(bias, num_heads, seed=seed)
         self.load_portable_weights(_layers.init_weights(self.mha_config, seed))
 
     def forward(
