@@ -370,3 +370,22 @@ def test_params_file_round_trip(tmp_path):
 
 def test_backends_list_is_consistent():
     assert set(FRAMEWORKS) <= set(BACKENDS)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_t5_matches_x_transformers_relative_position_bias(causal):
+    """x-transformers' RelativePositionBias returns table[bucket] * scale (its convention:
+    the module multiplies by the `scale` it is built with, dim_head ** 0.5 in its
+    Attention); posbias returns table[bucket]. Buckets and alignment agree."""
+    xt = pytest.importorskip("x_transformers.x_transformers")
+    torch = pytest.importorskip("torch")
+    module = xt.RelativePositionBias(scale=8.0, causal=causal, heads=4)
+    spec = posbias.get("t5", num_heads=4, bidirectional=not causal)
+    table = module.relative_attention_bias.weight.detach().numpy()
+    with torch.no_grad():
+        theirs = module(7, 300).numpy()  # 7 queries, 300 keys, bottom-right aligned
+    ours = spec.bias(q_len=7, k_len=300, params={"table": table})
+    np.testing.assert_array_equal(ours * 8.0, theirs)
+    rel = torch.arange(-5000, 5001)
+    buckets = xt.RelativePositionBias._relative_position_bucket(rel, causal=causal)
+    np.testing.assert_array_equal(_buckets(spec, rel.numpy()), buckets.numpy())
