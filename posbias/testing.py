@@ -36,7 +36,7 @@ import numpy as np
 
 from . import backends as _backends
 from .errors import BackendUnavailableError, PosBiasError
-from .registry import get, isolated, list_biases
+from .registry import _lookup, isolated, list_biases
 from .spec import BiasSpec
 
 __all__ = [
@@ -325,7 +325,7 @@ def check_cell(
 
 
 def _examples(name: str, head_counts: Iterable[int]) -> list[BiasSpec]:
-    cls = type(get(name, num_heads=1))
+    cls = _lookup(name)  # the class itself: variants may have required hyper-parameters
     return [spec for h in head_counts for spec in cls.parity_examples(h)]
 
 

@@ -99,3 +99,24 @@ def test_backends_env_var(monkeypatch):
     monkeypatch.setenv(pt.ENV_VAR, "numpy,mxnet")
     with pytest.raises(posbias.BackendError, match="unknown backend"):
         pt.backends_under_test()
+
+
+class Windowed(posbias.BiasSpec):
+    """A variant with a required hyper-parameter: parity uses its own examples."""
+
+    toeplitz = True
+    window: int
+
+    @classmethod
+    def parity_examples(cls, num_heads):
+        return [cls(num_heads=num_heads, window=2)]
+
+    def compute(self, xp, q_pos, k_pos, heads, params):
+        d = xp.minimum(xp.abs(k_pos - q_pos), self.window)
+        return xp.float(-d)[..., None, :, :] * xp.constant(np.ones(len(heads)))[:, None, None]
+
+
+def test_parity_of_a_variant_with_required_parameters(isolated_registry):
+    posbias.register("test/windowed")(Windowed)
+    cells = pt.run_parity(["test/windowed"], backends=["numpy"], head_counts=[2])
+    assert all(c.passed for c in cells)
