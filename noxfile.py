@@ -60,3 +60,10 @@ def lint(session: nox.Session) -> None:
     session.install("ruff>=0.6")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The attention benchmarks (docs/benchmarks.md); ``-- --smoke`` for a quick check."""
+    session.install(*CONSTRAINTS, ".[all,plot]")
+    session.run("posbias", "bench", *session.posargs, env={"TF_CPP_MIN_LOG_LEVEL": "2"})

@@ -119,15 +119,19 @@ def check_functional(backend: str, dtype: str) -> LayerCell:
         rounded = [xp.to_numpy(_cast(xp, t, dtype)).astype(np.float64) for t in (q, k, v)]
         ref = _np_layers.attention(*rounded, "alibi", **kwargs)
         args = [_cast(xp, _to_layout(t, backend), dtype) for t in (q, k, v)]
-        out = module.attention(*args, "alibi", **_native_kwargs(xp, kwargs))
-        x = _to_layout(xp.to_numpy(out), backend)
-        cell.checks += 1
-        if xp.dtype_name(out.dtype) != dtype:
-            cell.failures.append(f"{label}: output dtype {out.dtype}, expected {dtype}")
-        err = _normwise(x, ref)
-        cell.max_error = max(cell.max_error, err)
-        if not err <= tol:
-            cell.failures.append(f"{label}: normwise error {err:.3g} > {tol}")
+        for block_size in (None, 4):  # one block, and several (blockwise kernels)
+            out = module.attention(
+                *args, "alibi", block_size=block_size, **_native_kwargs(xp, kwargs)
+            )
+            x = _to_layout(xp.to_numpy(out), backend)
+            cell.checks += 1
+            where = f"{label} (block_size={block_size})"
+            if xp.dtype_name(out.dtype) != dtype:
+                cell.failures.append(f"{where}: output dtype {out.dtype}, expected {dtype}")
+            err = _normwise(x, ref)
+            cell.max_error = max(cell.max_error, err)
+            if not err <= tol:
+                cell.failures.append(f"{where}: normwise error {err:.3g} > {tol}")
     cell.seconds = time.perf_counter() - start
     return cell
 

@@ -297,7 +297,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-layers", action="store_true", help="skip the attention function / layer parity"
     )
     p.set_defaults(func=_cmd_parity)
+
+    p = sub.add_parser("bench", help="run the attention benchmarks (docs/benchmarks.md)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: correctness, not speed")
+    p.add_argument("--only", help="comma-separated target ids, e.g. 1,2,5")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--sweep", metavar="DIR", help="also plot time/memory versus L into DIR")
+    p.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    only = args.only.split(",") if args.only else None
+    results = bench.run(smoke=args.smoke, only=only, progress=lambda m: print(m, file=sys.stderr))
+    print(bench.format_table(results, args.smoke))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "environment": bench.environment(),
+                    "results": [{"id": k, **dataclasses.asdict(r)} for k, r in results],
+                },
+                f,
+                indent=1,
+            )
+    if args.sweep:
+        lengths = (128, 256) if args.smoke else (512, 1024, 2048, 4096, 8192)
+        bench.sweep(lengths, args.sweep)
+    failed = [k for k, r in results if not r.passed]
+    return 1 if failed and not args.smoke else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -173,6 +173,40 @@ class BiasSpec:
         """Initial learnable parameters (empty for parameter-free variants)."""
         return {}
 
+    def score_mod(
+        self,
+        q_len: int | None = None,
+        k_len: int | None = None,
+        *,
+        q_offset: int | None = None,
+        k_offset: int = 0,
+        params: Mapping[str, Any] | None = None,
+        device: Any = None,
+    ) -> Any:
+        """This bias as a PyTorch FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)``.
+
+        ``score + bias(q_offset + q_idx, k_offset + kv_idx)`` for head ``h``
+        (global heads ``0..H-1``); ``q_offset`` defaults to ``k_len - q_len``
+        (bottom-right). Symmetric ALiBi is closed-form; other Toeplitz biases
+        read an ``(H, Lq + Lk - 1)`` table. Pair it with
+        :func:`posbias.torch.mask_mod` for causal, padding and segment masks
+        (example: :mod:`posbias.torch._flex`, docs/performance.md).
+        """
+        _backends.load("torch")  # a clear error when PyTorch is missing
+        from .torch import _flex
+
+        return _flex.score_mod(
+            self, q_len, k_len, q_offset=q_offset, k_offset=k_offset, params=params, device=device
+        )
+
+    def symmetric_slopes(self) -> np.ndarray | None:
+        """Slopes ``m`` (float64, ``(H,)``) when the bias is exactly ``-m_h·|i - j|``.
+
+        Kernels with built-in ALiBi (FlashAttention's ``alibi_slopes``) use
+        them; None (the default) for every other bias.
+        """
+        return None
+
     # ------------------------------------------------------------- the bias
     def bias(
         self,
@@ -244,8 +278,28 @@ class BiasSpec:
             )
         self._check_size(xp, q, k, len(head_index), out_dtype)
         native_params = self._native_params(xp, params)
-        values = self.compute(xp, q[..., :, None], k[..., None, :], head_index, native_params)
+        if self._toeplitz_applies(xp, q, k, explicit, q_offset, k_offset):
+            # one value per diagonal d = k - q, then a strided copy (memory-bound, like a fill)
+            q_len, k_len = xp.shape(q)[-1], xp.shape(k)[-1]
+            d = xp.arange(q_len + k_len - 1) + (k[:1] - q[-1:])
+            diagonals = self.compute(xp, d[:1, None] * 0, d[None, :], head_index, native_params)
+            values = xp.toeplitz(xp.float(diagonals)[..., 0, :], q_len, k_len)
+        else:
+            values = self.compute(xp, q[..., :, None], k[..., None, :], head_index, native_params)
         return xp.cast_output(xp.float(values), out_dtype)
+
+    def _toeplitz_applies(self, xp, q, k, explicit, q_offset, k_offset) -> bool:
+        """Slot positions of a Toeplitz bias on a backend with a strided Toeplitz copy."""
+        return (
+            self.toeplitz
+            and xp.fast_toeplitz
+            and self.position_dims == 1
+            and not any(explicit)
+            and len(xp.shape(q)) == 1
+            and len(xp.shape(k)) == 1
+            and xp.shape(q)[0] > 1
+            and all(o is None or isinstance(o, int) for o in (q_offset, k_offset))
+        )
 
     # ---------------------------------------------------------- internals
     @staticmethod

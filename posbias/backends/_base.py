@@ -179,6 +179,27 @@ class Backend:
     def sum(self, x, axis):
         return self.xp.sum(x, axis)
 
+    def concat(self, tensors, axis):
+        return self.xp.concatenate(tensors, axis)
+
+    def any(self, x, axis):
+        return self.xp.any(x, axis)
+
+    #: whether :meth:`toeplitz` builds matrices by copying a strided view
+    fast_toeplitz = False
+
+    def toeplitz(self, g, rows: int, cols: int):
+        """``out[..., i, j] = g[..., rows - 1 - i + j]``: a Toeplitz matrix from its diagonals."""
+        raise NotImplementedError
+
+    def after(self, done, x):
+        """``x``, but only once ``done`` is computed (a scheduling edge for compilers)."""
+        return x
+
+    def gather_last(self, x, index):
+        """``x[b, index[b, r]]`` for ``x`` ``(B, N)`` and ``index`` ``(B, R)``."""
+        return self.xp.take_along_axis(x, index, -1)
+
     def matmul(self, a, b):
         return self.xp.matmul(a, b)
 

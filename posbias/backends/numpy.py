@@ -38,3 +38,9 @@ class NumpyBackend(Backend):
 
     def sigmoid(self, x):
         return 0.5 * (np.tanh(0.5 * x) + 1)
+
+    fast_toeplitz = True
+
+    def toeplitz(self, g, rows: int, cols: int):
+        windows = np.lib.stride_tricks.sliding_window_view(g, cols, axis=-1)
+        return np.ascontiguousarray(windows[..., ::-1, :])

@@ -81,6 +81,15 @@ class TensorflowBackend(Backend):
     def stack(self, tensors, axis):
         return tf.stack(tensors, axis=axis)
 
+    def concat(self, tensors, axis):
+        return tf.concat(tensors, axis=axis)
+
+    def any(self, x, axis):
+        return tf.reduce_any(x, axis=axis)
+
+    def gather_last(self, x, index):
+        return tf.gather(x, index, batch_dims=1)
+
     def sum(self, x, axis):
         return tf.reduce_sum(x, axis=axis)
 

@@ -75,6 +75,20 @@ class TorchBackend(Backend):
     def stack(self, tensors, axis):
         return torch.stack(tensors, dim=axis)
 
+    def concat(self, tensors, axis):
+        return torch.cat(tensors, dim=axis)
+
+    def any(self, x, axis):
+        return torch.any(x, dim=axis)
+
+    fast_toeplitz = True
+
+    def toeplitz(self, g, rows: int, cols: int):
+        return g.unfold(-1, cols, 1).flip(-2)  # flip copies into a contiguous tensor
+
+    def gather_last(self, x, index):
+        return torch.gather(x, -1, index.to(torch.int64))
+
     def cumsum(self, x, axis):
         return torch.cumsum(x, dim=axis)
 

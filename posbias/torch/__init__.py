@@ -21,8 +21,9 @@ from torch import nn
 from .. import _attention, _layers
 from ..backends.torch import TorchBackend
 from ..spec import BiasSpec
+from ._flex import mask_mod
 
-__all__ = ["KVCache", "MultiHeadAttention", "PositionalBias", "attention"]
+__all__ = ["KVCache", "MultiHeadAttention", "PositionalBias", "attention", "mask_mod"]
 
 KVCache = _attention.KVCache
 

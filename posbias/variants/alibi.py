@@ -112,6 +112,9 @@ class Alibi(BiasSpec):
         """Per-head slopes ``m_h``, float64, shape ``(num_heads,)`` (read-only)."""
         return self._slopes
 
+    def symmetric_slopes(self) -> np.ndarray | None:
+        return self.slopes
+
     def compute(self, xp, q_pos, k_pos, heads, params):
         m = xp.constant(self.slopes[heads])[:, None, None]
         # negate the integer distance, not the product: exact, and 0 stays +0.0
@@ -185,6 +188,9 @@ class AlibiAsymmetric(Alibi):
     def future_slopes(self) -> np.ndarray:
         """Slopes ``m'_h`` for keys after the query, float64, shape ``(num_heads,)``."""
         return self._future_slopes
+
+    def symmetric_slopes(self) -> np.ndarray | None:
+        return None
 
     def compute(self, xp, q_pos, k_pos, heads, params):
         past = xp.constant(self.slopes[heads])[:, None, None]

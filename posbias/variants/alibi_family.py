@@ -97,6 +97,9 @@ class AlibiScaled(Alibi):
     def parity_examples(cls, num_heads: int) -> list[BiasSpec]:
         return [cls(num_heads=num_heads, scale=0.5), cls(num_heads=num_heads, train_length=4)]
 
+    def symmetric_slopes(self) -> np.ndarray | None:
+        return self.slopes if self.train_length is None else None
+
     def compute(self, xp, q_pos, k_pos, heads, params):
         values = super().compute(xp, q_pos, k_pos, heads, params)
         if self.train_length is None:

@@ -1,0 +1,126 @@
+"""PyTorch FlexAttention hooks: a bias as ``score_mod``, masks as ``mask_mod``.
+
+FlexAttention (``torch.nn.attention.flex_attention``) calls
+``score_mod(score, b, h, q_idx, kv_idx)`` on the *scaled* score of every
+visible (query, key) pair, so adding the bias there is posbias's post-scale
+contract. ``q_idx``/``kv_idx`` are indices into the query and key tensors; the
+offsets turn them into positions (``q_offset`` defaults to ``Lk - Lq``,
+bottom-right, like everywhere in posbias).
+
+* Symmetric ALiBi (``spec.symmetric_slopes()``) is computed in closed form,
+  ``m_h · -|kv - q|`` in float32: bit-identical to ``spec.bias``.
+* Any other Toeplitz bias reads a ``(H, Lq + Lk - 1)`` table of its values per
+  diagonal (built once, by ``spec.bias``), so nothing ``Lq × Lk`` exists.
+* Other biases depend on both positions; pass them to
+  :func:`posbias.torch.attention` instead.
+
+Example:
+    >>> import posbias, posbias.torch, torch
+    >>> from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    >>> q = torch.randn(1, 4, 8, 16)
+    >>> spec = posbias.get("alibi", num_heads=4)
+    >>> mask = create_block_mask(
+    ...     posbias.torch.mask_mod(causal=True, q_len=8, k_len=8), 1, None, 8, 8, device="cpu"
+    ... )
+    >>> out = flex_attention(q, q, q, score_mod=spec.score_mod(8, 8), block_mask=mask)
+    >>> ref = posbias.torch.attention(q, q, q, spec, causal=True)
+    >>> bool((out - ref).abs().max() < 1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import InvalidArgumentError
+from ..spec import BiasSpec
+
+
+def score_mod(
+    spec: BiasSpec,
+    q_len: int | None = None,
+    k_len: int | None = None,
+    *,
+    q_offset: int | None = None,
+    k_offset: int = 0,
+    params: Any = None,
+    device: Any = None,
+) -> Any:
+    """The ``score_mod`` adding ``spec``'s bias (see :meth:`posbias.BiasSpec.score_mod`)."""
+    slopes = spec.symmetric_slopes() if not spec.learnable else None
+    if slopes is not None and q_offset is None and (q_len is None or k_len is None):
+        raise InvalidArgumentError(
+            "score_mod needs q_len and k_len (or q_offset) to align the queries bottom-right."
+        )
+    if q_offset is None:
+        q_offset = k_len - q_len if q_len is not None and k_len is not None else 0
+    shift = int(k_offset) - int(q_offset)  # position difference = kv_idx - q_idx + shift
+    if slopes is not None:
+        m = torch.as_tensor(slopes, dtype=torch.float32, device=device)
+
+        def alibi_score_mod(score, b, h, q_idx, kv_idx):
+            distance = -(kv_idx - q_idx + shift).abs()
+            return score + m[h] * distance.to(torch.float32)
+
+        return alibi_score_mod
+    if not spec.toeplitz or spec.position_dims != 1:
+        raise InvalidArgumentError(
+            f"{spec.name or type(spec).__name__} depends on both positions, not only on "
+            "their difference: no small score_mod table exists. Use "
+            "posbias.torch.attention(q, k, v, spec), which never builds the full bias."
+        )
+    if q_len is None or k_len is None:
+        raise InvalidArgumentError(
+            "score_mod of a table-based bias needs q_len and k_len to size its table."
+        )
+    d_min = shift - (q_len - 1)
+    diagonals = torch.arange(d_min, shift + k_len, device=device)
+    table = spec.bias(
+        q_pos=torch.zeros(1, dtype=diagonals.dtype, device=device),
+        k_pos=diagonals,
+        params=params,
+        backend="torch",
+    )[:, 0, :]  # (H, Lq + Lk - 1): the bias at difference d_min + t
+
+    def table_score_mod(score, b, h, q_idx, kv_idx):
+        return score + table[h, kv_idx - q_idx + (shift - d_min)]
+
+    return table_score_mod
+
+
+def mask_mod(
+    *,
+    causal: bool = False,
+    q_len: int | None = None,
+    k_len: int | None = None,
+    q_offset: int | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+) -> Any:
+    """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` with posbias's masking rules.
+
+    ``causal`` aligns bottom-right (query ``r`` sits at key slot
+    ``q_offset + r``, default ``Lk - Lq``); ``key_padding_mask`` ``(B, Lk)``
+    hides padded keys; ``segment_ids`` ``(B, Lk)`` keeps attention inside a
+    segment. Use it with ``create_block_mask`` so fully hidden blocks are skipped.
+    """
+    if q_offset is None:
+        if causal and (q_len is None or k_len is None):
+            raise InvalidArgumentError("a causal mask_mod needs q_len and k_len (or q_offset).")
+        q_offset = (k_len - q_len) if q_len is not None and k_len is not None else 0
+    offset = int(q_offset)
+
+    def posbias_mask_mod(b, h, q_idx, kv_idx):
+        slot = q_idx + offset
+        keep = kv_idx >= 0
+        if causal:
+            keep = keep & (kv_idx <= slot)
+        if key_padding_mask is not None:
+            keep = keep & key_padding_mask[b, kv_idx]
+        if segment_ids is not None:
+            keep = keep & (segment_ids[b, kv_idx] == segment_ids[b, slot])
+        return keep
+
+    return posbias_mask_mod

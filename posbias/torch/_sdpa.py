@@ -1,0 +1,159 @@
+"""Blockwise attention on ``torch.nn.functional.scaled_dot_product_attention`` tiles.
+
+Each block of ``n`` query rows is one SDPA call over the keys it can see
+(``[0, q_offset + r1)`` when causal: the upper triangle is skipped), with the
+bias passed as SDPA's float ``attn_mask``. Nothing of size ``H × Lq × Lk`` is
+built:
+
+* **Toeplitz biases** (ALiBi, T5 buckets, KERPLE, Sandwich: the bias depends on
+  ``d = j - i`` only) with slot positions need one ``(H, Lq + Lk - 1)`` vector
+  of values ``F(d)`` (``-inf`` for future keys when causal). With the keys in
+  reverse order, a block's mask ``F(d0 - r - c)`` is a *Hankel* matrix, which
+  is a zero-copy ``unfold`` view of that vector with strides ``(1, 1)``:
+  SDPA reads it from cache and the block costs what an unbiased SDPA call of
+  the same size costs.
+* Every other case (padding, packed segments, explicit or per-sequence
+  positions, non-Toeplitz biases, learnable parameters that need gradients)
+  builds the block's ``(B, H, n, K)`` mask from the bias and the visibility,
+  ``O(H · n · Lk)`` memory per block.
+
+Rows that see no key output zeros, like the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .._attention import Problem
+
+#: copy each block's Hankel view into a contiguous mask on CUDA (see docs/performance.md)
+CONTIGUOUS_MASK_ON_CUDA = True
+
+
+def tile_fn(p: Problem) -> Any:
+    """The tile function for ``p``: the Hankel fast path when it applies."""
+    table = _toeplitz_table(p)
+    if table is None:
+        return _masked_tile
+    # Reversing K/V costs 2·B·H·Lk·D copies once; copying each block's mask out of
+    # the table costs H·Lq·Lk: decoding (few queries) takes the copy, and a single
+    # query row is a plain slice of the table (no copy at all).
+    reverse = p.q_len >= 2 * p.batch * p.q.shape[-1]
+    if reverse:
+        table = table.flip(-1)  # column t holds F(d_max - t)
+        keys = (p.k.flip(2).to(_dtype(p)), p.v.flip(2).to(_dtype(p)))
+    else:
+        keys = (p.k.to(_dtype(p)), p.v.to(_dtype(p)))
+
+    def hankel_tile(p: Problem, r0: int, r1: int) -> torch.Tensor:
+        extent = p.extent(r0, r1)
+        if extent == 0:
+            return _zeros(p, r1 - r0)
+        rows = r1 - r0
+        if reverse:
+            # reversed key c is key j = extent-1-c; query slot q_offset+r0+r:
+            # d = extent-1-c-q_offset-r0-r, i.e. column (Lk - extent) + r0 + r + c
+            base = (p.k_len - extent) + r0
+            mask = table[:, base : base + rows + extent - 1].unfold(-1, extent, 1)
+            k, v = (t[:, :, p.k_len - extent :] for t in keys)
+        else:
+            # key j, query row r: d = j - q_offset - r0 - r, column (Lq-1-r0-r) + j
+            base = p.q_len - r1
+            mask = table[:, base : base + rows + extent - 1].unfold(-1, extent, 1)
+            if rows > 1:
+                mask = mask.flip(-2)  # rows in order: a copy of this block's mask
+            k, v = (t[:, :, :extent] for t in keys)
+        mask = mask[None]  # (1, H, rows, extent), last stride 1
+        if mask.is_cuda and CONTIGUOUS_MASK_ON_CUDA:
+            mask = mask.contiguous()  # CUDA kernels want a row-aligned bias
+        q = p.q[:, :, r0:r1].to(_dtype(p))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=p.scale)
+
+    return hankel_tile
+
+
+def _toeplitz_table(p: Problem) -> torch.Tensor | None:
+    """``(H, Lq + Lk - 1)``: column ``t`` holds ``F(d_min + t)`` (None: no fast path)."""
+    if not (p.slot_positions and isinstance(p.q_offset, int)):
+        return None
+    if p.bias_fn is not None and (p.spec is None or not p.spec.toeplitz):
+        return None
+    if p.causal and p.q_offset < 0:
+        return None  # the first rows would see no key at all: the masked path zeroes them
+    d_min = -(p.q_offset + p.q_len - 1)
+    d_max = p.k_len - 1 - p.q_offset
+    # A spec's values are a pure function of (spec, d): cache them per spec/dtype/device
+    # over a range that covers every offset of this key length (KV-cache decoding
+    # asks again at each step). Modules (learnable parameters) are never cached.
+    cacheable = (p.bias_fn is None or p.bias_fn == getattr(p.spec, "bias", None)) and not (
+        torch.compiler.is_compiling()
+    )
+    if not cacheable:
+        return _diagonal_values(p, d_min, d_max)
+    key = (p.spec if p.bias_fn is not None else p.heads, p.causal, p.compute, p.q.device)
+    hit = _TABLES.get(key)
+    if hit is None or not (hit[0] <= d_min and d_max <= hit[1]):
+        lo, hi = min(d_min, -(p.k_len - 1)), max(d_max, p.k_len - 1)
+        if hit is not None:
+            lo, hi = min(lo, hit[0]), max(hi, hit[1])
+        if len(_TABLES) >= _TABLE_CACHE_SIZE:
+            _TABLES.pop(next(iter(_TABLES)))
+        hit = _TABLES[key] = (lo, hi, _diagonal_values(p, lo, hi))
+    lo, _, table = hit
+    return table[:, d_min - lo : d_max - lo + 1]
+
+
+#: cached diagonal tables: key -> (d_min, d_max, (H, d_max - d_min + 1) tensor)
+_TABLES: dict[Any, tuple[int, int, torch.Tensor]] = {}
+_TABLE_CACHE_SIZE = 16
+
+
+def _diagonal_values(p: Problem, d_min: int, d_max: int) -> torch.Tensor | None:
+    """``F(d)`` for ``d = d_min .. d_max`` per head (``-inf`` for ``d > 0`` if causal)."""
+    device = p.q.device
+    d = torch.arange(d_min, d_max + 1, device=device)
+    if p.bias_fn is None:
+        table = torch.zeros((p.heads, d.shape[0]), dtype=_dtype(p), device=device)
+    else:
+        values = p.bias_fn(
+            q_pos=torch.zeros(1, dtype=d.dtype, device=device), k_pos=d, dtype=p.compute
+        )
+        if values.requires_grad:
+            return None  # learnable values that train: SDPA gives no mask gradient
+        table = values.reshape(p.heads, -1).to(_dtype(p))
+    if p.causal:
+        table = table.masked_fill(d > 0, float("-inf"))
+    return table
+
+
+def _masked_tile(p: Problem, r0: int, r1: int) -> torch.Tensor:
+    extent = p.extent(r0, r1)
+    if extent == 0:
+        return _zeros(p, r1 - r0)
+    dtype = _dtype(p)
+    mask = p.bias_tile(r0, r1, extent)
+    visible = p.visible(r0, r1, extent)
+    if visible is not None:
+        visible = visible[:, None]
+        base = torch.zeros((), dtype=dtype, device=p.q.device) if mask is None else mask
+        mask = torch.where(visible, base.to(dtype), torch.finfo(dtype).min)
+    elif mask is not None:
+        mask = mask.to(dtype)
+    q, k, v = (t.to(dtype) for t in (p.q[:, :, r0:r1], p.k[:, :, :extent], p.v[:, :, :extent]))
+    if mask is not None and mask.dim() == 3:
+        mask = mask[None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=p.scale)
+    if visible is not None:
+        out = torch.where(visible.any(-1, keepdim=True), out, 0.0)
+    return out
+
+
+def _dtype(p: Problem) -> torch.dtype:
+    return getattr(torch, p.compute)
+
+
+def _zeros(p: Problem, rows: int) -> torch.Tensor:
+    return p.q.new_zeros((p.batch, p.heads, rows, p.q.shape[-1]), dtype=_dtype(p))
