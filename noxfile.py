@@ -1,6 +1,6 @@
 """nox sessions; the same ids run locally and in CI (.ci/run).
 
-    nox -s lint tests      # the whole test suite (what CI runs)
+    nox -s lint docs tests # the whole test suite and the strict docs build (what CI runs)
     nox -s parity          # the cross-framework parity report, all frameworks together
     nox -s "tests(backend='torch')" -- -k alibi   # one backend alone; args go to pytest
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["lint", "tests"]
+nox.options.sessions = ["lint", "docs", "tests"]
 nox.options.reuse_existing_virtualenvs = False
 
 CONSTRAINTS = ("-c", "ci/constraints.txt")
@@ -39,7 +39,10 @@ def _under_test(backend: str) -> str:
 @nox.parametrize("backend", BACKENDS)
 def tests(session: nox.Session, backend: str) -> None:
     """pytest with one backend's extra installed (or all of them)."""
-    session.install(*CONSTRAINTS, f".[{_extras(backend)}]")
+    packages = [f".[{_extras(backend)}]"]
+    if backend == "all":  # the example plugin package, tested through its entry point
+        packages.append("./examples/posbias-plugin-example")
+    session.install(*CONSTRAINTS, *packages)
     session.run(
         "pytest",
         *session.posargs,
@@ -52,6 +55,21 @@ def parity(session: nox.Session) -> None:
     """The main job: ``posbias parity`` with all four frameworks installed."""
     session.install(*CONSTRAINTS, ".[all]")
     session.run("posbias", "parity", *session.posargs, env={"TF_CPP_MIN_LOG_LEVEL": "2"})
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the MkDocs site strictly (broken links or references fail); gallery included."""
+    session.install(*CONSTRAINTS, ".[docs]")
+    session.run(
+        "mkdocs",
+        "build",
+        "--strict",
+        "--site-dir",
+        "site",
+        *session.posargs,
+        env={"NO_MKDOCS_2_WARNING": "1"},
+    )
 
 
 @nox.session

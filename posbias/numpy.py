@@ -30,8 +30,9 @@ def attention(q: Any, k: Any, v: Any, bias: Any = None, **kwargs: Any) -> np.nda
     Args:
         q: ``(B, H, Lq, D)``; k, v: ``(B, H_kv, Lk, D)`` with ``H % H_kv == 0``.
         bias: a registered name, a :class:`~posbias.BiasSpec` or None.
-        causal, q_offset, key_padding_mask, segment_ids, scale, q_pos, k_pos:
-            as in :mod:`posbias._attention`.
+        **kwargs: ``causal``, ``q_offset``, ``key_padding_mask``, ``segment_ids``,
+            ``scale``, ``q_pos``, ``k_pos``, ``implementation``, ``block_size``,
+            as in :func:`posbias.torch.attention`.
 
     Returns:
         ``(B, H, Lq, D)`` float64.

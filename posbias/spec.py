@@ -72,8 +72,8 @@ class BiasSpec:
     Example:
         >>> import posbias
         >>> spec = posbias.get("alibi", num_heads=4)
-        >>> spec.bias(q_len=2, k_len=3).tolist()[0]
-        [[-0.25, 0.0, -0.25], [-0.5, -0.25, 0.0]]
+        >>> spec.bias(q_len=2, k_len=3)[0, 1].tolist()   # head 0, query row 1
+        [-0.5, -0.25, 0.0]
     """
 
     name: ClassVar[str | None] = None

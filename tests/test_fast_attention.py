@@ -341,3 +341,23 @@ def test_torch_decode_steps_share_a_cached_table():
             )
             assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert 1 <= len(_sdpa._TABLES) <= 2
+
+
+@torch_only
+def test_flash_attn_on_a_gpu_equals_the_reference():
+    """The real FlashAttention, where a CUDA GPU and flash_attn are present."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    pytest.importorskip("flash_attn")
+    import posbias.torch
+
+    q, k, v = (torch.randn(2, 8, n, 64, device="cuda", dtype=torch.bfloat16) for n in (7, 64, 64))
+    spec = posbias.get("alibi", num_heads=8)
+    for causal in (False, True):
+        p = _attention.prepare(posbias.backends.load("torch")("cuda"), q, k, v, spec, causal=causal)
+        assert _attention.select(p, "auto") == "flash_attn"
+        out = posbias.torch.attention(q, k, v, spec, causal=causal)
+        ref = posbias.torch.attention(q, k, v, spec, causal=causal, implementation="reference")
+        assert (out.float() - ref.float()).abs().max() / ref.float().abs().max() < 2e-2

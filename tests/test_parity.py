@@ -33,7 +33,7 @@ def test_cases_cover_the_contract():
 
 
 class LinearWindow(posbias.BiasSpec):
-    """The README's user variant: ALiBi inside a window, a constant penalty outside."""
+    """docs/extending.md's variant (also examples/posbias-plugin-example)."""
 
     toeplitz = True
     window: int = 4
