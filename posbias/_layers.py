@@ -61,6 +61,8 @@ class MHAConfig:
     head_dim: int
     causal: bool
     use_bias: bool
+    implementation: str = "auto"
+    block_size: int | None = None
 
     @classmethod
     def create(
@@ -72,6 +74,8 @@ class MHAConfig:
         head_dim: int | None = None,
         causal: bool = False,
         use_bias: bool = True,
+        implementation: str = "auto",
+        block_size: int | None = None,
     ) -> MHAConfig:
         embed_dim = check_int("embed_dim", embed_dim, minimum=1)
         num_heads = check_int("num_heads", num_heads, minimum=1)
@@ -91,7 +95,23 @@ class MHAConfig:
                 )
             head_dim = embed_dim // num_heads
         head_dim = check_int("head_dim", head_dim, minimum=1)
-        return cls(embed_dim, num_heads, num_kv_heads, head_dim, bool(causal), bool(use_bias))
+        if implementation not in _attention.IMPLEMENTATIONS:
+            raise InvalidArgumentError(
+                f"implementation must be one of {list(_attention.IMPLEMENTATIONS)}, "
+                f"got {implementation!r}."
+            )
+        if block_size is not None:
+            block_size = check_int("block_size", block_size, minimum=1)
+        return cls(
+            embed_dim,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            bool(causal),
+            bool(use_bias),
+            implementation,
+            block_size,
+        )
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Portable weight names and shapes."""
@@ -253,6 +273,8 @@ def mha_forward(
             causal=cfg.causal,
             key_padding_mask=key_padding_mask,
             segment_ids=segment_ids,
+            implementation=cfg.implementation,
+            block_size=cfg.block_size,
         )
         new_cache = None
     else:
@@ -271,6 +293,8 @@ def mha_forward(
             causal=True,
             q_offset=offset,
             key_padding_mask=new_cache.valid,
+            implementation=cfg.implementation,
+            block_size=cfg.block_size,
         )
     out = project("o", einops.rearrange(out, "b h l d -> b l (h d)"))
     return out if cache is None else (out, new_cache)

@@ -120,6 +120,8 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
         use_bias: bool = True,
+        implementation: str = "auto",
+        block_size: int | None = None,
         seed: int = 0,
         param_dtype: Any = jnp.float32,
         precision: Any = "highest",
@@ -131,6 +133,8 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
             head_dim=head_dim,
             causal=causal,
             use_bias=use_bias,
+            implementation=implementation,
+            block_size=block_size,
         )
         shapes = self.mha_config.shapes()
         rngs = nnx.Rngs(seed)

@@ -65,6 +65,8 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
         use_bias: bool = True,
+        implementation: str = "auto",
+        block_size: int | None = None,
         seed: int = 0,
     ) -> None:
         self.mha_config = _layers.MHAConfig.create(
@@ -74,6 +76,8 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
             head_dim=head_dim,
             causal=causal,
             use_bias=use_bias,
+            implementation=implementation,
+            block_size=block_size,
         )
         self.spec = None if bias is None else _layers.make_spec(bias, num_heads, {})
         self.weights = _layers.init_weights(self.mha_config, seed)

@@ -142,6 +142,8 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, keras.layers.Layer):
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
         use_bias: bool = True,
+        implementation: str = "auto",
+        block_size: int | None = None,
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
@@ -154,6 +156,8 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, keras.layers.Layer):
             head_dim=head_dim,
             causal=causal,
             use_bias=use_bias,
+            implementation=implementation,
+            block_size=block_size,
         )
         self.seed = seed
         shapes = self.mha_config.shapes()
@@ -243,5 +247,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, keras.layers.Layer):
             "num_kv_heads": cfg.num_kv_heads,
             "head_dim": cfg.head_dim,
             "use_bias": cfg.use_bias,
+            "implementation": cfg.implementation,
+            "block_size": cfg.block_size,
             "seed": self.seed,
         }

@@ -361,3 +361,24 @@ def test_flash_attn_on_a_gpu_equals_the_reference():
         out = posbias.torch.attention(q, k, v, spec, causal=causal)
         ref = posbias.torch.attention(q, k, v, spec, causal=causal, implementation="reference")
         assert (out.float() - ref.float()).abs().max() / ref.float().abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("implementation", ["reference", "blockwise"])
+def test_layers_take_implementation_and_block_size(framework, implementation):
+    """MultiHeadAttention(implementation=, block_size=) gives the same outputs; Keras
+    serialises both."""
+    import importlib
+
+    mod = importlib.import_module(f"posbias.{framework}")
+    x = np.random.default_rng(0).standard_normal((2, 9, 32)).astype(np.float32)
+    layer = mod.MultiHeadAttention(32, 4, causal=True, implementation=implementation, block_size=4)
+    ref = pnp.MultiHeadAttention(32, 4, causal=True)
+    ref.load_portable_weights(layer.portable_weights())
+    out = to_np(layer(native(framework, x)))
+    expected = ref(x.astype(np.float64))
+    assert np.max(np.abs(out - expected)) <= 1e-5 * np.max(np.abs(expected))
+    if framework == "tensorflow":
+        config = layer.get_config()
+        assert config["implementation"] == implementation and config["block_size"] == 4
+    with pytest.raises(InvalidArgumentError, match="implementation must be one of"):
+        mod.MultiHeadAttention(32, 4, implementation="fast")

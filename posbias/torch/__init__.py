@@ -131,6 +131,8 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
         num_kv_heads: K/V heads (default ``H``; fewer for grouped-query attention).
         head_dim: per-head size (default ``E // H``).
         use_bias: biases in the projections.
+        implementation, block_size: the attention kernel and its block size, as in
+            :func:`attention` (default ``"auto"``; docs/performance.md).
         seed: seed of the NumPy initialisation shared by every framework.
 
     Call: ``mha(x, key_padding_mask=None, segment_ids=None)`` → ``(B, L, E)``;
@@ -157,6 +159,8 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
         use_bias: bool = True,
+        implementation: str = "auto",
+        block_size: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -167,6 +171,8 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
             head_dim=head_dim,
             causal=causal,
             use_bias=use_bias,
+            implementation=implementation,
+            block_size=block_size,
         )
         shapes = self.mha_config.shapes()
         for name in _layers.PROJECTIONS:
