@@ -131,8 +131,9 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
         num_kv_heads: K/V heads (default ``H``; fewer for grouped-query attention).
         head_dim: per-head size (default ``E // H``).
         use_bias: biases in the projections.
-        implementation, block_size: the attention kernel and its block size, as in
-            :func:`attention` (default ``"auto"``; docs/performance.md).
+        implementation: the attention kernel, as in :func:`attention` (default
+            ``"auto"``; docs/performance.md).
+        block_size: query rows per block of the blockwise kernel (default 256).
         seed: seed of the NumPy initialisation shared by every framework.
 
     Call: ``mha(x, key_padding_mask=None, segment_ids=None)`` → ``(B, L, E)``;
