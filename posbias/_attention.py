@@ -276,10 +276,7 @@ def select(p: Problem, implementation: str) -> str:
     tensorflow    blockwise                   reference
     ============  ==========================  =====================================
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise InvalidArgumentError(
-            f"implementation must be one of {list(IMPLEMENTATIONS)}, got {implementation!r}."
-        )
+    check_implementation(implementation)
     backend = p.xp.name
     if implementation == "auto":
         if backend == "numpy":
@@ -355,7 +352,7 @@ def attend(
     ``block_size`` choose the kernel (:func:`select`).
     """
     p = prepare(xp, q, k, v, bias, **options)
-    block_size = _check_block_size(block_size, xp.name)
+    block_size = check_block_size(block_size) or DEFAULT_BLOCK_SIZE[xp.name]
     out = run(p, implementation, block_size)
     layout = options.get("layout", "bhld")
     if layout != "bhld":
@@ -363,9 +360,19 @@ def attend(
     return xp.cast(out, p.in_dtype)
 
 
-def _check_block_size(block_size: Any, backend: str) -> int:
+def check_implementation(implementation: Any) -> str:
+    """``implementation`` if it names one of :data:`IMPLEMENTATIONS`, else a clear error."""
+    if implementation not in IMPLEMENTATIONS:
+        raise InvalidArgumentError(
+            f"implementation must be one of {list(IMPLEMENTATIONS)}, got {implementation!r}."
+        )
+    return implementation
+
+
+def check_block_size(block_size: Any) -> int | None:
+    """``block_size`` if it is None (the backend's default) or a positive int."""
     if block_size is None:
-        return DEFAULT_BLOCK_SIZE[backend]
+        return None
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise InvalidArgumentError(
             f"block_size must be a positive int (query rows per block), got {block_size!r}."

@@ -95,13 +95,6 @@ class MHAConfig:
                 )
             head_dim = embed_dim // num_heads
         head_dim = check_int("head_dim", head_dim, minimum=1)
-        if implementation not in _attention.IMPLEMENTATIONS:
-            raise InvalidArgumentError(
-                f"implementation must be one of {list(_attention.IMPLEMENTATIONS)}, "
-                f"got {implementation!r}."
-            )
-        if block_size is not None:
-            block_size = check_int("block_size", block_size, minimum=1)
         return cls(
             embed_dim,
             num_heads,
@@ -109,8 +102,8 @@ class MHAConfig:
             head_dim,
             bool(causal),
             bool(use_bias),
-            implementation,
-            block_size,
+            _attention.check_implementation(implementation),
+            _attention.check_block_size(block_size),
         )
 
     def shapes(self) -> dict[str, tuple[int, ...]]:

@@ -244,30 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser("show", help="print a bias's slopes and a small matrix")
-    p.add_argument("name")
-    p.add_argument("--heads", type=int, default=8, help="number of heads (default 8)")
-    p.add_argument("--length", type=int, default=6, help="query/key length (default 6)")
-    p.add_argument(
-        "--param",
-        type=_param,
-        action="append",
-        metavar="KEY=VALUE",
-        help="extra hyper-parameter, value as JSON (repeatable)",
-    )
+    _add_bias_arguments(p, heads=8, length=6)
     p.add_argument("--all-heads", action="store_true", help="print every head's matrix")
     p.set_defaults(func=_cmd_show)
 
     p = sub.add_parser("plot", help="draw a bias as heatmaps per head (needs matplotlib)")
-    p.add_argument("name")
-    p.add_argument("--heads", type=int, default=4, help="number of heads (default 4)")
-    p.add_argument("--length", type=int, default=32, help="query/key length (default 32)")
-    p.add_argument(
-        "--param",
-        type=_param,
-        action="append",
-        metavar="KEY=VALUE",
-        help="extra hyper-parameter, value as JSON (repeatable)",
-    )
+    _add_bias_arguments(p, heads=4, length=32)
     p.add_argument("-o", "--output", help="PNG path (default NAME.png)")
     p.set_defaults(func=_cmd_plot)
 
@@ -305,6 +287,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", metavar="DIR", help="also plot time/memory versus L into DIR")
     p.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _add_bias_arguments(p: argparse.ArgumentParser, *, heads: int, length: int) -> None:
+    """NAME, --heads, --length and --param: how `show` and `plot` pick a bias."""
+    p.add_argument("name")
+    p.add_argument("--heads", type=int, default=heads, help=f"number of heads (default {heads})")
+    p.add_argument(
+        "--length", type=int, default=length, help=f"query/key length (default {length})"
+    )
+    p.add_argument(
+        "--param",
+        type=_param,
+        action="append",
+        metavar="KEY=VALUE",
+        help="extra hyper-parameter, value as JSON (repeatable)",
+    )
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

@@ -214,7 +214,7 @@ def test_torch_blockwise_compiles():
 @torch_only
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("q_len", [1, 7])
-def test_flash_attn_mapping_matches_its_documented_semantics(monkeypatch, causal, q_len):
+def test_flash_attn_mapping_matches_its_documented_semantics(monkeypatch, request, causal, q_len):
     """flash_attn is CUDA-only: a stand-in implementing its documented formula
     checks the arguments posbias passes (slopes, sign, alignment, scale, layout)."""
     import sys
@@ -240,6 +240,8 @@ def test_flash_attn_mapping_matches_its_documented_semantics(monkeypatch, causal
         sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func)
     )
     monkeypatch.setattr(_flash, "_on_cuda", lambda t: True)
+    _flash._load.cache_clear()  # the import result is cached: see the stand-in
+    request.addfinalizer(_flash._load.cache_clear)
     q, k, v = (torch.randn(2, 6, n, 16, dtype=torch.bfloat16) for n in (q_len, 11, 11))
     spec = posbias.get("alibi", num_heads=6)
     p = _attention.prepare(posbias.backends.load("torch")(), q, k, v, spec, causal=causal)

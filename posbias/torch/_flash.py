@@ -17,6 +17,7 @@ It is chosen automatically (``implementation="auto"``) when all of this holds;
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch
 from .._attention import Problem
 
 
+@functools.cache  # a failed import is not cached by Python: try once, not every call
 def _load() -> Any:
     try:
         return importlib.import_module("flash_attn")

@@ -50,12 +50,12 @@ def score_mod(
 ) -> Any:
     """The ``score_mod`` adding ``spec``'s bias (see :meth:`posbias.BiasSpec.score_mod`)."""
     slopes = spec.symmetric_slopes() if not spec.learnable else None
-    if slopes is not None and q_offset is None and (q_len is None or k_len is None):
-        raise InvalidArgumentError(
-            "score_mod needs q_len and k_len (or q_offset) to align the queries bottom-right."
-        )
     if q_offset is None:
-        q_offset = k_len - q_len if q_len is not None and k_len is not None else 0
+        if q_len is None or k_len is None:
+            raise InvalidArgumentError(
+                "score_mod needs q_len and k_len (or q_offset) to align the queries bottom-right."
+            )
+        q_offset = k_len - q_len
     shift = int(k_offset) - int(q_offset)  # position difference = kv_idx - q_idx + shift
     if slopes is not None:
         m = torch.as_tensor(slopes, dtype=torch.float32, device=device)
