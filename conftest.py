@@ -2,16 +2,26 @@
 
 Doctests are collected from the package; modules of frameworks that are not
 installed are skipped (each nox session installs one framework only).
+
+JAX runs on 4 virtual CPU devices (``--xla_force_host_platform_device_count``)
+so that the sharded-attention tests have a mesh; XLA reads the flag when JAX
+starts, so it is set here, before anything imports JAX.
 """
 
 import importlib.util
+import os
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    ).strip()
 
 import pytest
 from _pytest.doctest import DoctestItem
 
 _MODULES = {
     "torch": ["posbias/backends/torch.py", "posbias/torch"],
-    "jax": ["posbias/backends/jax.py", "posbias/jax.py"],
+    "jax": ["posbias/backends/jax.py", "posbias/jax.py", "posbias/_jax_sharded.py"],
     "tensorflow": ["posbias/backends/tensorflow.py", "posbias/tensorflow.py"],
 }
 

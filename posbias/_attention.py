@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import einops
 import numpy as np
 
+from . import _partial
 from . import backends as _backends
 from .errors import InvalidArgumentError, InvalidTypeError
 from .registry import get
@@ -84,6 +85,40 @@ def spec_of(bias: Any, num_heads: int) -> BiasSpec | None:
         return bias
     spec = getattr(bias, "spec", None)
     return spec if isinstance(spec, BiasSpec) else None
+
+
+def head_bias(bias: Any, num_heads: int, heads: Any, backend: str, params: Any = None) -> Any:
+    """``bias_fn(q_pos=, k_pos=, dtype=)`` for the *global* heads ``heads``, or None.
+
+    ``bias`` is a registered name, a ``BiasSpec`` or a ``PositionalBias`` module
+    of any framework (its learnable parameters are read when called, so
+    gradients reach them; ``params`` overrides them). Head-parallel kernels hold
+    a slice of the heads and need that slice's slopes and table columns, not
+    heads ``0..h-1``.
+    """
+    if bias is None:
+        return None
+    spec = spec_of(bias, num_heads)
+    if spec is None:
+        raise InvalidTypeError(
+            "distributed attention needs a registered name, a BiasSpec or a PositionalBias "
+            f"module as bias (its heads are selected by global index), got {type(bias).__name__}."
+        )
+    resolve_bias(spec, num_heads)  # the head-count check
+    if spec.position_dims != 1:
+        raise InvalidArgumentError(
+            f"{spec.name} is a 2-D bias; distributed attention shards 1-D token positions. "
+            "Use posbias attention on one device for 2-D biases."
+        )
+    module = None if isinstance(bias, (str, BiasSpec)) or params is not None else bias
+
+    def bias_fn(q_pos: Any, k_pos: Any, dtype: Any) -> Any:
+        values = module.native_params() if module is not None else params
+        return spec.bias(
+            q_pos=q_pos, k_pos=k_pos, heads=heads, dtype=dtype, params=values, backend=backend
+        )
+
+    return bias_fn
 
 
 def _shape4(xp, name: str, x: Any) -> tuple[int, ...]:
@@ -240,13 +275,7 @@ def reference_tile(p: Problem, r0: int, r1: int) -> Any:
     visible = p.visible(r0, r1, extent)
     if visible is not None:
         visible = visible[:, None]  # one mask for every head
-        scores = xp.where(visible, scores, xp.finfo_min(p.compute))
-    shifted = xp.exp(scores - xp.amax(scores, -1, keepdims=True))
-    if visible is not None:
-        shifted = xp.where(visible, shifted, 0.0)
-    denom = xp.sum_keepdims(shifted, -1)
-    probs = shifted / xp.maximum(denom, xp.finfo_tiny(p.compute))  # rows with no key: 0
-    return xp.einsum("bhqk,bhkd->bhqd", probs, v)
+    return _partial.softmax_rows(xp, scores, visible, v, p.compute)[0]
 
 
 def run(p: Problem, implementation: str, block_size: int) -> Any:

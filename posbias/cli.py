@@ -286,6 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--sweep", metavar="DIR", help="also plot time/memory versus L into DIR")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser(
+        "comm",
+        help="bytes sent by distributed attention vs all-gathering the bias (docs/distributed.md)",
+    )
+    p.add_argument("--devices", type=int, default=4, help="sequence shards (default 4)")
+    p.add_argument("--lengths", default="4096,16384,65536", help="comma-separated sequence lengths")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument(
+        "--no-measure", action="store_true", help="closed forms only (no JAX compilation)"
+    )
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.set_defaults(func=_cmd_comm)
     return parser
 
 
@@ -326,6 +343,32 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         bench.sweep(lengths, args.sweep)
     failed = [k for k, r in results if not r.passed]
     return 1 if failed and not args.smoke else 0
+
+
+def _cmd_comm(args: argparse.Namespace) -> int:
+    from . import comm
+
+    comm.ensure_devices(args.devices)
+    rows = comm.report(
+        [int(n) for n in args.lengths.split(",")],
+        args.devices,
+        batch=args.batch,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        dim=args.dim,
+        dtype=args.dtype,
+        measure=not args.no_measure,
+    )
+    print(
+        f"MiB per device per forward call: B={args.batch}, H={args.heads}, "
+        f"H_kv={args.kv_heads}, D={args.dim}, {args.dtype}, {args.devices} devices"
+    )
+    print(comm.format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(r) | {"ratio": r.ratio} for r in rows], f, indent=1)
+    mismatched = [r for r in rows if r.ring_measured not in (None, r.ring)]
+    return 1 if mismatched else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

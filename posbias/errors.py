@@ -14,6 +14,7 @@ __all__ = [
     "BackendError",
     "BackendUnavailableError",
     "ConfigError",
+    "DistributedError",
     "InvalidArgumentError",
     "InvalidTypeError",
     "PosBiasError",
@@ -60,3 +61,10 @@ class BackendUnavailableError(PosBiasError, ImportError):
 
 class ResourceError(PosBiasError, MemoryError):
     """A request would need more memory than the machine has."""
+
+
+class DistributedError(PosBiasError, RuntimeError):
+    """Ranks of a process group disagree (shapes, options) or no group is set up.
+
+    Raised on every rank alike, so no rank is left waiting in a collective.
+    """

@@ -19,10 +19,19 @@ import numpy as np
 from flax import nnx
 
 from . import _attention, _layers
+from ._jax_sharded import sharded_attention, unzigzag, zigzag
 from .backends.jax import JaxBackend
 from .spec import BiasSpec
 
-__all__ = ["KVCache", "MultiHeadAttention", "PositionalBias", "attention"]
+__all__ = [
+    "KVCache",
+    "MultiHeadAttention",
+    "PositionalBias",
+    "attention",
+    "sharded_attention",
+    "unzigzag",
+    "zigzag",
+]
 
 KVCache = _attention.KVCache
 

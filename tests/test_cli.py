@@ -128,3 +128,14 @@ def test_plot_writes_a_png(tmp_path, capsys):
         )
         == 0
     )
+
+
+def test_comm_closed_forms(tmp_path, capsys):
+    out = tmp_path / "comm.json"
+    argv = ["comm", "--no-measure", "--lengths", "64,128", "--heads", "4", "--kv-heads", "2"]
+    assert main([*argv, "--dim", "8", "--json", str(out)]) == 0
+    assert "naive / ring" in capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    # ring: 3 steps x 2 (K, V) x B·H_kv·(L/4)·D x 2 bytes; naive: 3/4 of the float32 bias
+    assert [r["ring"] for r in rows] == [3 * 2 * 2 * 16 * 8 * 2, 3 * 2 * 2 * 32 * 8 * 2]
+    assert rows[0]["naive_bias"] == 4 * 64 * 64 * 4 * 3 // 4

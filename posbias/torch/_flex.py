@@ -57,37 +57,66 @@ def score_mod(
             )
         q_offset = k_len - q_len
     shift = int(k_offset) - int(q_offset)  # position difference = kv_idx - q_idx + shift
-    if slopes is not None:
-        m = torch.as_tensor(slopes, dtype=torch.float32, device=device)
+    if slopes is None and (q_len is None or k_len is None):
+        _check_toeplitz(spec)
+        raise InvalidArgumentError(
+            "score_mod of a table-based bias needs q_len and k_len to size its table."
+        )
+    lo, hi = (0, 0) if slopes is not None else (shift - (q_len - 1), shift + k_len - 1)
+    diff = _difference_mod(spec, slopes, lo, hi, params, device)
 
-        def alibi_score_mod(score, b, h, q_idx, kv_idx):
-            distance = -(kv_idx - q_idx + shift).abs()
-            return score + m[h] * distance.to(torch.float32)
+    def posbias_score_mod(score, b, h, q_idx, kv_idx):
+        return score + diff(h, kv_idx - q_idx + shift)
 
-        return alibi_score_mod
+    return posbias_score_mod
+
+
+def positions_score_mod(
+    spec: BiasSpec, q_pos: torch.Tensor, k_pos: torch.Tensor, *, params: Any = None
+) -> Any:
+    """A ``score_mod`` for indices into position tables: bias at ``(q_pos[q_idx], k_pos[kv_idx])``.
+
+    For shards whose tokens are not contiguous (zigzag, packed documents): the
+    difference ``k_pos[kv_idx] - q_pos[q_idx]`` indexes the per-difference table.
+    """
+    slopes = spec.symmetric_slopes() if not spec.learnable else None
+    lo = int(k_pos.min()) - int(q_pos.max())
+    hi = int(k_pos.max()) - int(q_pos.min())
+    diff = _difference_mod(spec, slopes, lo, hi, params, q_pos.device)
+
+    def posbias_score_mod(score, b, h, q_idx, kv_idx):
+        return score + diff(h, k_pos[kv_idx] - q_pos[q_idx])
+
+    return posbias_score_mod
+
+
+def _check_toeplitz(spec: BiasSpec) -> None:
     if not spec.toeplitz or spec.position_dims != 1:
         raise InvalidArgumentError(
             f"{spec.name or type(spec).__name__} depends on both positions, not only on "
             "their difference: no small score_mod table exists. Use "
             "posbias.torch.attention(q, k, v, spec), which never builds the full bias."
         )
-    if q_len is None or k_len is None:
-        raise InvalidArgumentError(
-            "score_mod of a table-based bias needs q_len and k_len to size its table."
-        )
-    d_min = shift - (q_len - 1)
-    diagonals = torch.arange(d_min, shift + k_len, device=device)
+
+
+def _difference_mod(spec: BiasSpec, slopes: Any, lo: int, hi: int, params: Any, device: Any):
+    """``diff(h, d)``: the bias of head ``h`` at position difference ``d = k - q`` in ``[lo, hi]``.
+
+    Closed form for symmetric ALiBi (bit-identical to ``spec.bias``), else a
+    ``(H, hi - lo + 1)`` table of the bias per difference, built once by ``spec.bias``.
+    """
+    if slopes is not None:
+        m = torch.as_tensor(slopes, dtype=torch.float32, device=device)
+        return lambda h, d: m[h] * (-d.abs()).to(torch.float32)
+    _check_toeplitz(spec)
+    differences = torch.arange(lo, hi + 1, device=device)
     table = spec.bias(
-        q_pos=torch.zeros(1, dtype=diagonals.dtype, device=device),
-        k_pos=diagonals,
+        q_pos=torch.zeros(1, dtype=differences.dtype, device=device),
+        k_pos=differences,
         params=params,
         backend="torch",
-    )[:, 0, :]  # (H, Lq + Lk - 1): the bias at difference d_min + t
-
-    def table_score_mod(score, b, h, q_idx, kv_idx):
-        return score + table[h, kv_idx - q_idx + (shift - d_min)]
-
-    return table_score_mod
+    )[:, 0, :]  # (H, hi - lo + 1): the bias at difference lo + t
+    return lambda h, d: table[h, d - lo]
 
 
 def mask_mod(

@@ -1,0 +1,147 @@
+"""Partial attention: one tile's output *and* log-sum-exp, and the exact merge of tiles.
+
+Sequence-parallel (ring) attention splits the keys across devices. Each device
+computes, for its queries and one block of keys,
+
+    out_t = softmax_t(s) · v_t        lse_t = log Σ_j∈t exp(s_j)
+    s     = q·kᵀ·scale + bias[h, i, j]     (masked keys excluded)
+
+and two tiles over disjoint key sets merge exactly:
+
+    lse = log(exp(lse_a) + exp(lse_b))
+    out = (exp(lse_a - lse)·out_a + exp(lse_b - lse)·out_b)
+
+so merging every key block gives the single-device softmax. The bias must be
+in its relative form (``-m·|i - j|``), computed from *global* positions: a
+key-only shortcut (``+m·j``) would shift each tile's ``lse`` differently.
+
+A row that sees no key in a tile has ``out = 0`` and ``lse`` = the most
+negative finite number of the compute dtype (never ``-inf``, so neither the
+merge nor its gradient produces NaN): it has weight 0 in every merge with a
+tile that has keys, and a row that sees no key at all still outputs 0.
+
+Layout ``(B, H, L, D)``; positions ``(L,)`` or ``(B, L)`` integers. Written
+against the backend op vocabulary, so one code path serves every framework.
+
+    >>> import numpy as np, posbias
+    >>> from posbias import _partial
+    >>> from posbias.backends.numpy import NumpyBackend
+    >>> xp = NumpyBackend(compute_dtype="float64")
+    >>> q, k, v = np.random.default_rng(0).normal(size=(3, 1, 2, 6, 4))
+    >>> bias = posbias.get("alibi", num_heads=2).bias
+    >>> pos = np.arange(6)
+    >>> tile = lambda a, b: _partial.tile(
+    ...     xp, q, k[:, :, a:b], v[:, :, a:b], scale=0.5, bias_fn=bias,
+    ...     q_pos=pos, k_pos=pos[a:b], causal=True, compute="float64")
+    >>> out, _ = _partial.merge(xp, tile(0, 3), tile(3, 6))
+    >>> full, _ = tile(0, 6)
+    >>> bool(np.allclose(out, full))
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import einops
+
+Partial = tuple[Any, Any]  # (out (B, H, Lq, D), lse (B, H, Lq))
+
+
+def softmax_rows(xp, scores: Any, visible: Any, v: Any, compute: str) -> Partial:
+    """``softmax(scores)·v`` over the visible keys and each row's log-sum-exp.
+
+    Args:
+        xp: the backend.
+        scores: ``(B, H, Lq, Lk)`` scaled scores plus bias, in ``compute``.
+        visible: ``(B|1, 1, Lq, Lk)`` bool, or None when every key is visible.
+        v: ``(B, H, Lk, D)`` values in ``compute``.
+        compute: the compute dtype name.
+    """
+    lowest = xp.finfo_min(compute)
+    if visible is not None:
+        scores = xp.where(visible, scores, lowest)
+    top = xp.amax(scores, -1, keepdims=True)
+    shifted = xp.exp(scores - top)
+    if visible is not None:
+        shifted = xp.where(visible, shifted, 0.0)
+    denom = xp.maximum(xp.sum_keepdims(shifted, -1), xp.finfo_tiny(compute))
+    out = xp.einsum("bhqk,bhkd->bhqd", shifted / denom, v)
+    # rows with no visible key: top = lowest and log(tiny) rounds away -> lse = lowest
+    lse = xp.maximum(top + xp.log(denom), lowest)
+    return out, lse[..., 0]
+
+
+def visible_by_position(q_pos: Any, k_pos: Any) -> Any:
+    """Causal visibility from global positions: key ``j`` visible to query ``i`` iff ``j <= i``.
+
+    ``(Lq, Lk)`` for 1-D positions, ``(B, Lq, Lk)`` when either is batched.
+    """
+    return k_pos[..., None, :] <= q_pos[..., :, None]
+
+
+def tile(
+    xp,
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    scale: float,
+    bias_fn: Any,
+    q_pos: Any,
+    k_pos: Any,
+    causal: bool,
+    compute: str,
+    visible: Any = None,
+    kv_group: int = 1,
+) -> Partial:
+    """Attention of ``q`` against one key block, as ``(out, lse)`` in ``compute``.
+
+    Args:
+        xp: the backend.
+        q: ``(B, H, Lq, D)`` queries.
+        k: ``(B, H / kv_group, Lk, D)`` keys of this block.
+        v: ``(B, H / kv_group, Lk, D)`` values of this block.
+        scale: the score scale (``1/√D`` by default upstream).
+        bias_fn: ``bias_fn(q_pos=, k_pos=, dtype=)`` → ``(H, Lq, Lk)`` or
+            ``(B, H, Lq, Lk)``, or None for no bias.
+        q_pos: ``(Lq,)`` or ``(B, Lq)`` global query positions.
+        k_pos: ``(Lk,)`` or ``(B, Lk)`` global key positions.
+        causal: hide keys at later positions than the query.
+        compute: compute dtype name (``"float32"`` or ``"float64"``).
+        visible: an extra ``(B|1, Lq, Lk)`` bool mask ANDed with the causal one.
+        kv_group: query heads per key/value head (grouped-query attention): ``k``
+            and ``v`` have ``H / kv_group`` heads and are repeated here, per tile,
+            so that what travels between devices is the small un-repeated block.
+    """
+    if kv_group > 1:
+        k, v = (einops.repeat(t, "b h l d -> b (h g) l d", g=kv_group) for t in (k, v))
+    q, k, v = (xp.cast(t, compute) for t in (q, k, v))
+    scores = xp.einsum("bhqd,bhkd->bhqk", q, k) * scale
+    if bias_fn is not None:
+        scores = scores + bias_fn(q_pos=q_pos, k_pos=k_pos, dtype=compute)
+    if causal:
+        order = visible_by_position(q_pos, k_pos)
+        visible = order if visible is None else visible & order
+    if visible is not None:
+        if len(xp.shape(visible)) == 2:
+            visible = visible[None]
+        visible = visible[:, None]  # one mask for every head
+    return softmax_rows(xp, scores, visible, v, compute)
+
+
+def merge(xp, a: Partial, b: Partial) -> Partial:
+    """Merge two tiles over disjoint key sets into the tile over their union."""
+    out_a, lse_a = a
+    out_b, lse_b = b
+    top = xp.maximum(lse_a, lse_b)
+    w_a, w_b = xp.exp(lse_a - top), xp.exp(lse_b - top)
+    total = w_a + w_b  # >= 1: no division by zero
+    out = (out_a * w_a[..., None] + out_b * w_b[..., None]) / total[..., None]
+    return out, top + xp.log(total)
+
+
+def empty(xp, batch: int, heads: int, length: int, dim: int, compute: str) -> Partial:
+    """The tile of no keys: ``out = 0``, ``lse`` = the lowest finite value."""
+    out = xp.zeros((batch, heads, length, dim), compute)
+    return out, xp.zeros((batch, heads, length), compute) + xp.finfo_min(compute)

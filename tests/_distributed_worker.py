@@ -1,0 +1,164 @@
+"""One rank of the torch.distributed checks (spawned by tests/test_distributed_torch.py).
+
+Every rank builds the same full-sequence tensors, takes its shard, runs the
+distributed function and compares with single-device posbias attention on the
+full sequence. Results (max abs errors, caught error messages) go to
+``<out>/rank<r>.json``; the test process asserts on them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import traceback
+
+B, H, L, D = 2, 4, 16, 8
+TOL = 5e-6
+
+
+def main(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    results: dict[str, object] = {}
+    try:
+        _checks(rank, world, results)
+    except Exception:  # report, do not hang the other rank's test
+        results["crash"] = traceback.format_exc()
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+def _checks(rank: int, world: int, results: dict) -> None:
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    import posbias
+    import posbias.torch as pt
+    from posbias.torch.distributed import (
+        head_parallel_attention,
+        layout_positions,
+        ring_attention,
+        shard,
+        traffic,
+    )
+
+    def data(kv_heads=2, dtype=torch.float32, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        q = torch.randn(B, H, L, D, generator=g, dtype=torch.float64)
+        k, v = torch.randn(2, B, kv_heads, L, D, generator=g, dtype=torch.float64)
+        return [t.to(dtype) for t in (q, k, v)]
+
+    def err(a, b):
+        return float((a.detach().double() - b.detach().double()).abs().max())
+
+    learnable = pt.PositionalBias("t5", num_heads=H, seed=3)
+    biases = {"alibi": "alibi", "t5": "t5", "kerple_log": "kerple_log", "learnable_t5": learnable}
+    fns = {"ring": ring_attention, "heads": head_parallel_attention}
+
+    # forward: every bias x causal x layout, grouped-query attention, float32
+    q, k, v = data()
+    for bname, bias in biases.items():
+        for causal in (True, False):
+            ref = pt.attention(q, k, v, bias, causal=causal)
+            for order in ("contiguous", "zigzag"):
+                local = [shard(t, rank, world, order) for t in (q, k, v)]
+                for fname, fn in fns.items():
+                    with torch.no_grad():
+                        out = fn(*local, bias, causal=causal, order=order)
+                    key = f"forward/{fname}/{bname}/causal={causal}/{order}"
+                    results[key] = err(out, shard(ref, rank, world, order))
+
+    # float64 is exact to rounding; no bias
+    q64, k64, v64 = data(dtype=torch.float64)
+    ref = pt.attention(q64, k64, v64, None, causal=True)
+    local = [shard(t, rank, world) for t in (q64, k64, v64)]
+    results["float64/ring"] = err(ring_attention(*local, causal=True), shard(ref, rank, world))
+
+    # explicit positions: the zigzag layout given as positions (masked tiles path)
+    pos = layout_positions(L, world, "zigzag")[rank * (L // world) : (rank + 1) * (L // world)]
+    ref = pt.attention(q, k, v, "alibi", causal=True)
+    local = [shard(t, rank, world, "zigzag") for t in (q, k, v)]
+    out = ring_attention(*local, "alibi", causal=True, q_pos=pos, k_pos=pos)
+    results["positions/ring/zigzag"] = err(out, shard(ref, rank, world, "zigzag"))
+
+    # explicit bias positions in head-parallel (positions shifted by 100: Toeplitz-invariant
+    # for alibi, so compare with FIRE, which depends on the absolute query position)
+    shifted = np.arange(L) + 100
+    ref = pt.attention(q, k, v, "fire", q_pos=shifted, k_pos=shifted)
+    local = [shard(t, rank, world) for t in (q, k, v)]
+    mine = shard(torch.as_tensor(shifted), rank, world, dim=0)
+    out = head_parallel_attention(*local, "fire", q_pos=mine, k_pos=mine)
+    results["positions/heads/fire"] = err(out, shard(ref, rank, world))
+
+    # packed documents: segment ids + per-document positions
+    seg = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4] * B)
+    doc_pos = torch.cat([torch.arange(5), torch.arange(7), torch.arange(4)])
+    ref = pt.attention(q, k, v, "alibi", causal=True, segment_ids=seg, q_pos=doc_pos,
+                       k_pos=doc_pos)  # fmt: skip
+    local = [shard(t, rank, world) for t in (q, k, v)]
+    mine = shard(doc_pos, rank, world, dim=0)
+    out = ring_attention(*local, "alibi", causal=True, segment_ids=shard(seg, rank, world, dim=1),
+                         q_pos=mine, k_pos=mine)  # fmt: skip
+    results["packed/ring"] = err(out, shard(ref, rank, world))
+
+    # gradients of q, k, v and of the learnable bias (all-reduced over ranks)
+    for fname, fn in fns.items():
+        for order in ("contiguous", "zigzag"):
+            q, k, v = data(seed=1)
+            full = [t.clone().requires_grad_() for t in (q, k, v)]
+            learnable.zero_grad()
+            (pt.attention(*full, learnable, causal=True) ** 2).sum().backward()
+            expected = [p.grad.clone() for p in learnable.parameters()]
+            learnable.zero_grad()
+            local = [shard(t, rank, world, order).requires_grad_() for t in (q, k, v)]
+            (fn(*local, learnable, causal=True, order=order) ** 2).sum().backward()
+            got = [p.grad.clone() for p in learnable.parameters()]
+            for g in got:
+                dist.all_reduce(g)
+            key = f"grad/{fname}/{order}"
+            results[key + "/qkv"] = max(
+                err(a.grad, shard(b.grad, rank, world, order))
+                for a, b in zip(local, full, strict=True)
+            )
+            results[key + "/bias_params"] = max(
+                err(a, b) / max(1.0, float(b.abs().max()))
+                for a, b in zip(got, expected, strict=True)
+            )
+
+    # communication volume per call, bytes this rank sent (the benchmark reads the same)
+    q, k, v = data(kv_heads=H)
+    local = [shard(t, rank, world) for t in (q, k, v)]
+    traffic(reset=True)
+    ring_attention(*local, "alibi", causal=True)
+    results["traffic/ring"] = traffic(reset=True)
+    head_parallel_attention(*local, "alibi", causal=True)
+    results["traffic/heads"] = traffic(reset=True)
+
+    # bad input: detected on every rank, no hang
+    q, k, v = data()
+    local = [shard(t, rank, world) for t in (q, k, v)]
+    if rank == 1:
+        local = [torch.cat([t, t[:, :, :2]], dim=2) for t in local]  # a longer shard
+    for fname, fn in fns.items():
+        try:
+            fn(*local, "alibi", causal=True)
+            results[f"mismatch/{fname}"] = "no error"
+        except posbias.DistributedError as e:
+            results[f"mismatch/{fname}"] = str(e)
+    q3 = torch.randn(B, 3, L // world, D)
+    try:
+        head_parallel_attention(q3, q3, q3, "alibi")
+        results["heads_not_divisible"] = "no error"
+    except posbias.InvalidArgumentError as e:
+        results["heads_not_divisible"] = str(e)
+    dist.barrier()

@@ -1,0 +1,177 @@
+"""posbias.torch.distributed with 2 gloo processes on loopback equals single-device attention.
+
+The module fixture spawns two ranks once (bounded time, killed on overrun);
+each runs every check in tests/_distributed_worker.py and writes its errors
+to JSON. Collectives have a 60 s timeout, the whole run 420 s.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import socket
+
+import pytest
+
+from posbias import testing as pt
+
+if "torch" not in pt.backends_under_test():
+    pytest.skip("PyTorch is not under test", allow_module_level=True)
+
+import torch
+import torch.distributed as dist
+
+import posbias
+from posbias.torch.distributed import layout_positions, ring_attention, shard, shard_score_mod
+
+WORLD = 2
+DEADLINE_S = 420
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.fail("torch.distributed with gloo is needed for these tests")
+    import _distributed_worker as worker
+
+    out = tmp_path_factory.mktemp("ranks")
+    ctx = multiprocessing.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=worker.main, args=(r, WORLD, port, str(out))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(DEADLINE_S)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+        p.join()
+    assert not alive, f"the ranks did not finish within {DEADLINE_S} s (a collective hung?)"
+    results = []
+    for r in range(WORLD):
+        path = out / f"rank{r}.json"
+        assert path.exists(), f"rank {r} exited with code {procs[r].exitcode} and no results"
+        results.append(json.loads(path.read_text()))
+        assert "crash" not in results[-1], results[-1]["crash"]
+    return results
+
+
+def _keys(prefix: str) -> list[str]:
+    biases = ["alibi", "t5", "kerple_log", "learnable_t5"]
+    if prefix == "forward":
+        return [
+            f"forward/{f}/{b}/causal={c}/{o}"
+            for f in ("ring", "heads")
+            for b in biases
+            for c in (True, False)
+            for o in ("contiguous", "zigzag")
+        ]
+    return [
+        f"grad/{f}/{o}/{part}"
+        for f in ("ring", "heads")
+        for o in ("contiguous", "zigzag")
+        for part in ("qkv", "bias_params")
+    ]
+
+
+@pytest.mark.parametrize("key", _keys("forward"))
+def test_forward_equals_single_device(ranks, key):
+    for rank in ranks:
+        assert rank[key] < 5e-6, (key, rank[key])
+
+
+@pytest.mark.parametrize("key", _keys("grad"))
+def test_gradients_equal_single_device(ranks, key):
+    for rank in ranks:
+        assert rank[key] < 2e-5, (key, rank[key])
+
+
+@pytest.mark.parametrize(
+    "key", ["float64/ring", "positions/ring/zigzag", "positions/heads/fire", "packed/ring"]
+)
+def test_positions_packing_and_float64(ranks, key):
+    tol = 1e-12 if key.startswith("float64") else 5e-6
+    for rank in ranks:
+        assert rank[key] < tol, (key, rank[key])
+
+
+def test_communication_volume(ranks):
+    """Bytes sent per call match the closed forms in docs/distributed.md."""
+    from _distributed_worker import B, D, H, L
+
+    local = B * H * (L // WORLD) * D * 4  # one float32 tensor shard
+    for rank in ranks:
+        ring, heads = rank["traffic/ring"], rank["traffic/heads"]
+        assert ring["ring"] == (WORLD - 1) * 2 * local  # K and V, world-1 steps
+        assert heads["all_to_all"] == 4 * local * (WORLD - 1) // WORLD  # q, k, v, out
+        assert "all_to_all" not in ring and "ring" not in heads
+
+
+def test_rank_mismatch_is_an_error_on_every_rank(ranks):
+    for rank in ranks:
+        for fn in ("ring", "heads"):
+            message = rank[f"mismatch/{fn}"]
+            assert "disagree on query length: [8, 10]" in message, message
+        assert "splits the heads over 2 ranks" in rank["heads_not_divisible"]
+
+
+def test_needs_an_initialised_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is already set up in this process")
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(posbias.DistributedError, match="init_process_group"):
+        ring_attention(q, q, q, "alibi")
+
+
+def test_layout_helpers():
+    assert layout_positions(8, 2, "zigzag").tolist() == [0, 1, 6, 7, 2, 3, 4, 5]
+    assert layout_positions(8, 2).tolist() == list(range(8))
+    x = torch.arange(16).reshape(1, 1, 16, 1)
+    pieces = [shard(x, r, 4, "zigzag") for r in range(4)]
+    assert torch.cat(pieces, 2).flatten().tolist() == layout_positions(16, 4, "zigzag").tolist()
+    with pytest.raises(posbias.InvalidArgumentError, match="8 equal chunks"):
+        layout_positions(12, 4, "zigzag")
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Forget compiled flex_attention frames afterwards. torch 2.13's recompilation-reason
+    helper raises IndexError when a later call passes a score_mod whose closure has fewer
+    cells than a cached one with an aliasing guard (a torch bug, not posbias's)."""
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("bias", ["alibi", "t5", "kerple_log"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_shard_score_mod_with_flex_attention(bias, compiled):
+    """Context-parallel FlexAttention: a zigzag query shard against all keys, global positions."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 1, 4, 16, 8)
+    ref = posbias.torch.attention(q, k, v, bias, causal=True)
+    order = layout_positions(16, 2, "zigzag")
+    mine = order[8:]  # rank 1 of 2 holds chunks 1 and 2 of 4
+    q_pos, k_pos = torch.as_tensor(mine), torch.arange(16)
+    mod = shard_score_mod(bias, q_pos, k_pos, num_heads=4)
+
+    def causal(b, h, q_idx, kv_idx):
+        return k_pos[kv_idx] <= q_pos[q_idx]
+
+    mask = create_block_mask(causal, 1, None, 8, 16, device="cpu")
+    attend = torch.compile(flex_attention) if compiled else flex_attention
+    out = attend(q[:, :, mine], k, v, score_mod=mod, block_mask=mask)
+    assert (out - ref[:, :, mine]).abs().max() < 1e-5
+
+
+def test_shard_score_mod_refuses_biases_without_a_difference_table():
+    with pytest.raises(posbias.InvalidArgumentError, match="depends on both positions"):
+        shard_score_mod("fire", torch.arange(4), torch.arange(8), num_heads=4)
