@@ -155,6 +155,13 @@ def _checks(rank: int, world: int, results: dict) -> None:
             results[f"mismatch/{fname}"] = "no error"
         except posbias.DistributedError as e:
             results[f"mismatch/{fname}"] = str(e)
+    local = [shard(t, rank, world) for t in (q, k, v)]
+    local[0].requires_grad_(rank == 1)  # only rank 1 would run a backward pass
+    try:
+        ring_attention(*local, "alibi")
+        results["grad_mismatch"] = "no error"
+    except posbias.DistributedError as e:
+        results["grad_mismatch"] = str(e)
     q3 = torch.randn(B, 3, L // world, D)
     try:
         head_parallel_attention(q3, q3, q3, "alibi")

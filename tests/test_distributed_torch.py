@@ -119,6 +119,7 @@ def test_rank_mismatch_is_an_error_on_every_rank(ranks):
             message = rank[f"mismatch/{fn}"]
             assert "disagree on query length: [8, 10]" in message, message
         assert "splits the heads over 2 ranks" in rank["heads_not_divisible"]
+        assert "inputs that require grad (q, k, v bits): [0, 4]" in rank["grad_mismatch"]
 
 
 def test_needs_an_initialised_process_group():

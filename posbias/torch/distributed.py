@@ -195,6 +195,9 @@ def _facts(q, k, v, causal, order, q_pos, segment_ids) -> dict[str, Any]:
         "order": _ring.ORDERS.index(order),
         "explicit positions": q_pos is not None,
         "segment_ids": segment_ids is not None,
+        # a backward pass exchanges too: every rank must run it, or one waits forever
+        "inputs that require grad (q, k, v bits)": torch.is_grad_enabled()
+        * (4 * q.requires_grad + 2 * k.requires_grad + v.requires_grad),
     }
 
 
