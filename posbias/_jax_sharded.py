@@ -50,6 +50,7 @@ def sharded_attention(
     k_pos: Any = None,
     segment_ids: Any = None,
     scale: float | None = None,
+    checkpoint_tiles: bool = True,
 ) -> jax.Array:
     """Attention with an additive bias over a device mesh; layout ``(B, L, H, D)``.
 
@@ -80,6 +81,9 @@ def sharded_attention(
             (sharded like the sequence): queries see keys of their own document
             only. Give per-document positions as ``q_pos``/``k_pos`` for the bias.
         scale: score scale; default ``1/√D``.
+        checkpoint_tiles: recompute each tile in the backward pass
+            (``jax.checkpoint``) instead of keeping its scores: less memory,
+            about one extra forward of compute. Off: faster backward.
 
     Returns:
         ``(B, Lq, H, D)`` in ``q``'s dtype, sharded like ``q``.
@@ -166,6 +170,7 @@ def sharded_attention(
         scale=float(q.shape[-1]) ** -0.5 if scale is None else float(scale),
         compute=compute,
         decode=decode,
+        checkpoint_tiles=bool(checkpoint_tiles),
     )
     seq = P(None, None if decode else seq_axis, head_axis, None)
     kv = P(None, seq_axis, head_axis, None)
@@ -211,7 +216,7 @@ def _device_attention(plan: _Plan, q, k, v, params, q_pos=None, k_pos=None, segm
     axes = tuple(a for a in (plan.seq_axis, plan.head_axis) if a is not None)
     if axes:
         params = jax.tree.map(lambda x: _varying(x, axes), params)
-    tile = functools.partial(
+    base = functools.partial(
         _partial.tile,
         xp,
         scale=plan.scale,
@@ -219,6 +224,16 @@ def _device_attention(plan: _Plan, q, k, v, params, q_pos=None, k_pos=None, segm
         compute=plan.compute,
         kv_group=plan.group,
     )
+
+    def tile(q, k, v, *, q_pos, k_pos, causal, visible=None):
+        def fn(q, k, v, q_pos, k_pos, visible):
+            return base(q, k, v, q_pos=q_pos, k_pos=k_pos, causal=causal, visible=visible)
+
+        # recompute each tile's scores in the backward pass instead of keeping them:
+        # residuals are then O(L_local · D) per step, not O(L_local²)
+        fn = jax.checkpoint(fn) if plan.checkpoint_tiles else fn
+        return fn(q, k, v, q_pos, k_pos, visible)
+
     if plan.decode:
         out = _merge_over_devices(plan, tile(q, k, v, q_pos=q_pos, k_pos=k_pos, causal=plan.causal))
     elif q_pos is not None:

@@ -111,6 +111,16 @@ def _checks(rank: int, world: int, results: dict) -> None:
                          q_pos=mine, k_pos=mine)  # fmt: skip
     results["packed/ring"] = err(out, shard(ref, rank, world))
 
+    # decoding: the same new tokens on every rank, the KV cache sharded by sequence
+    q, k, v = data()
+    for q_len in (1, 3):
+        for bname in ("alibi", "t5"):
+            for order in ("contiguous", "zigzag"):
+                ref = pt.attention(q[:, :, -q_len:], k, v, bname, causal=True)
+                cache = [shard(t, rank, world, order) for t in (k, v)]
+                out = ring_attention(q[:, :, -q_len:], *cache, bname, causal=True, order=order)
+                results[f"decode/{q_len}/{bname}/{order}"] = err(out, ref)
+
     # gradients of q, k, v and of the learnable bias (all-reduced over ranks)
     for fname, fn in fns.items():
         for order in ("contiguous", "zigzag"):

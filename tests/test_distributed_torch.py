@@ -93,7 +93,14 @@ def test_gradients_equal_single_device(ranks, key):
 
 
 @pytest.mark.parametrize(
-    "key", ["float64/ring", "positions/ring/zigzag", "positions/heads/fire", "packed/ring"]
+    "key",
+    ["float64/ring", "positions/ring/zigzag", "positions/heads/fire", "packed/ring"]
+    + [
+        f"decode/{n}/{b}/{o}"
+        for n in (1, 3)
+        for b in ("alibi", "t5")
+        for o in ("contiguous", "zigzag")
+    ],
 )
 def test_positions_packing_and_float64(ranks, key):
     tol = 1e-12 if key.startswith("float64") else 5e-6

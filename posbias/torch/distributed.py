@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 
 from .. import _attention, _partial, _ring
 from ..backends.torch import TorchBackend
@@ -213,7 +214,7 @@ def _local_positions(pos: Any, batch: int, length: int, name: str, device: Any) 
     return pos.long()
 
 
-def _prepare(q, k, v, group, causal, order, q_pos, k_pos, segment_ids, what):
+def _prepare(q, k, v, group, causal, order, q_pos, k_pos, segment_ids, what, decode=False):
     """Shared checks of both entry points; the ranks agree or all raise."""
     _ring.check_order(order)
     if (q_pos is None) != (k_pos is None):
@@ -222,13 +223,13 @@ def _prepare(q, k, v, group, causal, order, q_pos, k_pos, segment_ids, what):
     batch, heads, kv_heads, q_len, k_len = _attention._check_qkv(xp, q, k, v, "bhld")
     rank, world = _group_info(group)
     _agree(group, what, _facts(q, k, v, causal, order, q_pos, segment_ids), q.device)
-    if q_len != k_len:
+    if q_len != k_len and not decode:
         raise InvalidArgumentError(
             f"{what} needs query and key shards of the same length, got {q_len} and {k_len}."
         )
-    if order == "zigzag" and q_len % 2:
+    if order == "zigzag" and k_len % 2:
         raise InvalidArgumentError(
-            f"order='zigzag' needs an even shard length (two chunks per rank), got {q_len}."
+            f"order='zigzag' needs an even shard length (two chunks per rank), got {k_len}."
         )
     return rank, world, batch, heads, kv_heads, q_len
 
@@ -246,6 +247,7 @@ def ring_attention(
     k_pos: Any = None,
     segment_ids: Any = None,
     scale: float | None = None,
+    checkpoint_tiles: bool = True,
 ) -> torch.Tensor:
     """Sequence-parallel (ring) attention with an additive bias; layout ``(B, H, L, D)``.
 
@@ -255,8 +257,13 @@ def ring_attention(
     rounding), and it is differentiable.
 
     Args:
-        q: ``(B, H, L_local, D)`` this rank's queries.
-        k: ``(B, H_kv, L_local, D)`` this rank's keys.
+        q: ``(B, H, L_local, D)`` this rank's queries. With fewer queries than
+            keys (decoding against a sequence-sharded KV cache) ``q`` holds the
+            *same* new tokens on every rank; each rank attends to its cache
+            block and three all-reduces over ``(B, H, Lq)`` statistics and the
+            ``(B, H, Lq, D)`` output merge the results. The queries sit
+            bottom-right of the whole cache unless ``q_pos`` is given.
+        k: ``(B, H_kv, L_local, D)`` this rank's keys (its cache block when decoding).
         v: ``(B, H_kv, L_local, D)`` this rank's values.
         bias: registered name, ``BiasSpec``, ``posbias.torch.PositionalBias`` or None.
         group: the process group (default: the world).
@@ -271,6 +278,10 @@ def ring_attention(
         segment_ids: ``(B, L_local)`` document ids of this rank's tokens: queries
             see keys of their own document only.
         scale: score scale; default ``1/√D``.
+        checkpoint_tiles: with autograd on, recompute each tile's scores in the
+            backward pass (``torch.utils.checkpoint``) instead of keeping them:
+            activation memory O(L_local·D) per step instead of O(L_local²),
+            for about one extra forward of compute.
 
     Returns:
         ``(B, H, L_local, D)`` in ``q``'s dtype.
@@ -286,8 +297,14 @@ def ring_attention(
         local = [shard(t, rank, world, "zigzag") for t in (q, k, v)]
         out = ring_attention(*local, "alibi", causal=True, order="zigzag")
     """
+    decode = q.shape[2] != k.shape[2]
+    if decode and segment_ids is not None:
+        raise InvalidArgumentError(
+            "segment_ids needs query and key shards of the same length (packed training "
+            "sequences); for decoding pass q_pos/k_pos."
+        )
     rank, world, _, heads, _, _ = _prepare(
-        q, k, v, group, causal, order, q_pos, k_pos, segment_ids, "ring_attention"
+        q, k, v, group, causal, order, q_pos, k_pos, segment_ids, "ring_attention", decode
     )
     xp = TorchBackend(q.device)
     compute = "float64" if q.dtype == torch.float64 else "float32"
@@ -296,11 +313,19 @@ def ring_attention(
     group_size = q.shape[1] // k.shape[1]  # K/V travel un-repeated; tiles repeat them
 
     def tile(qs, ks, vs, qp, kp, diagonal, visible=None):
-        return _partial.tile(
-            xp, qs, ks, vs, scale=scale, bias_fn=bias_fn, q_pos=qp, k_pos=kp,
-            causal=diagonal, compute=compute, visible=visible, kv_group=group_size,
-        )  # fmt: skip
+        def fn(qs, ks, vs):
+            return _partial.tile(
+                xp, qs, ks, vs, scale=scale, bias_fn=bias_fn, q_pos=qp, k_pos=kp,
+                causal=diagonal, compute=compute, visible=visible, kv_group=group_size,
+            )  # fmt: skip
 
+        if checkpoint_tiles and torch.is_grad_enabled():
+            # keep only the tile's inputs; its scores are recomputed in the backward pass
+            return torch.utils.checkpoint.checkpoint(fn, qs, ks, vs, use_reentrant=False)
+        return fn(qs, ks, vs)
+
+    if decode:
+        return _decode(q, k, v, tile, causal, order, q_pos, k_pos, group).to(q.dtype)
     kv = torch.stack([k, v])
     if q_pos is not None or segment_ids is not None:
         out = _ring_explicit(q, kv, q_pos, k_pos, segment_ids, tile, causal, order, group)
@@ -336,6 +361,33 @@ def _ring_explicit(q, kv, q_pos, k_pos, segment_ids, tile, causal, order, group)
             if k_seg is not None:
                 k_seg = _shift(k_seg.contiguous(), group, 1)
     return acc[0]
+
+
+def _decode(q, k, v, tile, causal, order, q_pos, k_pos, group):
+    """Replicated queries against a sequence-sharded KV cache: local tile, merged by all-reduce."""
+    from torch.distributed.nn import functional as collective  # all_reduce with autograd
+
+    rank, world = _group_info(group)
+    batch, _, q_len, _ = q.shape
+    k_len = k.shape[2]
+    if q_pos is None:  # keys from the layout, queries bottom-right of the whole cache
+        total = k_len * world
+        k_pos = layout_positions(total, world, order)[rank * k_len : (rank + 1) * k_len]
+        q_pos = np.arange(q_len) + (total - q_len)
+        if causal and q_len > total:
+            raise InvalidArgumentError(
+                f"causal=True with more queries than keys ({q_len} > {total}); pass q_pos."
+            )
+    q_pos = _local_positions(q_pos, batch, q_len, "q_pos", q.device)
+    k_pos = _local_positions(k_pos, batch, k_len, "k_pos", q.device)
+    out, lse = tile(q, k, v, q_pos, k_pos, causal)
+    top = lse.detach().clone()  # a shift: the result does not depend on it
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    weight = torch.exp(lse - top)
+    total_weight = collective.all_reduce(weight, group=group)  # >= 1 on every row
+    merged = collective.all_reduce(out * weight[..., None], group=group)
+    _count("decode", (top.numel() * 2 + merged.numel()) * top.element_size())
+    return merged / total_weight[..., None]
 
 
 def tile_dtype(q: torch.Tensor) -> str:
