@@ -10,27 +10,18 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from posbias.jax import sharded_attention
+from posbias.comm import backward_temp_bytes
 
-H, D = 8, 64
 mesh = Mesh(np.array(jax.devices()[:4]), ("seq",))
 print("| L | checkpointed | kept | ratio |\n|---|---|---|---|")
 for length in (1024, 2048, 4096):
-    shape = jax.ShapeDtypeStruct((1, length, H, D), jnp.float32)
-    temp = {}
-    for checkpoint_tiles in (True, False):
-
-        def loss(q, k, v, checkpoint_tiles=checkpoint_tiles):
-            out = sharded_attention(q, k, v, "alibi", mesh=mesh, seq_axis="seq", causal=True,
-                                    order="zigzag", checkpoint_tiles=checkpoint_tiles)  # fmt: skip
-            return jnp.sum(out**2)
-
-        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(shape, shape, shape).compile()
-        temp[checkpoint_tiles] = compiled.memory_analysis().temp_size_in_bytes
+    temp = {
+        flag: backward_temp_bytes(mesh, length, heads=8, dim=64, checkpoint_tiles=flag)
+        for flag in (True, False)
+    }
     print(
         f"| {length} | {temp[True] / 2**20:.0f} MiB | {temp[False] / 2**20:.0f} MiB "
         f"| {temp[False] / temp[True]:.1f}× |"

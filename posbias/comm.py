@@ -1,4 +1,4 @@
-"""Communication volume of distributed attention with a bias: bytes, not seconds.
+"""Costs of distributed attention with a bias in bytes, not seconds: communication and memory.
 
 ``posbias comm`` compares, per device and per attention call (forward), the
 bytes each layout sends with the naive approach of all-gathering the full
@@ -13,7 +13,8 @@ bytes each layout sends with the naive approach of all-gathering the full
 * **naive**: every device receives the ``(n-1)/n`` of the float32 bias and of
   K/V it does not hold.
 
-The PyTorch functions count the bytes they send
+:func:`backward_temp_bytes` reads XLA's temp memory for the backward pass
+(``benchmarks/ring_backward_memory.py``). The PyTorch functions count the bytes they send
 (:func:`posbias.torch.distributed.traffic`); tests/test_distributed_torch.py
 checks those counts against the same closed forms.
 """
@@ -24,6 +25,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Sequence
+from typing import Any
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -122,6 +124,31 @@ def measure_jax_ring(
 
     hlo = jax.jit(fn).lower(q, kv, kv).compile().as_text()
     return hlo_permute_bytes(hlo)
+
+
+def backward_temp_bytes(
+    mesh: Any, length: int, *, heads: int, dim: int, checkpoint_tiles: bool
+) -> int:
+    """XLA temp bytes of ``jit(grad(sum(out²)))`` for causal zigzag ALiBi ring attention.
+
+    Compiles only. ``mesh`` is a one-axis mesh named ``"seq"``.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from .jax import sharded_attention
+
+    shape = jax.ShapeDtypeStruct((1, length, heads, dim), jnp.float32)
+
+    def loss(q, k, v):
+        out = sharded_attention(
+            q, k, v, "alibi", mesh=mesh, seq_axis="seq", causal=True, order="zigzag",
+            checkpoint_tiles=checkpoint_tiles,
+        )  # fmt: skip
+        return jnp.sum(out**2)
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(shape, shape, shape).compile()
+    return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
 def report(

@@ -251,16 +251,11 @@ def test_explicit_sharding_mesh_and_zigzag_helpers(devices):
 
 def test_checkpointed_tiles_need_less_backward_memory(meshes):
     """checkpoint_tiles recomputes scores in the backward pass: less XLA temp memory."""
+    from posbias.comm import backward_temp_bytes
+
     mesh, _, _ = meshes["seq4"]
-    shape = jax.ShapeDtypeStruct((1, 512, 4, 32), jnp.float32)
-    temp = {}
-    for checkpoint_tiles in (True, False):
-
-        def loss(q, k, v, checkpoint_tiles=checkpoint_tiles):
-            out = sharded_attention(q, k, v, "alibi", mesh=mesh, seq_axis="seq", causal=True,
-                                    order="zigzag", checkpoint_tiles=checkpoint_tiles)  # fmt: skip
-            return jnp.sum(out**2)
-
-        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(shape, shape, shape).compile()
-        temp[checkpoint_tiles] = compiled.memory_analysis().temp_size_in_bytes
+    temp = {
+        flag: backward_temp_bytes(mesh, 512, heads=4, dim=32, checkpoint_tiles=flag)
+        for flag in (True, False)
+    }
     assert temp[True] < 0.75 * temp[False], temp
