@@ -49,6 +49,7 @@ def sharded_attention(
     q_pos: Any = None,
     k_pos: Any = None,
     segment_ids: Any = None,
+    key_padding_mask: Any = None,
     scale: float | None = None,
     checkpoint_tiles: bool = True,
 ) -> jax.Array:
@@ -80,6 +81,10 @@ def sharded_attention(
         segment_ids: ``(B, L)`` integer document ids of packed sequences
             (sharded like the sequence): queries see keys of their own document
             only. Give per-document positions as ``q_pos``/``k_pos`` for the bias.
+        key_padding_mask: ``(B, Lk)`` bool, True for real keys (sharded like the
+            keys): padded keys, or the empty slots of a KV cache, are hidden.
+            Bias positions stay those of ``order`` (or ``q_pos``/``k_pos``; for
+            left padding pass ``cumsum(mask) - 1`` of the global mask).
         scale: score scale; default ``1/√D``.
         checkpoint_tiles: recompute each tile in the backward pass
             (``jax.checkpoint``) instead of keeping its scores: less memory,
@@ -124,17 +129,21 @@ def sharded_attention(
     if (q_pos is None) != (k_pos is None):
         raise InvalidArgumentError("give both q_pos and k_pos, or neither.")
     decode = q_len != k_len
-    explicit = q_pos is not None or decode or segment_ids is not None
+    given_positions = q_pos is not None
+    masks = {}
     if segment_ids is not None:
         if decode:
             raise InvalidArgumentError(
                 "segment_ids needs queries and keys of the same length (packed training "
                 "sequences); for decoding pass q_pos/k_pos."
             )
-        segment_ids = _check_positions("segment_ids", segment_ids, batch, k_len, batched=True)
-        if q_pos is None:
-            q_pos = k_pos = _ring.layout_positions(k_len, seq_n, order)
-    if q_pos is not None and segment_ids is None and order != "contiguous":
+        masks["segments"] = _check_positions("segment_ids", segment_ids, batch, k_len, batched=True)
+    if key_padding_mask is not None:
+        masks["real"] = _check_mask(key_padding_mask, batch, k_len)
+    explicit = given_positions or decode or bool(masks)
+    if masks and not decode and q_pos is None:
+        q_pos = k_pos = _ring.layout_positions(k_len, seq_n, order)
+    if given_positions and order != "contiguous":
         raise InvalidArgumentError(
             "explicit q_pos/k_pos already say where every token sits; leave order='contiguous'."
         )
@@ -174,18 +183,18 @@ def sharded_attention(
     )
     seq = P(None, None if decode else seq_axis, head_axis, None)
     kv = P(None, seq_axis, head_axis, None)
-    args, specs = [q, k, v, params], [seq, kv, kv, P()]
+    mask_specs = {name: P(None, seq_axis) for name in masks}
     if explicit:
-        for pos, sharded in ((q_pos, not decode), (k_pos, True)):
-            args.append(pos)
+        for name, pos, sharded in (("q_pos", q_pos, not decode), ("k_pos", k_pos, True)):
+            masks[name] = pos
             axis = seq_axis if sharded else None
-            specs.append(P(axis) if pos.ndim == 1 else P(None, axis))
-    if segment_ids is not None:
-        args.append(segment_ids)
-        specs.append(P(None, seq_axis))
+            mask_specs[name] = P(axis) if pos.ndim == 1 else P(None, axis)
+    args, specs = [q, k, v, params, masks], [seq, kv, kv, P(), mask_specs]
     if _explicit(mesh):  # explicit-sharding meshes (jax.make_mesh's default) do not reshard
         args = [
-            jax.tree.map(lambda x, spec=spec: jax.reshard(x, NamedSharding(mesh, spec)), arg)
+            jax.tree.map(lambda x, s: jax.reshard(x, NamedSharding(mesh, s)), arg, spec)
+            if isinstance(spec, dict)
+            else jax.tree.map(lambda x, s=spec: jax.reshard(x, NamedSharding(mesh, s)), arg)
             for arg, spec in zip(args, specs, strict=True)
         ]
     body = functools.partial(_device_attention, plan)
@@ -205,8 +214,12 @@ class _Plan:
         self.__dict__.update(facts)
 
 
-def _device_attention(plan: _Plan, q, k, v, params, q_pos=None, k_pos=None, segments=None):
-    """One device's share: ``(B, Lq_local, H_local, D)`` in, the same out."""
+def _device_attention(plan: _Plan, q, k, v, params, masks):
+    """One device's share: ``(B, Lq_local, H_local, D)`` in, the same out.
+
+    ``masks`` holds what this device has of ``q_pos``, ``k_pos``, ``segments``
+    and ``real`` (the key padding mask), where given.
+    """
     xp = JaxBackend()
     in_dtype = q.dtype
     q, k, v = (einops.rearrange(t, "b l h d -> b h l d") for t in (q, k, v))
@@ -235,9 +248,12 @@ def _device_attention(plan: _Plan, q, k, v, params, q_pos=None, k_pos=None, segm
         return fn(q, k, v, q_pos, k_pos, visible)
 
     if plan.decode:
-        out = _merge_over_devices(plan, tile(q, k, v, q_pos=q_pos, k_pos=k_pos, causal=plan.causal))
-    elif q_pos is not None:
-        out = _ring_explicit(plan, tile, q, k, v, q_pos, k_pos, segments)
+        visible = _partial.key_visibility(None, None, masks.get("real"))
+        part = tile(q, k, v, q_pos=masks["q_pos"], k_pos=masks["k_pos"], causal=plan.causal,
+                    visible=visible)  # fmt: skip
+        out = _merge_over_devices(plan, part)
+    elif masks:
+        out = _ring_explicit(plan, tile, q, k, v, masks)
     else:
         out = _ring_layout(plan, tile, q, k, v)
     return einops.rearrange(out.astype(in_dtype), "b h l d -> b l h d")
@@ -278,17 +294,19 @@ def _raw(x: Any, like: Any = None) -> Any:
     return lax.bitcast_convert_type(x, like.dtype) if x.dtype != like.dtype else x
 
 
-def _ring_explicit(plan: _Plan, tile, q, k, v, q_pos, k_pos, segments=None):
+def _ring_explicit(plan: _Plan, tile, q, k, v, masks):
     """Ring over key blocks with explicit positions: every tile is computed and masked."""
     xp = JaxBackend()
     acc = _partial.empty(xp, q.shape[0], q.shape[1], q.shape[2], q.shape[3], plan.compute)
-    k_seg = segments
+    q_pos, q_seg = masks["q_pos"], masks.get("segments")
+    keys = (k, v, masks["k_pos"], q_seg, masks.get("real"))  # travel together
     for step in range(plan.seq_n):
-        same = None if segments is None else segments[:, :, None] == k_seg[:, None, :]
-        part = tile(q, k, v, q_pos=q_pos, k_pos=k_pos, causal=plan.causal, visible=same)
+        k, v, k_pos, k_seg, k_real = keys
+        visible = _partial.key_visibility(q_seg, k_seg, k_real)
+        part = tile(q, k, v, q_pos=q_pos, k_pos=k_pos, causal=plan.causal, visible=visible)
         acc = _partial.merge(xp, acc, part)
         if step < plan.seq_n - 1:
-            k, v, k_pos, k_seg = _shift(plan, (k, v, k_pos, k_seg))
+            keys = _shift(plan, keys)
     return acc[0]
 
 
@@ -375,6 +393,20 @@ def _check_mesh(mesh: Any, seq_axis: Any, head_axis: Any) -> tuple[int, int]:
             "different mesh axes."
         )
     return sizes[0], sizes[1]
+
+
+def _check_mask(mask: Any, batch: int, length: int) -> jax.Array:
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise InvalidTypeError(
+            f"key_padding_mask must be boolean (True for real tokens), got dtype {mask.dtype}; "
+            "convert with mask.astype(bool)."
+        )
+    if mask.shape != (batch, length):
+        raise InvalidArgumentError(
+            f"key_padding_mask must have shape (B, Lk) = ({batch}, {length}), got {mask.shape}."
+        )
+    return mask
 
 
 def _check_positions(

@@ -80,6 +80,21 @@ def visible_by_position(q_pos: Any, k_pos: Any) -> Any:
     return k_pos[..., None, :] <= q_pos[..., :, None]
 
 
+def key_visibility(q_segment: Any, k_segment: Any, k_real: Any) -> Any:
+    """``(B, Lq, Lk)`` bool from segment ids and a key padding mask, or None for neither.
+
+    ``q_segment`` ``(B, Lq)`` and ``k_segment`` ``(B, Lk)``: a query sees keys of
+    its own segment; ``k_real`` ``(B, Lk)``: True for real (not padded) keys.
+    """
+    visible = None
+    if q_segment is not None:
+        visible = q_segment[:, :, None] == k_segment[:, None, :]
+    if k_real is not None:
+        real = k_real[:, None, :]
+        visible = real if visible is None else visible & real
+    return visible
+
+
 def tile(
     xp,
     q: Any,

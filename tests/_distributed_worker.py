@@ -121,6 +121,28 @@ def _checks(rank: int, world: int, results: dict) -> None:
                 out = ring_attention(q[:, :, -q_len:], *cache, bname, causal=True, order=order)
                 results[f"decode/{q_len}/{bname}/{order}"] = err(out, ref)
 
+    # key padding: a right-padded batch (bidirectional) and a KV cache with empty slots
+    q, k, v = data()
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, -5:] = False
+    pos = torch.arange(L)
+    for order in ("contiguous", "zigzag"):
+        ref = pt.attention(q, k, v, "alibi", key_padding_mask=mask, q_pos=pos, k_pos=pos)
+        local = [shard(t, rank, world, order) for t in (q, k, v)]
+        out = ring_attention(*local, "alibi", order=order,
+                             key_padding_mask=shard(mask, rank, world, order, dim=1))  # fmt: skip
+        results[f"padding/ring/{order}"] = err(out, shard(ref, rank, world, order))
+    valid = torch.ones(B, L, dtype=torch.bool)
+    valid[:, 11:] = False  # 11 cached tokens; the new one sits at position 11
+    ref = pt.attention(q[:, :, :1], k, v, "t5", causal=True, key_padding_mask=valid,
+                       q_pos=torch.tensor([11]), k_pos=pos, q_offset=11)  # fmt: skip
+    cache = [shard(t, rank, world) for t in (k, v)]
+    mine = dict(
+        key_padding_mask=shard(valid, rank, world, dim=1), k_pos=shard(pos, rank, world, dim=0)
+    )
+    out = ring_attention(q[:, :, :1], *cache, "t5", causal=True, q_pos=torch.tensor([11]), **mine)
+    results["padding/decode"] = err(out, ref)
+
     # gradients of q, k, v and of the learnable bias (all-reduced over ranks)
     for fname, fn in fns.items():
         for order in ("contiguous", "zigzag"):

@@ -259,3 +259,33 @@ def test_checkpointed_tiles_need_less_backward_memory(meshes):
         for flag in (True, False)
     }
     assert temp[True] < 0.75 * temp[False], temp
+
+
+@pytest.mark.parametrize("layout", ["seq4", "zigzag4", "seq2xhead2"])
+def test_key_padding_mask(meshes, layout):
+    """Right-padded batch (bidirectional): padded keys hidden, positions from the layout."""
+    q, k, v = qkv(kv_heads=2)
+    mask = np.ones((B, L), bool)
+    mask[0, -5:] = False
+    pos = np.arange(L)
+    ref = attention(q, k, v, "alibi", key_padding_mask=mask, q_pos=pos, k_pos=pos)
+    if layout == "zigzag4":
+        out = run("seq4", meshes, *(zigzag(t, 4) for t in (q, k, v)), "alibi",
+                  key_padding_mask=zigzag(jnp.asarray(mask), 4), order="zigzag")  # fmt: skip
+        out = unzigzag(out, 4)
+    else:
+        out = run(layout, meshes, q, k, v, "alibi", key_padding_mask=mask)
+    assert err(out, ref) < TOL
+
+
+def test_decoding_with_empty_cache_slots(meshes):
+    """A sharded KV cache whose last slots are not filled yet (valid mask), explicit positions."""
+    q, k, v = qkv()
+    valid = np.ones((B, L), bool)
+    valid[:, 11:] = False  # 11 tokens cached; the new token sits at position 11
+    q_new, q_pos, k_pos = q[:, :1], np.array([11]), np.arange(L)
+    ref = attention(q_new, k, v, "t5", causal=True, key_padding_mask=valid, q_pos=q_pos,
+                    k_pos=k_pos, q_offset=11)  # fmt: skip
+    out = run("seq2xhead2", meshes, q_new, k, v, "t5", causal=True, key_padding_mask=valid,
+              q_pos=q_pos, k_pos=k_pos)  # fmt: skip
+    assert err(out, ref) < TOL

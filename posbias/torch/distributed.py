@@ -181,7 +181,7 @@ def _agree(group: Any, what: str, facts: dict[str, Any], device: Any) -> None:
             )
 
 
-def _facts(q, k, v, causal, order, q_pos, segment_ids) -> dict[str, Any]:
+def _facts(q, k, v, causal, order, q_pos, segment_ids, real=None) -> dict[str, Any]:
     dtype = TorchBackend().dtype_name(q.dtype)
     return {
         "batch": q.shape[0],
@@ -196,6 +196,7 @@ def _facts(q, k, v, causal, order, q_pos, segment_ids) -> dict[str, Any]:
         "order": _ring.ORDERS.index(order),
         "explicit positions": q_pos is not None,
         "segment_ids": segment_ids is not None,
+        "key_padding_mask": real is not None,
         # a backward pass exchanges too: every rank must run it, or one waits forever
         "inputs that require grad (q, k, v bits)": torch.is_grad_enabled()
         * (4 * q.requires_grad + 2 * k.requires_grad + v.requires_grad),
@@ -214,7 +215,9 @@ def _local_positions(pos: Any, batch: int, length: int, name: str, device: Any) 
     return pos.long()
 
 
-def _prepare(q, k, v, group, causal, order, q_pos, k_pos, segment_ids, what, decode=False):
+def _prepare(
+    q, k, v, group, causal, order, q_pos, k_pos, segment_ids, what, decode=False, real=None
+):
     """Shared checks of both entry points; the ranks agree or all raise."""
     _ring.check_order(order)
     if (q_pos is None) != (k_pos is None):
@@ -222,7 +225,7 @@ def _prepare(q, k, v, group, causal, order, q_pos, k_pos, segment_ids, what, dec
     xp = TorchBackend(q.device)
     batch, heads, kv_heads, q_len, k_len = _attention._check_qkv(xp, q, k, v, "bhld")
     rank, world = _group_info(group)
-    _agree(group, what, _facts(q, k, v, causal, order, q_pos, segment_ids), q.device)
+    _agree(group, what, _facts(q, k, v, causal, order, q_pos, segment_ids, real), q.device)
     if q_len != k_len and not decode:
         raise InvalidArgumentError(
             f"{what} needs query and key shards of the same length, got {q_len} and {k_len}."
@@ -246,6 +249,7 @@ def ring_attention(
     q_pos: Any = None,
     k_pos: Any = None,
     segment_ids: Any = None,
+    key_padding_mask: Any = None,
     scale: float | None = None,
     checkpoint_tiles: bool = True,
 ) -> torch.Tensor:
@@ -277,6 +281,9 @@ def ring_attention(
         k_pos: the same for this rank's keys (travels with them around the ring).
         segment_ids: ``(B, L_local)`` document ids of this rank's tokens: queries
             see keys of their own document only.
+        key_padding_mask: ``(B, L_local)`` bool, True for this rank's real keys
+            (padding, or the empty slots of a KV cache block, are hidden). Bias
+            positions stay those of ``order`` or ``q_pos``/``k_pos``.
         scale: score scale; default ``1/√D``.
         checkpoint_tiles: with autograd on, recompute each tile's scores in the
             backward pass (``torch.utils.checkpoint``) instead of keeping them:
@@ -303,9 +310,19 @@ def ring_attention(
             "segment_ids needs query and key shards of the same length (packed training "
             "sequences); for decoding pass q_pos/k_pos."
         )
-    rank, world, _, heads, _, _ = _prepare(
-        q, k, v, group, causal, order, q_pos, k_pos, segment_ids, "ring_attention", decode
-    )
+    rank, world, batch, heads, _, _ = _prepare(
+        q, k, v, group, causal, order, q_pos, k_pos, segment_ids, "ring_attention", decode,
+        key_padding_mask,
+    )  # fmt: skip
+    real = None
+    if key_padding_mask is not None:
+        real = torch.as_tensor(key_padding_mask, device=q.device)
+        if real.dtype != torch.bool or tuple(real.shape) != (batch, k.shape[2]):
+            raise InvalidArgumentError(
+                f"key_padding_mask must be a bool tensor of shape (B, L_local) = "
+                f"({batch}, {k.shape[2]}) (this rank's keys), got {real.dtype} "
+                f"{tuple(real.shape)}."
+            )
     xp = TorchBackend(q.device)
     compute = "float64" if q.dtype == torch.float64 else "float32"
     scale = float(q.shape[-1]) ** -0.5 if scale is None else float(scale)
@@ -325,19 +342,19 @@ def ring_attention(
         return fn(qs, ks, vs)
 
     if decode:
-        return _decode(q, k, v, tile, causal, order, q_pos, k_pos, group).to(q.dtype)
+        return _decode(q, k, v, tile, causal, order, q_pos, k_pos, real, group).to(q.dtype)
     kv = torch.stack([k, v])
-    if q_pos is not None or segment_ids is not None:
-        out = _ring_explicit(q, kv, q_pos, k_pos, segment_ids, tile, causal, order, group)
+    if q_pos is not None or segment_ids is not None or real is not None:
+        out = _ring_explicit(q, kv, q_pos, k_pos, segment_ids, real, tile, causal, order, group)
     else:
         out = _ring_layout(q, kv, tile, causal, order, group, rank, world)
     return out.to(q.dtype)
 
 
-def _ring_explicit(q, kv, q_pos, k_pos, segment_ids, tile, causal, order, group):
+def _ring_explicit(q, kv, q_pos, k_pos, segment_ids, real, tile, causal, order, group):
     rank, world = _group_info(group)
     batch, heads, length, dim = q.shape
-    if q_pos is None:  # segment ids with positions from the layout
+    if q_pos is None:  # masks with positions from the layout
         q_pos = k_pos = torch.as_tensor(
             layout_positions(length * world, world, order)[rank * length : (rank + 1) * length],
             device=q.device,
@@ -352,18 +369,22 @@ def _ring_explicit(q, kv, q_pos, k_pos, segment_ids, tile, causal, order, group)
         k_seg = segment_ids
     xp = TorchBackend(q.device)
     acc = _partial.empty(xp, batch, heads, length, dim, tile_dtype(q))
+    k_real = None if real is None else real.to(torch.uint8)  # gloo sends no bool
     for step in range(world):
-        same = None if k_seg is None else segment_ids[:, :, None] == k_seg[:, None, :]
-        acc = _partial.merge(xp, acc, tile(q, kv[0], kv[1], q_pos, k_pos, causal, same))
+        visible = _partial.key_visibility(
+            segment_ids, k_seg, None if k_real is None else k_real.bool()
+        )
+        acc = _partial.merge(xp, acc, tile(q, kv[0], kv[1], q_pos, k_pos, causal, visible))
         if step < world - 1:
             kv = _RingShift.apply(kv, group, 1)
-            k_pos = _shift(k_pos.contiguous(), group, 1)
-            if k_seg is not None:
-                k_seg = _shift(k_seg.contiguous(), group, 1)
+            k_pos, k_seg, k_real = (
+                None if t is None else _shift(t.contiguous(), group, 1)
+                for t in (k_pos, k_seg, k_real)
+            )
     return acc[0]
 
 
-def _decode(q, k, v, tile, causal, order, q_pos, k_pos, group):
+def _decode(q, k, v, tile, causal, order, q_pos, k_pos, real, group):
     """Replicated queries against a sequence-sharded KV cache: local tile, merged by all-reduce."""
     from torch.distributed.nn import functional as collective  # all_reduce with autograd
 
@@ -380,7 +401,7 @@ def _decode(q, k, v, tile, causal, order, q_pos, k_pos, group):
             )
     q_pos = _local_positions(q_pos, batch, q_len, "q_pos", q.device)
     k_pos = _local_positions(k_pos, batch, k_len, "k_pos", q.device)
-    out, lse = tile(q, k, v, q_pos, k_pos, causal)
+    out, lse = tile(q, k, v, q_pos, k_pos, causal, _partial.key_visibility(None, None, real))
     top = lse.detach().clone()  # a shift: the result does not depend on it
     dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
     weight = torch.exp(lse - top)
