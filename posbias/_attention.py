@@ -87,6 +87,12 @@ def spec_of(bias: Any, num_heads: int) -> BiasSpec | None:
     return spec if isinstance(spec, BiasSpec) else None
 
 
+def module_params(bias: Any) -> dict | None:
+    """The native learnable parameters of a ``PositionalBias`` module, or None otherwise."""
+    native = getattr(bias, "native_params", None)
+    return native() if callable(native) else None
+
+
 def head_bias(bias: Any, num_heads: int, heads: Any, backend: str, params: Any = None) -> Any:
     """``bias_fn(q_pos=, k_pos=, dtype=)`` for the *global* heads ``heads``, or None.
 

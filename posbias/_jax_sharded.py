@@ -164,7 +164,7 @@ def sharded_attention(
     spec = _attention.spec_of(bias, heads)
     if bias is not None:
         _attention.head_bias(bias, heads, None, "jax")  # validates the bias
-    params = {} if bias is None or isinstance(bias, str) else (_module_params(bias) or {})
+    params = {} if bias is None or isinstance(bias, str) else (_attention.module_params(bias) or {})
     compute = "float64" if xp.dtype_name(q.dtype) == "float64" else "float32"
     plan = _Plan(
         spec=spec,
@@ -367,11 +367,6 @@ def _varying(x: Any, axes: tuple[str, ...]) -> Any:
     if hasattr(lax, "pcast"):
         return lax.pcast(x, axes, to="varying")
     return lax.pvary(x, axes)  # jax < 0.8
-
-
-def _module_params(bias: Any) -> dict | None:
-    native = getattr(bias, "native_params", None)
-    return native() if callable(native) else None
 
 
 def _check_mesh(mesh: Any, seq_axis: Any, head_axis: Any) -> tuple[int, int]:

@@ -194,6 +194,13 @@ def _checks(rank: int, world: int, results: dict) -> None:
         results["grad_mismatch"] = "no error"
     except posbias.DistributedError as e:
         results["grad_mismatch"] = str(e)
+    local = [shard(t, rank, world) for t in (q, k, v)]
+    bad = torch.arange(L // world + (rank == 1))  # rank 1's q_pos has one entry too many
+    try:
+        ring_attention(*local, "alibi", causal=True, q_pos=bad, k_pos=bad)
+        results["bad_local_input"] = "no error"
+    except posbias.PosBiasError as e:
+        results["bad_local_input"] = f"{type(e).__name__}: {e}"
     q3 = torch.randn(B, 3, L // world, D)
     try:
         head_parallel_attention(q3, q3, q3, "alibi")

@@ -128,6 +128,10 @@ def test_rank_mismatch_is_an_error_on_every_rank(ranks):
             assert "disagree on query length: [8, 10]" in message, message
         assert "splits the heads over 2 ranks" in rank["heads_not_divisible"]
         assert "inputs that require grad (q, k, v bits): [0, 4]" in rank["grad_mismatch"]
+    # bad input on one rank only: that rank's own error there, DistributedError elsewhere
+    assert ranks[1]["bad_local_input"].startswith("InvalidArgumentError: q_pos must have shape")
+    assert ranks[0]["bad_local_input"].startswith("DistributedError: ring_attention: the ranks")
+    assert "inputs valid (0: this rank raised its own error): [1, 0]" in ranks[0]["bad_local_input"]
 
 
 def test_needs_an_initialised_process_group():

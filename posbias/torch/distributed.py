@@ -39,7 +39,7 @@ import torch.utils.checkpoint
 
 from .. import _attention, _partial, _ring
 from ..backends.torch import TorchBackend
-from ..errors import DistributedError, InvalidArgumentError
+from ..errors import DistributedError, InvalidArgumentError, PosBiasError
 
 __all__ = [
     "head_parallel_attention",
@@ -181,60 +181,95 @@ def _agree(group: Any, what: str, facts: dict[str, Any], device: Any) -> None:
             )
 
 
-def _facts(q, k, v, causal, order, q_pos, segment_ids, real=None) -> dict[str, Any]:
-    dtype = TorchBackend().dtype_name(q.dtype)
+def _facts(valid, q, k, v, causal, order, q_pos, segment_ids, real) -> dict[str, Any]:
+    """What every rank must agree on; the same keys (and count) on every rank, valid or not."""
+
+    def dim(t: Any, i: int) -> int:
+        shape = tuple(getattr(t, "shape", ()))
+        return shape[i] if len(shape) > i else -1
+
+    dtype = TorchBackend().dtype_name(q.dtype) if isinstance(q, torch.Tensor) else None
+    requires = [bool(getattr(t, "requires_grad", False)) for t in (q, k, v)]
     return {
-        "batch": q.shape[0],
-        "heads": q.shape[1],
-        "key/value heads": k.shape[1],
-        "query length": q.shape[2],
-        "key length": k.shape[2],
-        "head dim": q.shape[3],
-        "value length": v.shape[2],
+        "inputs valid (0: this rank raised its own error)": valid,
+        "batch": dim(q, 0),
+        "heads": dim(q, 1),
+        "key/value heads": dim(k, 1),
+        "query length": dim(q, 2),
+        "key length": dim(k, 2),
+        "head dim": dim(q, 3),
+        "value length": dim(v, 2),
         "dtype": _DTYPES.index(dtype) if dtype in _DTYPES else -1,
         "causal": bool(causal),
-        "order": _ring.ORDERS.index(order),
+        "order": _ring.ORDERS.index(order) if order in _ring.ORDERS else -1,
         "explicit positions": q_pos is not None,
         "segment_ids": segment_ids is not None,
         "key_padding_mask": real is not None,
         # a backward pass exchanges too: every rank must run it, or one waits forever
         "inputs that require grad (q, k, v bits)": torch.is_grad_enabled()
-        * (4 * q.requires_grad + 2 * k.requires_grad + v.requires_grad),
+        * (4 * requires[0] + 2 * requires[1] + requires[2]),
     }
 
 
-def _local_positions(pos: Any, batch: int, length: int, name: str, device: Any) -> torch.Tensor:
+def _local_positions(
+    pos: Any, batch: int, length: int, name: str, device: Any, *, batched: bool = False
+) -> torch.Tensor:
     pos = torch.as_tensor(pos, device=device)
     if pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool:
         raise InvalidArgumentError(f"{name} must hold integers, got dtype {pos.dtype}.")
-    if tuple(pos.shape) not in ((length,), (batch, length)):
+    shapes = ((batch, length),) if batched else ((length,), (batch, length))
+    if tuple(pos.shape) not in shapes:
         raise InvalidArgumentError(
-            f"{name} must have shape ({length},) or ({batch}, {length}) (this rank's shard), "
+            f"{name} must have shape {' or '.join(map(str, shapes))} (this rank's shard), "
             f"got {tuple(pos.shape)}."
         )
     return pos.long()
 
 
 def _prepare(
-    q, k, v, group, causal, order, q_pos, k_pos, segment_ids, what, decode=False, real=None
-):
-    """Shared checks of both entry points; the ranks agree or all raise."""
-    _ring.check_order(order)
-    if (q_pos is None) != (k_pos is None):
-        raise InvalidArgumentError("give both q_pos and k_pos, or neither.")
-    xp = TorchBackend(q.device)
-    batch, heads, kv_heads, q_len, k_len = _attention._check_qkv(xp, q, k, v, "bhld")
+    q, k, v, group, causal, order, q_pos, k_pos, segment_ids, what, *, decode=False, real=None,
+    local_checks=None,
+):  # fmt: skip
+    """Check this rank's inputs, then agree with the other ranks before any exchange.
+
+    Every local check runs *before* the handshake and its outcome is one of the
+    agreed facts: a rank with bad input raises its own error, the others a
+    DistributedError, and no rank is left waiting in a later collective.
+    ``local_checks(batch, heads, kv_heads, q_len, k_len, world)`` validates and
+    normalises entry-point-specific inputs; what it returns is returned.
+    """
     rank, world = _group_info(group)
-    _agree(group, what, _facts(q, k, v, causal, order, q_pos, segment_ids, real), q.device)
-    if q_len != k_len and not decode:
-        raise InvalidArgumentError(
-            f"{what} needs query and key shards of the same length, got {q_len} and {k_len}."
-        )
-    if order == "zigzag" and k_len % 2:
-        raise InvalidArgumentError(
-            f"order='zigzag' needs an even shard length (two chunks per rank), got {k_len}."
-        )
-    return rank, world, batch, heads, kv_heads, q_len
+    error, shapes, extra = None, None, None
+    try:
+        _ring.check_order(order)
+        if (q_pos is None) != (k_pos is None):
+            raise InvalidArgumentError("give both q_pos and k_pos, or neither.")
+        xp = TorchBackend(q.device)
+        shapes = _attention._check_qkv(xp, q, k, v, "bhld")
+        batch, heads, kv_heads, q_len, k_len = shapes
+        if q_len != k_len and not decode:
+            raise InvalidArgumentError(
+                f"{what} needs query and key shards of the same length, got {q_len} and {k_len}."
+            )
+        if order == "zigzag" and k_len % 2:
+            raise InvalidArgumentError(
+                f"order='zigzag' needs an even shard length (two chunks per rank), got {k_len}."
+            )
+        if local_checks is not None:
+            extra = local_checks(batch, heads, kv_heads, q_len, k_len, world)
+    except PosBiasError as exc:
+        error = exc
+    device = q.device if isinstance(q, torch.Tensor) else None
+    facts = _facts(error is None, q, k, v, causal, order, q_pos, segment_ids, real)
+    try:
+        _agree(group, what, facts, device)
+    except DistributedError as mismatch:
+        if error is not None:
+            raise error from mismatch
+        raise
+    if error is not None:  # every rank had bad input
+        raise error
+    return (rank, world, *shapes), extra
 
 
 def ring_attention(
@@ -304,27 +339,40 @@ def ring_attention(
         local = [shard(t, rank, world, "zigzag") for t in (q, k, v)]
         out = ring_attention(*local, "alibi", causal=True, order="zigzag")
     """
-    decode = q.shape[2] != k.shape[2]
-    if decode and segment_ids is not None:
-        raise InvalidArgumentError(
-            "segment_ids needs query and key shards of the same length (packed training "
-            "sequences); for decoding pass q_pos/k_pos."
-        )
-    rank, world, batch, heads, _, _ = _prepare(
-        q, k, v, group, causal, order, q_pos, k_pos, segment_ids, "ring_attention", decode,
-        key_padding_mask,
-    )  # fmt: skip
-    real = None
-    if key_padding_mask is not None:
-        real = torch.as_tensor(key_padding_mask, device=q.device)
-        if real.dtype != torch.bool or tuple(real.shape) != (batch, k.shape[2]):
+    decode = isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.ndim == k.ndim == 4
+    decode = decode and q.shape[2] != k.shape[2]
+
+    def local_checks(batch, heads, kv_heads, q_len, k_len, world):
+        if decode and segment_ids is not None:
             raise InvalidArgumentError(
-                f"key_padding_mask must be a bool tensor of shape (B, L_local) = "
-                f"({batch}, {k.shape[2]}) (this rank's keys), got {real.dtype} "
-                f"{tuple(real.shape)}."
+                "segment_ids needs query and key shards of the same length (packed training "
+                "sequences); for decoding pass q_pos/k_pos."
             )
+        masks = {}
+        if q_pos is not None:
+            masks["q_pos"] = _local_positions(q_pos, batch, q_len, "q_pos", q.device)
+            masks["k_pos"] = _local_positions(k_pos, batch, k_len, "k_pos", q.device)
+        if segment_ids is not None:
+            masks["segments"] = _local_positions(
+                segment_ids, batch, k_len, "segment_ids", q.device, batched=True
+            )
+        if key_padding_mask is not None:
+            real = torch.as_tensor(key_padding_mask, device=q.device)
+            if real.dtype != torch.bool or tuple(real.shape) != (batch, k_len):
+                raise InvalidArgumentError(
+                    f"key_padding_mask must be a bool tensor of shape (B, L_local) = "
+                    f"({batch}, {k_len}) (this rank's keys), got {real.dtype} "
+                    f"{tuple(real.shape)}."
+                )
+            masks["real"] = real
+        return masks
+
+    (rank, world, _, heads, *_), masks = _prepare(
+        q, k, v, group, causal, order, q_pos, k_pos, segment_ids, "ring_attention",
+        decode=decode, real=key_padding_mask, local_checks=local_checks,
+    )  # fmt: skip
     xp = TorchBackend(q.device)
-    compute = "float64" if q.dtype == torch.float64 else "float32"
+    compute = _compute_dtype(q)
     scale = float(q.shape[-1]) ** -0.5 if scale is None else float(scale)
     bias_fn = _attention.head_bias(bias, heads, None, "torch")
     group_size = q.shape[1] // k.shape[1]  # K/V travel un-repeated; tiles repeat them
@@ -342,33 +390,30 @@ def ring_attention(
         return fn(qs, ks, vs)
 
     if decode:
-        return _decode(q, k, v, tile, causal, order, q_pos, k_pos, real, group).to(q.dtype)
+        return _decode(q, k, v, tile, causal, order, masks, group).to(q.dtype)
     kv = torch.stack([k, v])
-    if q_pos is not None or segment_ids is not None or real is not None:
-        out = _ring_explicit(q, kv, q_pos, k_pos, segment_ids, real, tile, causal, order, group)
+    if masks:
+        out = _ring_explicit(q, kv, masks, tile, causal, order, group)
     else:
         out = _ring_layout(q, kv, tile, causal, order, group, rank, world)
     return out.to(q.dtype)
 
 
-def _ring_explicit(q, kv, q_pos, k_pos, segment_ids, real, tile, causal, order, group):
+def _ring_explicit(q, kv, masks, tile, causal, order, group):
+    """Ring over key blocks with explicit positions and/or masks: every tile computed, masked."""
     rank, world = _group_info(group)
     batch, heads, length, dim = q.shape
-    if q_pos is None:  # masks with positions from the layout
+    if "q_pos" in masks:
+        q_pos, k_pos = masks["q_pos"], masks["k_pos"]
+    else:  # masks with positions from the layout
         q_pos = k_pos = torch.as_tensor(
             layout_positions(length * world, world, order)[rank * length : (rank + 1) * length],
             device=q.device,
         )
-    q_pos = _local_positions(q_pos, batch, length, "q_pos", q.device)
-    k_pos = _local_positions(k_pos, batch, length, "k_pos", q.device)
-    k_seg = None
-    if segment_ids is not None:
-        segment_ids = _local_positions(segment_ids, batch, length, "segment_ids", q.device)
-        if segment_ids.ndim != 2:
-            raise InvalidArgumentError(f"segment_ids must have shape ({batch}, {length}).")
-        k_seg = segment_ids
+    segment_ids = k_seg = masks.get("segments")
+    real = masks.get("real")
     xp = TorchBackend(q.device)
-    acc = _partial.empty(xp, batch, heads, length, dim, tile_dtype(q))
+    acc = _partial.empty(xp, batch, heads, length, dim, _compute_dtype(q))
     k_real = None if real is None else real.to(torch.uint8)  # gloo sends no bool
     for step in range(world):
         visible = _partial.key_visibility(
@@ -384,13 +429,14 @@ def _ring_explicit(q, kv, q_pos, k_pos, segment_ids, real, tile, causal, order, 
     return acc[0]
 
 
-def _decode(q, k, v, tile, causal, order, q_pos, k_pos, real, group):
+def _decode(q, k, v, tile, causal, order, masks, group):
     """Replicated queries against a sequence-sharded KV cache: local tile, merged by all-reduce."""
     from torch.distributed.nn import functional as collective  # all_reduce with autograd
 
     rank, world = _group_info(group)
     batch, _, q_len, _ = q.shape
     k_len = k.shape[2]
+    q_pos, k_pos = masks.get("q_pos"), masks.get("k_pos")
     if q_pos is None:  # keys from the layout, queries bottom-right of the whole cache
         total = k_len * world
         k_pos = layout_positions(total, world, order)[rank * k_len : (rank + 1) * k_len]
@@ -401,7 +447,8 @@ def _decode(q, k, v, tile, causal, order, q_pos, k_pos, real, group):
             )
     q_pos = _local_positions(q_pos, batch, q_len, "q_pos", q.device)
     k_pos = _local_positions(k_pos, batch, k_len, "k_pos", q.device)
-    out, lse = tile(q, k, v, q_pos, k_pos, causal, _partial.key_visibility(None, None, real))
+    visible = _partial.key_visibility(None, None, masks.get("real"))
+    out, lse = tile(q, k, v, q_pos, k_pos, causal, visible)
     top = lse.detach().clone()  # a shift: the result does not depend on it
     dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
     weight = torch.exp(lse - top)
@@ -411,7 +458,8 @@ def _decode(q, k, v, tile, causal, order, q_pos, k_pos, real, group):
     return merged / total_weight[..., None]
 
 
-def tile_dtype(q: torch.Tensor) -> str:
+def _compute_dtype(q: torch.Tensor) -> str:
+    """Scores and softmax statistics: float64 for float64 inputs, else float32."""
     return "float64" if q.dtype == torch.float64 else "float32"
 
 
@@ -421,7 +469,7 @@ def _ring_layout(q, kv, tile, causal, order, group, rank, world):
     batch, heads, length, dim = q.shape
     size = length // per
     q_ids = _ring.chunk_ids(order, world, rank)
-    acc = [_partial.empty(xp, batch, heads, size, dim, tile_dtype(q))] * per
+    acc = [_partial.empty(xp, batch, heads, size, dim, _compute_dtype(q))] * per
 
     def positions(chunk):
         return torch.arange(chunk * size, (chunk + 1) * size, device=q.device)
@@ -499,19 +547,30 @@ def head_parallel_attention(
     Returns:
         ``(B, H, L_local, D)`` in ``q``'s dtype.
     """
-    rank, world, batch, heads, kv_heads, length = _prepare(
-        q, k, v, group, causal, order, q_pos, k_pos, None, "head_parallel_attention"
-    )
-    for what, count in (("query heads", heads), ("key/value heads", kv_heads)):
-        if count % world:
+
+    def local_checks(batch, heads, kv_heads, q_len, k_len, world):
+        for what, count in (("query heads", heads), ("key/value heads", kv_heads)):
+            if count % world:
+                raise InvalidArgumentError(
+                    f"head_parallel_attention splits the heads over {world} ranks, but there "
+                    f"are {count} {what}; use ring_attention, or a head count divisible by "
+                    f"{world}."
+                )
+        if q_pos is None:
+            return None
+        if order != "contiguous":
             raise InvalidArgumentError(
-                f"head_parallel_attention splits the heads over {world} ranks, but there are "
-                f"{count} {what}; use ring_attention, or a head count divisible by {world}."
+                "explicit q_pos/k_pos are gathered in rank order; leave order='contiguous'."
             )
-    if q_pos is not None and order != "contiguous":
-        raise InvalidArgumentError(
-            "explicit q_pos/k_pos are gathered in rank order; leave order='contiguous'."
+        return tuple(
+            _local_positions(p, batch, q_len, n, q.device)
+            for p, n in ((q_pos, "q_pos"), (k_pos, "k_pos"))
         )
+
+    (rank, world, _, heads, _, length, _), positions = _prepare(
+        q, k, v, group, causal, order, q_pos, k_pos, None, "head_parallel_attention",
+        local_checks=local_checks,
+    )  # fmt: skip
     width = heads // world
     bias_fn = _attention.head_bias(bias, heads, range(rank * width, (rank + 1) * width), "torch")
     # sequence shards -> head shards: (B, H/world, L, D), rank 0's tokens first
@@ -522,11 +581,8 @@ def head_parallel_attention(
             np.argsort(layout_positions(length * world, world, order)), device=q.device
         )
         q, k, v = (t.index_select(2, inverse) for t in (q, k, v))
-    if q_pos is not None:
-        q_pos, k_pos = (
-            _gather_positions(_local_positions(p, batch, length, n, q.device), group)
-            for p, n in ((q_pos, "q_pos"), (k_pos, "k_pos"))
-        )
+    if positions is not None:
+        q_pos, k_pos = (_gather_positions(p, group) for p in positions)
     out = _attention.attend(
         TorchBackend(q.device),
         q,
@@ -593,6 +649,4 @@ def shard_score_mod(bias: Any, q_pos: Any, k_pos: Any, *, num_heads: int | None 
     q_pos, k_pos = (torch.as_tensor(p).to(torch.long, copy=True) for p in (q_pos, k_pos))
     if q_pos.ndim != 1 or k_pos.ndim != 1:
         raise InvalidArgumentError("shard_score_mod takes 1-D q_pos and k_pos position tables.")
-    native = getattr(bias, "native_params", None)
-    params = native() if callable(native) else None
-    return positions_score_mod(spec, q_pos, k_pos, params=params)
+    return positions_score_mod(spec, q_pos, k_pos, params=_attention.module_params(bias))
