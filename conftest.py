@@ -21,7 +21,7 @@ from _pytest.doctest import DoctestItem
 
 _MODULES = {
     "torch": ["posbias/backends/torch.py", "posbias/torch"],
-    "jax": ["posbias/backends/jax.py", "posbias/jax.py", "posbias/_jax_sharded.py"],
+    "jax": ["posbias/backends/jax.py", "posbias/jax"],
     "tensorflow": ["posbias/backends/tensorflow.py", "posbias/tensorflow.py"],
 }
 

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 
 from . import __version__, registry
-from . import _layer_parity as _lp
 from . import backends as _backends
 from . import testing as _testing
 from .errors import PosBiasError
+from .testing import _layers as _lp
 
 
 def _csv(value: str) -> list[str]:

@@ -16,12 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from . import _attention, _layers
+from ._core import dispatch as _dispatch
+from ._core import layers as _layers
+from ._core import problem as _problem
 from .backends.numpy import NumpyBackend
 
 __all__ = ["MultiHeadAttention", "attention"]
 
-_attention_fn = _attention.functional("numpy", "bhld")
+_attention_fn = _dispatch.functional("numpy", "bhld")
 
 
 def attention(q: Any, k: Any, v: Any, bias: Any = None, **kwargs: Any) -> np.ndarray:
@@ -96,7 +98,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
             out = out + self.weights[f"{name}.bias"].astype(np.float64)
         return out
 
-    def init_cache(self, batch_size: int, capacity: int) -> _attention.KVCache:
+    def init_cache(self, batch_size: int, capacity: int) -> _problem.KVCache:
         return _layers.init_cache(NumpyBackend(), self.mha_config, batch_size, capacity, "float64")
 
     def __call__(
@@ -105,7 +107,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
         *,
         key_padding_mask: Any = None,
         segment_ids: Any = None,
-        cache: _attention.KVCache | None = None,
+        cache: _problem.KVCache | None = None,
     ) -> Any:
         return _layers.mha_forward(
             NumpyBackend(),

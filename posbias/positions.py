@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import MAX_POSITION, check_int, is_int
+from ._core.checks import MAX_POSITION, check_int, is_int
 from .backends import Backend
 from .errors import InvalidArgumentError, InvalidTypeError
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._checks import check_finite_float, check_num_heads
+from ._core.checks import check_finite_float, check_num_heads
 from .errors import InvalidArgumentError
 
 __all__ = ["SCHEDULES", "alibi_slopes", "geometric_slopes", "resolve_slopes"]

@@ -18,31 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 
+from . import _evaluate
 from . import backends as _backends
-from . import positions as _positions
-from ._checks import check_heads, check_num_heads
-from .errors import BackendError, ConfigError, InvalidArgumentError, ResourceError
+from ._core.checks import check_num_heads
+from .errors import ConfigError, InvalidArgumentError
 
 __all__ = ["BiasSpec"]
 
 _RESERVED = {"name"}
-
-
-def _physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return None
-
-
-#: Read once at import: a bias larger than the machine's memory is refused.
-_MEMORY_LIMIT = _physical_memory()
 
 
 def _jsonable(value: Any) -> Any:
@@ -246,143 +234,20 @@ class BiasSpec:
             >>> spec.bias(q_len=1, k_len=3).tolist()
             [[[-0.125, -0.0625, 0.0]], [[-0.0078125, -0.00390625, 0.0]]]
         """
-        name = self._resolve_backend(backend, q_pos, k_pos, q_offset, k_offset, params)
-        backend_cls = _backends.load(name)
-        if device is None:
-            for value in (q_pos, k_pos, q_offset, k_offset):
-                if value is not None and _backends.detect(value) == name:
-                    device = backend_cls().device_of(value)
-                    break
-        out_dtype = self._resolve_dtype(backend_cls(device), dtype)
-        xp = backend_cls(device, "float64" if out_dtype == "float64" else "float32")
-        head_index = check_heads(heads, self.num_heads)
-        explicit = (q_pos is not None, k_pos is not None)
-        if self.position_dims == 2:
-            q_pos, k_pos = (
-                _positions.encode_points(xp, n, p) for n, p in (("q_pos", q_pos), ("k_pos", k_pos))
-            )
-        q, k = _positions.resolve(
-            xp,
-            q_len=q_len,
-            k_len=k_len,
+        return _evaluate.evaluate(
+            self,
+            q_len,
+            k_len,
             q_pos=q_pos,
             k_pos=k_pos,
             q_offset=q_offset,
             k_offset=k_offset,
+            heads=heads,
+            dtype=dtype,
+            backend=backend,
+            device=device,
+            params=params,
         )
-        if self.position_dims == 2 and not all(explicit):  # token index -> (row, col)
-            width = self.grid_width()
-            q, k = (
-                p if given else _positions.points_from_index(p, width)
-                for p, given in zip((q, k), explicit, strict=True)
-            )
-        self._check_size(xp, q, k, len(head_index), out_dtype)
-        native_params = self._native_params(xp, params)
-        if self._toeplitz_applies(xp, q, k, explicit, q_offset, k_offset):
-            # one value per diagonal d = k - q, then a strided copy (memory-bound, like a fill)
-            q_len, k_len = xp.shape(q)[-1], xp.shape(k)[-1]
-            d = xp.arange(q_len + k_len - 1) + (k[:1] - q[-1:])
-            diagonals = self.compute(xp, d[:1, None] * 0, d[None, :], head_index, native_params)
-            values = xp.toeplitz(xp.float(diagonals)[..., 0, :], q_len, k_len)
-        else:
-            values = self.compute(xp, q[..., :, None], k[..., None, :], head_index, native_params)
-        return xp.cast_output(xp.float(values), out_dtype)
-
-    def _toeplitz_applies(self, xp, q, k, explicit, q_offset, k_offset) -> bool:
-        """Slot positions of a Toeplitz bias on a backend with a strided Toeplitz copy."""
-        return (
-            self.toeplitz
-            and xp.fast_toeplitz
-            and self.position_dims == 1
-            and not any(explicit)
-            and len(xp.shape(q)) == 1
-            and len(xp.shape(k)) == 1
-            and xp.shape(q)[0] > 1
-            and all(o is None or isinstance(o, int) for o in (q_offset, k_offset))
-        )
-
-    # ---------------------------------------------------------- internals
-    @staticmethod
-    def _resolve_backend(backend: str | None, *arrays: Any) -> str:
-        found = set()
-        for value in arrays:
-            items = value.values() if isinstance(value, Mapping) else (value,)
-            for item in items:
-                kind = _backends.detect(item) if item is not None else None
-                if kind is not None:
-                    found.add(kind)
-        if backend is not None:
-            backend = _backends.canonical_name(backend)
-            foreign = found - {backend, "numpy"}
-            if foreign:
-                raise BackendError(
-                    f"backend={backend!r} was asked for but some inputs are "
-                    f"{sorted(foreign)} arrays; pass inputs of one framework "
-                    "(NumPy arrays and lists convert to any backend)."
-                )
-            return backend
-        if len(found) > 1:
-            raise BackendError(
-                f"inputs mix arrays of {sorted(found)}; pass positions, offsets and "
-                "params from one framework, or convert them first."
-            )
-        return found.pop() if found else "numpy"
-
-    @staticmethod
-    def _resolve_dtype(xp: Any, dtype: Any) -> str:
-        if isinstance(dtype, str):
-            name = dtype
-        else:
-            name = xp.dtype_name(dtype)
-            if name is None:
-                try:
-                    name = np.dtype(dtype).name
-                except TypeError:
-                    name = repr(dtype)
-        if name not in _backends.FLOAT_DTYPES:
-            raise BackendError(
-                f"unknown bias dtype {dtype!r}; expected one of "
-                f"{list(_backends.FLOAT_DTYPES)} (as a string or a {xp.name} dtype)."
-            )
-        xp.native_dtype(name)  # raises when the backend cannot hold it (JAX float64)
-        return name
-
-    def _check_size(self, xp: Any, q: Any, k: Any, heads: int, dtype: str) -> None:
-        q_shape, k_shape = xp.shape(q), xp.shape(k)
-        dims = [heads, q_shape[-1], k_shape[-1]]
-        if len(q_shape) == 2 or len(k_shape) == 2:
-            dims.insert(0, (q_shape if len(q_shape) == 2 else k_shape)[0])
-        if any(d is None for d in dims):
-            return
-        needed = 4 * (2 if dtype != "float32" else 1)
-        for d in dims:
-            needed *= d
-        limit = _MEMORY_LIMIT
-        if limit is not None and needed > limit:
-            raise ResourceError(
-                f"the bias of shape {tuple(dims)} would need about "
-                f"{needed / 2**30:.1f} GiB, more than this machine's "
-                f"{limit / 2**30:.1f} GiB; ask for fewer heads, shorter blocks of "
-                "queries/keys (tiles concatenate exactly), or use a blockwise attention."
-            )
-
-    def _native_params(self, xp: Any, params: Mapping[str, Any] | None) -> Any:
-        if params is None:
-            if not self.learnable:
-                return None
-            params = self.init_params()
-        elif not self.learnable:
-            raise InvalidArgumentError(
-                f"{self.name or type(self).__name__} has no learnable parameters; drop params=."
-            )
-        self.check_params(params, shapes_of=xp.shape)
-        native = {}
-        for key, value in params.items():
-            if isinstance(value, (np.ndarray, list, tuple, float, int)):
-                native[key] = xp.constant(np.asarray(value, dtype=np.float64))
-            else:
-                native[key] = xp.float(value)
-        return native
 
     # ------------------------------------------------------- learnable API
     def param_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -20,15 +20,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from . import _attention, _layers
+from ._core import dispatch as _dispatch
+from ._core import layers as _layers
+from ._core import problem as _problem
 from .backends.tensorflow import TensorflowBackend
 from .errors import BackendError
 
 __all__ = ["KVCache", "MultiHeadAttention", "PositionalBias", "attention"]
 
-KVCache = _attention.KVCache
+KVCache = _problem.KVCache
 
-attention = _attention.functional("tensorflow", "blhd")
+attention = _dispatch.functional("tensorflow", "blhd")
 attention.__doc__ = """Attention with an additive positional bias, layout ``(B, L, H, D)``.
 
 Same arguments and rules as :func:`posbias.torch.attention` (see there).

@@ -13,8 +13,9 @@ import pytest
 
 import posbias
 from conftest import FRAMEWORKS, native, to_np
-from posbias import _attention
 from posbias import numpy as pnp
+from posbias._core import dispatch as _attention
+from posbias._core import problem as _problem
 from posbias.errors import InvalidArgumentError
 
 LAYOUT = {"numpy": "bhld", "torch": "bhld", "jax": "blhd", "tensorflow": "blhd"}
@@ -125,7 +126,7 @@ def test_auto_selection_table():
 
     xp = posbias.backends.load("numpy")()
     q = np.zeros((1, 2, 3, 4))
-    p = _attention.prepare(xp, q, q, q, "alibi")
+    p = _problem.prepare(xp, q, q, q, "alibi")
     assert _attention.select(p, "auto") == "reference"
     assert _attention.select(p, "blockwise") == "blockwise"
 
@@ -244,14 +245,14 @@ def test_flash_attn_mapping_matches_its_documented_semantics(monkeypatch, reques
     request.addfinalizer(_flash._load.cache_clear)
     q, k, v = (torch.randn(2, 6, n, 16, dtype=torch.bfloat16) for n in (q_len, 11, 11))
     spec = posbias.get("alibi", num_heads=6)
-    p = _attention.prepare(posbias.backends.load("torch")(), q, k, v, spec, causal=causal)
+    p = _problem.prepare(posbias.backends.load("torch")(), q, k, v, spec, causal=causal)
     assert _attention.select(p, "auto") == "flash_attn"
     out = posbias.torch.attention(q, k, v, spec, causal=causal)
     ref = posbias.torch.attention(q, k, v, spec, causal=causal, implementation="reference")
     assert (out.float() - ref.float()).abs().max() < 2e-2
     # ALiBi with other slopes per side, or padding, is not FlashAttention's form
     asym = posbias.get("alibi_asymmetric", num_heads=6, future_max_bias=4.0)
-    p = _attention.prepare(posbias.backends.load("torch")(), q, k, v, asym, causal=causal)
+    p = _problem.prepare(posbias.backends.load("torch")(), q, k, v, asym, causal=causal)
     assert _attention.select(p, "auto") == "blockwise"
 
 
@@ -358,7 +359,7 @@ def test_flash_attn_on_a_gpu_equals_the_reference():
     q, k, v = (torch.randn(2, 8, n, 64, device="cuda", dtype=torch.bfloat16) for n in (7, 64, 64))
     spec = posbias.get("alibi", num_heads=8)
     for causal in (False, True):
-        p = _attention.prepare(posbias.backends.load("torch")("cuda"), q, k, v, spec, causal=causal)
+        p = _problem.prepare(posbias.backends.load("torch")("cuda"), q, k, v, spec, causal=causal)
         assert _attention.select(p, "auto") == "flash_attn"
         out = posbias.torch.attention(q, k, v, spec, causal=causal)
         ref = posbias.torch.attention(q, k, v, spec, causal=causal, implementation="reference")

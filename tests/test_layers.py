@@ -5,9 +5,9 @@ import pytest
 
 import posbias
 from conftest import FRAMEWORKS
-from posbias import _layer_parity as lp
 from posbias import numpy as pnp
 from posbias.backends import load
+from posbias.testing import _layers as lp
 
 pytestmark = pytest.mark.skipif(not FRAMEWORKS, reason="no framework under test")
 

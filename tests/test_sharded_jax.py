@@ -100,7 +100,7 @@ def test_output_keeps_the_input_sharding(meshes):
 
 def test_zigzag_balances_causal_work():
     """Tiles each device computes under causal masking: equal under zigzag."""
-    from posbias import _ring
+    from posbias._core import layouts as _ring
 
     def work(order):
         counts = []

@@ -18,16 +18,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import _attention, _layers
+from .._core import dispatch as _dispatch
+from .._core import layers as _layers
+from .._core import problem as _problem
 from ..backends.torch import TorchBackend
 from ..spec import BiasSpec
 from ._flex import mask_mod
 
 __all__ = ["KVCache", "MultiHeadAttention", "PositionalBias", "attention", "mask_mod"]
 
-KVCache = _attention.KVCache
+KVCache = _problem.KVCache
 
-attention = _attention.functional("torch", "bhld")
+attention = _dispatch.functional("torch", "bhld")
 attention.__doc__ = """Attention with an additive positional bias, layout ``(B, H, L, D)``.
 
 ``softmax(q·kᵀ·scale + bias + mask)·v`` with the bias added after scaling,

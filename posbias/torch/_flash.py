@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .._attention import Problem
+from .._core.problem import Problem
 
 
 @functools.cache  # a failed import is not cached by Python: try once, not every call

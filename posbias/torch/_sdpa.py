@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .._attention import Problem
+from .._core.problem import Problem
 
 #: copy each block's Hankel view into a contiguous mask on CUDA (see docs/performance.md)
 CONTIGUOUS_MASK_ON_CUDA = True

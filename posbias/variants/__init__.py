@@ -1,3 +1,3 @@
 """Built-in bias variants; importing this package registers them."""
 
-from . import alibi, alibi_family, fire, kerple, sandwich, t5, vision  # noqa: F401
+from . import alibi, fire, kerple, sandwich, t5, vision  # noqa: F401

@@ -18,7 +18,7 @@ from typing import ClassVar
 import einops
 import numpy as np
 
-from .._checks import check_finite_float, check_int
+from .._core.checks import check_finite_float, check_int
 from ..registry import register
 from ..spec import BiasSpec
 

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .._checks import check_int
+from .._core.checks import check_int
 from ..errors import InvalidArgumentError
 from ..registry import register
 from ..spec import BiasSpec

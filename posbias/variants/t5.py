@@ -21,7 +21,7 @@ from __future__ import annotations
 import einops
 import numpy as np
 
-from .._checks import check_int
+from .._core.checks import check_int
 from ..errors import InvalidArgumentError
 from ..registry import register
 from ..spec import BiasSpec

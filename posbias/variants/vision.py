@@ -20,7 +20,7 @@ from typing import ClassVar
 import einops
 import numpy as np
 
-from .._checks import check_finite_float, check_int
+from .._core.checks import check_finite_float, check_int
 from ..errors import InvalidArgumentError
 from ..positions import decode_points
 from ..registry import register

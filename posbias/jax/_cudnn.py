@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._attention import Problem
+from .._core.problem import Problem
 
 
 def why_not(p: Problem) -> str | None:

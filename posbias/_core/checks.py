@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from .errors import InvalidArgumentError, InvalidTypeError
+from ..errors import InvalidArgumentError, InvalidTypeError
 
 #: Upper bound on ``num_heads``: far beyond any real model, low enough that the
 #: per-head constants never exhaust memory.

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from . import backends as _backends
-from . import numpy as _np_layers
+from .. import backends as _backends
+from .. import numpy as _np_layers
 
 #: normwise relative tolerance per input dtype
 ATTENTION_TOLERANCES = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 3e-2}

@@ -15,10 +15,10 @@ fully visible (``b < a``), the causal diagonal (``b == a``) or fully hidden
 (``b > a``, skipped). Chunk ids and positions are plain arithmetic, so they
 work on Python ints (PyTorch ranks) and traced device indices (JAX).
 
-    >>> from posbias import _ring
-    >>> _ring.chunk_ids("zigzag", 4, 1)
+    >>> from posbias._core import layouts
+    >>> layouts.chunk_ids("zigzag", 4, 1)
     [1, 6]
-    >>> _ring.layout_positions(16, 4, "zigzag")[:8].tolist()
+    >>> layouts.layout_positions(16, 4, "zigzag")[:8].tolist()
     [0, 1, 14, 15, 2, 3, 12, 13]
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidArgumentError
+from ..errors import InvalidArgumentError
 
 ORDERS = ("contiguous", "zigzag")
 FULL, DIAGONAL, HIDDEN = 0, 1, 2

@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from . import backends as _backends
-from .errors import BackendUnavailableError, PosBiasError
-from .registry import _lookup, isolated, list_biases
-from .spec import BiasSpec
+from .. import backends as _backends
+from ..errors import BackendUnavailableError, PosBiasError
+from ..registry import _lookup, isolated, list_biases
+from ..spec import BiasSpec
 
 __all__ = [
     "DEFAULT_DTYPES",

@@ -32,11 +32,11 @@ from typing import Any, NamedTuple
 import einops
 import numpy as np
 
-from . import _partial
-from . import backends as _backends
-from .errors import InvalidArgumentError, InvalidTypeError
-from .registry import get
-from .spec import BiasSpec
+from .. import backends as _backends
+from ..errors import InvalidArgumentError, InvalidTypeError
+from ..registry import get
+from ..spec import BiasSpec
+from .bias_arg import resolve_bias, spec_of
 
 LAYOUTS = {"bhld": "b h l d", "blhd": "b l h d"}
 
@@ -54,77 +54,6 @@ class KVCache(NamedTuple):
     v: Any
     valid: Any
     length: Any
-
-
-def resolve_bias(bias: Any, num_heads: int) -> Any:
-    """A callable ``(q_pos=, k_pos=, dtype=) -> tensor`` or None."""
-    if bias is None:
-        return None
-    if isinstance(bias, str):
-        bias = get(bias, num_heads=num_heads)
-    if isinstance(bias, BiasSpec):
-        if bias.num_heads != num_heads:
-            raise InvalidArgumentError(
-                f"the bias has num_heads={bias.num_heads} but the queries have {num_heads} "
-                "heads; the bias is per query head (also under grouped-query attention)."
-            )
-        return bias.bias
-    if callable(bias):
-        return bias
-    raise InvalidTypeError(
-        f"bias must be a registered name, a BiasSpec, a PositionalBias module or None, "
-        f"got {type(bias).__name__}."
-    )
-
-
-def spec_of(bias: Any, num_heads: int) -> BiasSpec | None:
-    """The ``BiasSpec`` behind a bias argument (name, spec or module), if any."""
-    if isinstance(bias, str):
-        return get(bias, num_heads=num_heads)
-    if isinstance(bias, BiasSpec):
-        return bias
-    spec = getattr(bias, "spec", None)
-    return spec if isinstance(spec, BiasSpec) else None
-
-
-def module_params(bias: Any) -> dict | None:
-    """The native learnable parameters of a ``PositionalBias`` module, or None otherwise."""
-    native = getattr(bias, "native_params", None)
-    return native() if callable(native) else None
-
-
-def head_bias(bias: Any, num_heads: int, heads: Any, backend: str, params: Any = None) -> Any:
-    """``bias_fn(q_pos=, k_pos=, dtype=)`` for the *global* heads ``heads``, or None.
-
-    ``bias`` is a registered name, a ``BiasSpec`` or a ``PositionalBias`` module
-    of any framework (its learnable parameters are read when called, so
-    gradients reach them; ``params`` overrides them). Head-parallel kernels hold
-    a slice of the heads and need that slice's slopes and table columns, not
-    heads ``0..h-1``.
-    """
-    if bias is None:
-        return None
-    spec = spec_of(bias, num_heads)
-    if spec is None:
-        raise InvalidTypeError(
-            "distributed attention needs a registered name, a BiasSpec or a PositionalBias "
-            f"module as bias (its heads are selected by global index), got {type(bias).__name__}."
-        )
-    resolve_bias(spec, num_heads)  # the head-count check
-    if spec.position_dims != 1:
-        raise InvalidArgumentError(
-            f"{spec.name} is a 2-D bias; distributed attention shards 1-D token positions. "
-            "Use posbias attention on one device for 2-D biases."
-        )
-    module = None if isinstance(bias, (str, BiasSpec)) or params is not None else bias
-
-    def bias_fn(q_pos: Any, k_pos: Any, dtype: Any) -> Any:
-        values = module.native_params() if module is not None else params
-        return spec.bias(
-            q_pos=q_pos, k_pos=k_pos, heads=heads, dtype=dtype, params=values, backend=backend
-        )
-
-    return bias_fn
 
 
 def _shape4(xp, name: str, x: Any) -> tuple[int, ...]:
@@ -183,12 +112,6 @@ def _select(xp, values: Any, slots: Any, k_slot: Any) -> Any:
     inside = (slots >= 0) & (slots < k_len)
     index = xp.minimum(xp.maximum(slots, 0), k_len - 1)
     return xp.where(inside, xp.gather_last(values, index), 0)
-
-
-IMPLEMENTATIONS = ("auto", "reference", "blockwise", "flash_attn", "cudnn")
-#: query rows per block of the blockwise implementation, per backend (measured
-#: fastest at L = 2048 on CPU; see docs/performance.md)
-DEFAULT_BLOCK_SIZE = {"torch": 256, "jax": 256, "tensorflow": 256, "numpy": 256}
 
 
 @dataclasses.dataclass
@@ -263,156 +186,6 @@ class Problem:
             k_pos=self._rows(self.k_pos, 0, extent),
             dtype=self.compute,
         )
-
-
-def reference_tile(p: Problem, r0: int, r1: int) -> Any:
-    """Rows ``[r0, r1)`` by the textbook formula in ``p.compute`` (any backend)."""
-    xp = p.xp
-    extent = p.extent(r0, r1)
-    if extent == 0:
-        return xp.zeros((p.batch, p.heads, r1 - r0, xp.shape(p.q)[-1]), p.compute)
-    q = xp.cast(p.q[:, :, r0:r1], p.compute)
-    k = xp.cast(p.k[:, :, :extent], p.compute)
-    v = xp.cast(p.v[:, :, :extent], p.compute)
-    scores = xp.einsum("bhqd,bhkd->bhqk", q, k) * p.scale
-    bias = p.bias_tile(r0, r1, extent)
-    if bias is not None:
-        scores = scores + bias
-    visible = p.visible(r0, r1, extent)
-    if visible is not None:
-        visible = visible[:, None]  # one mask for every head
-    return _partial.softmax_rows(xp, scores, visible, v, p.compute)[0]
-
-
-def run(p: Problem, implementation: str, block_size: int) -> Any:
-    """Compute ``p`` with the chosen implementation; ``(B, H, Lq, D)`` in ``p.compute``."""
-    name = select(p, implementation)
-    if name == "reference":
-        return reference_tile(p, 0, p.q_len)
-    if name in _DEVICE_PATHS:
-        return _device_path(name).run(p)
-    if p.xp.name == "torch":
-        from .torch import _sdpa
-
-        return blockwise(p, _sdpa.tile_fn(p), block_size)
-    return blockwise(p, reference_tile, block_size)
-
-
-def select(p: Problem, implementation: str) -> str:
-    """The implementation ``"auto"`` stands for, or a clear error when one cannot run.
-
-    ============  ==========================  =====================================
-    backend       auto picks                  also available
-    ============  ==========================  =====================================
-    numpy         reference                   blockwise
-    torch         flash_attn when it applies  blockwise (SDPA tiles), reference
-                  on CUDA, else blockwise
-    jax           blockwise                   cudnn (GPU), reference
-    tensorflow    blockwise                   reference
-    ============  ==========================  =====================================
-    """
-    check_implementation(implementation)
-    backend = p.xp.name
-    if implementation == "auto":
-        if backend == "numpy":
-            return "reference"
-        if backend == "torch" and _device_path("flash_attn").why_not(p) is None:
-            return "flash_attn"
-        return "blockwise"
-    if implementation in _DEVICE_PATHS:
-        needs, what = _DEVICE_PATHS[implementation]
-        if backend != needs:
-            raise InvalidArgumentError(
-                f"implementation={implementation!r} runs on {what}, not {backend}."
-            )
-        reason = _device_path(implementation).why_not(p)
-        if reason is not None:
-            raise InvalidArgumentError(f"implementation={implementation!r} cannot run: {reason}")
-    return implementation
-
-
-#: vendor kernels: name -> (backend, what they run on); modules with why_not()/run()
-_DEVICE_PATHS = {
-    "flash_attn": ("torch", "PyTorch CUDA tensors"),
-    "cudnn": ("jax", "JAX GPU arrays"),
-}
-
-
-def _device_path(name: str) -> Any:
-    # plain imports, not importlib: torch.compile traces through this
-    if name == "flash_attn":
-        from .torch import _flash
-
-        return _flash
-    from . import _cudnn
-
-    return _cudnn
-
-
-#: tying the next block's inputs to the last output orders the blocks
-_SEQUENCED = ("q", "k", "v")
-
-
-def blockwise(p: Problem, tile: Any, block_size: int) -> Any:
-    """Concatenate ``tile(p, r0, r1)`` over blocks of ``block_size`` query rows.
-
-    Each block starts after the previous one finished (``xp.after``), so a
-    compiler cannot keep every block's scores alive at once: peak memory stays
-    at one block's ``(B, H, n, Lk)``.
-    """
-    outs = []
-    for r0 in range(0, p.q_len, block_size):
-        if outs:
-            names = [f for f in _SEQUENCED if getattr(p, f) is not None]
-            fresh = p.xp.after(outs[-1], [getattr(p, f) for f in names])
-            p = dataclasses.replace(p, **dict(zip(names, fresh, strict=True)))
-        outs.append(tile(p, r0, min(r0 + block_size, p.q_len)))
-    return outs[0] if len(outs) == 1 else p.xp.concat(outs, 2)
-
-
-def attend(
-    xp,
-    q: Any,
-    k: Any,
-    v: Any,
-    bias: Any = None,
-    *,
-    implementation: str = "auto",
-    block_size: int | None = None,
-    **options: Any,
-) -> Any:
-    """Attention with an additive bias; ``options`` are :func:`prepare`'s keywords.
-
-    See the module docstring for the rules; ``implementation`` and
-    ``block_size`` choose the kernel (:func:`select`).
-    """
-    p = prepare(xp, q, k, v, bias, **options)
-    block_size = check_block_size(block_size) or DEFAULT_BLOCK_SIZE[xp.name]
-    out = run(p, implementation, block_size)
-    layout = options.get("layout", "bhld")
-    if layout != "bhld":
-        out = einops.rearrange(out, f"b h l d -> {LAYOUTS[layout]}")
-    return xp.cast(out, p.in_dtype)
-
-
-def check_implementation(implementation: Any) -> str:
-    """``implementation`` if it names one of :data:`IMPLEMENTATIONS`, else a clear error."""
-    if implementation not in IMPLEMENTATIONS:
-        raise InvalidArgumentError(
-            f"implementation must be one of {list(IMPLEMENTATIONS)}, got {implementation!r}."
-        )
-    return implementation
-
-
-def check_block_size(block_size: Any) -> int | None:
-    """``block_size`` if it is None (the backend's default) or a positive int."""
-    if block_size is None:
-        return None
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise InvalidArgumentError(
-            f"block_size must be a positive int (query rows per block), got {block_size!r}."
-        )
-    return block_size
 
 
 def prepare(
@@ -517,63 +290,4 @@ def prepare(
         k_pos=k_pos,
         slot_positions=slot_positions,
         points=explicit and spec is not None and spec.position_dims == 2,
-    )
-
-
-def functional(backend: str, layout: str):
-    """Build a framework's ``attention(q, k, v, bias=None, *, ...)`` function."""
-
-    def attention(
-        q: Any,
-        k: Any,
-        v: Any,
-        bias: Any = None,
-        *,
-        causal: bool = False,
-        q_offset: Any = None,
-        key_padding_mask: Any = None,
-        segment_ids: Any = None,
-        scale: float | None = None,
-        q_pos: Any = None,
-        k_pos: Any = None,
-        implementation: str = "auto",
-        block_size: int | None = None,
-    ) -> Any:
-        xp = _backends.load(backend)(_device_of(backend, q))
-        return attend(
-            xp,
-            _native(xp, q),
-            _native(xp, k),
-            _native(xp, v),
-            bias,
-            layout=layout,
-            causal=causal,
-            q_offset=q_offset,
-            key_padding_mask=key_padding_mask,
-            segment_ids=segment_ids,
-            scale=scale,
-            q_pos=q_pos,
-            k_pos=k_pos,
-            implementation=implementation,
-            block_size=block_size,
-        )
-
-    return attention
-
-
-def _device_of(backend: str, x: Any) -> Any:
-    if _backends.detect(x) == backend:
-        return _backends.load(backend)().device_of(x)
-    return None
-
-
-def _native(xp, x: Any) -> Any:
-    kind = _backends.detect(x)
-    if kind == xp.name:
-        return x
-    if kind in (None, "numpy"):
-        return xp.from_numpy(np.asarray(x))
-    raise InvalidTypeError(
-        f"posbias.{xp.name}.attention got a {kind} tensor; pass {xp.name} tensors "
-        f"(or use posbias.{kind}.attention)."
     )

@@ -21,11 +21,11 @@ from typing import Any
 import einops
 import numpy as np
 
-from . import _attention
-from ._checks import check_int
-from .errors import InvalidArgumentError, InvalidTypeError
-from .registry import from_config, get
-from .spec import BiasSpec
+from ..errors import InvalidArgumentError, InvalidTypeError
+from ..registry import from_config, get
+from ..spec import BiasSpec
+from . import dispatch, problem
+from .checks import check_int
 
 PROJECTIONS = ("q", "k", "v", "o")
 
@@ -102,8 +102,8 @@ class MHAConfig:
             head_dim,
             bool(causal),
             bool(use_bias),
-            _attention.check_implementation(implementation),
-            _attention.check_block_size(block_size),
+            dispatch.check_implementation(implementation),
+            dispatch.check_block_size(block_size),
         )
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -194,7 +194,7 @@ class BiasParamsMixin:
 
 
 def _to_numpy(value: Any) -> np.ndarray:
-    from .testing import to_numpy
+    from ..testing import to_numpy
 
     return to_numpy(value)
 
@@ -244,7 +244,7 @@ def mha_forward(
     *,
     key_padding_mask: Any = None,
     segment_ids: Any = None,
-    cache: _attention.KVCache | None = None,
+    cache: problem.KVCache | None = None,
 ) -> Any:
     """Self-attention forward pass; returns ``out`` or ``(out, new_cache)``."""
     shape = xp.shape(x)
@@ -257,7 +257,7 @@ def mha_forward(
         for n in ("q", "k", "v")
     )
     if cache is None:
-        out = _attention.attend(
+        out = dispatch.attend(
             xp,
             q,
             k,
@@ -277,7 +277,7 @@ def mha_forward(
             raise InvalidArgumentError("segment_ids are not supported with a KV cache.")
         offset = cache.length
         new_cache = cache_write(xp, cache, k, v, key_padding_mask)
-        out = _attention.attend(
+        out = dispatch.attend(
             xp,
             q,
             new_cache.k,
@@ -293,14 +293,12 @@ def mha_forward(
     return out if cache is None else (out, new_cache)
 
 
-def init_cache(
-    xp, cfg: MHAConfig, batch_size: int, capacity: int, dtype: str
-) -> _attention.KVCache:
+def init_cache(xp, cfg: MHAConfig, batch_size: int, capacity: int, dtype: str) -> problem.KVCache:
     """An empty cache for ``batch_size`` sequences of up to ``capacity`` tokens."""
     batch_size = check_int("batch_size", batch_size, minimum=1)
     capacity = check_int("capacity", capacity, minimum=1)
     shape = (batch_size, cfg.num_kv_heads, capacity, cfg.head_dim)
-    return _attention.KVCache(
+    return problem.KVCache(
         k=xp.zeros(shape, dtype),
         v=xp.zeros(shape, dtype),
         valid=xp.zeros((batch_size, capacity), "bool"),
@@ -308,7 +306,7 @@ def init_cache(
     )
 
 
-def cache_write(xp, cache: _attention.KVCache, k: Any, v: Any, valid: Any) -> _attention.KVCache:
+def cache_write(xp, cache: problem.KVCache, k: Any, v: Any, valid: Any) -> problem.KVCache:
     """Write ``T`` new keys/values ``(B, H_kv, T, D)`` at each sequence's next slots."""
     batch, heads, capacity, dim = xp.shape(cache.k)
     new_batch, new_heads, steps, new_dim = xp.shape(k)
@@ -332,7 +330,7 @@ def cache_write(xp, cache: _attention.KVCache, k: Any, v: Any, valid: Any) -> _a
     if valid is None:
         valid = xp.zeros((batch, steps), "int32") == 0
     else:
-        valid = _attention._check_mask(xp, "key_padding_mask", valid, batch, steps, boolean=True)
+        valid = problem._check_mask(xp, "key_padding_mask", valid, batch, steps, boolean=True)
     rel = xp.arange(capacity) - cache.length[:, None]  # (B, capacity): slot - filled
     onehot = rel[..., None] == xp.arange(steps)  # (B, capacity, T)
     writing = (rel >= 0) & (rel < steps)
@@ -342,7 +340,7 @@ def cache_write(xp, cache: _attention.KVCache, k: Any, v: Any, valid: Any) -> _a
     new_v = xp.einsum("bst,bhtd->bhsd", weights, xp.cast(v, dtype))
     hit_valid = xp.sum(xp.as_int(onehot & valid[:, None, :]), -1) > 0
     where_heads = writing[:, None, :, None]
-    return _attention.KVCache(
+    return problem.KVCache(
         k=xp.where(where_heads, new_k, cache.k),
         v=xp.where(where_heads, new_v, cache.v),
         valid=xp.where(writing, hit_valid, cache.valid),

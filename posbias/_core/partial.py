@@ -24,16 +24,16 @@ Layout ``(B, H, L, D)``; positions ``(L,)`` or ``(B, L)`` integers. Written
 against the backend op vocabulary, so one code path serves every framework.
 
     >>> import numpy as np, posbias
-    >>> from posbias import _partial
+    >>> from posbias._core import partial
     >>> from posbias.backends.numpy import NumpyBackend
     >>> xp = NumpyBackend(compute_dtype="float64")
     >>> q, k, v = np.random.default_rng(0).normal(size=(3, 1, 2, 6, 4))
     >>> bias = posbias.get("alibi", num_heads=2).bias
     >>> pos = np.arange(6)
-    >>> tile = lambda a, b: _partial.tile(
+    >>> tile = lambda a, b: partial.tile(
     ...     xp, q, k[:, :, a:b], v[:, :, a:b], scale=0.5, bias_fn=bias,
     ...     q_pos=pos, k_pos=pos[a:b], causal=True, compute="float64")
-    >>> out, _ = _partial.merge(xp, tile(0, 3), tile(3, 6))
+    >>> out, _ = partial.merge(xp, tile(0, 3), tile(3, 6))
     >>> full, _ = tile(0, 6)
     >>> bool(np.allclose(out, full))
     True

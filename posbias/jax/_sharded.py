@@ -8,9 +8,9 @@ block of the sequence (``seq_axis``) and/or a slice of the heads
   indices — no bias tensor is ever communicated;
 * passes its key/value block around the ring of ``seq_axis`` devices with
   ``lax.ppermute`` (``n - 1`` steps), merging the partial results exactly by
-  log-sum-exp (:mod:`posbias._partial`);
+  log-sum-exp (:mod:`posbias._core.partial`);
 * under causal masking skips the key blocks its queries cannot see; with
-  ``order="zigzag"`` (:mod:`posbias._ring`) every device then does the same work.
+  ``order="zigzag"`` (:mod:`posbias._core.layouts`) every device then does the same work.
 
 Queries shorter than the keys (decoding against a sequence-sharded KV cache)
 are replicated over ``seq_axis``: every device attends to its cache block and
@@ -30,9 +30,13 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import _attention, _partial, _ring
-from .backends.jax import JaxBackend
-from .errors import BackendUnavailableError, InvalidArgumentError, InvalidTypeError
+from .._core import bias_arg as _bias_arg
+from .._core import dispatch as _dispatch
+from .._core import layouts as _ring
+from .._core import partial as _partial
+from .._core import problem as _problem
+from ..backends.jax import JaxBackend
+from ..errors import BackendUnavailableError, InvalidArgumentError, InvalidTypeError
 
 
 def sharded_attention(
@@ -114,8 +118,8 @@ def sharded_attention(
             "upgrade with pip install -U 'jax>=0.7' flax."
         )
     xp = JaxBackend()
-    q, k, v = (_attention._native(xp, t) for t in (q, k, v))
-    batch, heads, kv_heads, q_len, k_len = _attention._check_qkv(xp, q, k, v, "blhd")
+    q, k, v = (_dispatch._native(xp, t) for t in (q, k, v))
+    batch, heads, kv_heads, q_len, k_len = _problem._check_qkv(xp, q, k, v, "blhd")
     seq_n, head_n = _check_mesh(mesh, seq_axis, head_axis)
     _ring.check_order(order)
     if heads % head_n:
@@ -161,10 +165,10 @@ def sharded_attention(
         q_pos = _check_positions("q_pos", q_pos, batch, q_len)
         k_pos = _check_positions("k_pos", k_pos, batch, k_len)
 
-    spec = _attention.spec_of(bias, heads)
+    spec = _bias_arg.spec_of(bias, heads)
     if bias is not None:
-        _attention.head_bias(bias, heads, None, "jax")  # validates the bias
-    params = {} if bias is None or isinstance(bias, str) else (_attention.module_params(bias) or {})
+        _bias_arg.head_bias(bias, heads, None, "jax")  # validates the bias
+    params = {} if bias is None or isinstance(bias, str) else (_bias_arg.module_params(bias) or {})
     compute = "float64" if xp.dtype_name(q.dtype) == "float64" else "float32"
     plan = _Plan(
         spec=spec,
@@ -265,7 +269,7 @@ def _local_bias(plan: _Plan, params: dict) -> Any:
         return None
     width = plan.heads // plan.head_n
     fns = [
-        _attention.head_bias(
+        _bias_arg.head_bias(
             plan.spec, plan.heads, range(i * width, (i + 1) * width), "jax", params=params or None
         )
         for i in range(plan.head_n)

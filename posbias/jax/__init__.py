@@ -18,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import _attention, _layers
-from ._jax_sharded import sharded_attention, unzigzag, zigzag
-from .backends.jax import JaxBackend
-from .spec import BiasSpec
+from .._core import dispatch as _dispatch
+from .._core import layers as _layers
+from .._core import problem as _problem
+from ..backends.jax import JaxBackend
+from ..spec import BiasSpec
+from ._sharded import sharded_attention, unzigzag, zigzag
 
 __all__ = [
     "KVCache",
@@ -33,9 +35,9 @@ __all__ = [
     "zigzag",
 ]
 
-KVCache = _attention.KVCache
+KVCache = _problem.KVCache
 
-attention = _attention.functional("jax", "blhd")
+attention = _dispatch.functional("jax", "blhd")
 attention.__doc__ = """Attention with an additive positional bias, layout ``(B, L, H, D)``.
 
 Same arguments and rules as :func:`posbias.torch.attention` (see there): bias

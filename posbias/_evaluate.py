@@ -1,0 +1,191 @@
+"""The pipeline behind :meth:`posbias.BiasSpec.bias`.
+
+backend, device and dtype → global integer positions (:mod:`posbias.positions`)
+→ the memory guard → the variant's ``compute`` (one value per diagonal and a
+strided copy for Toeplitz biases) → the cast to the requested dtype, last.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import backends as _backends
+from . import positions as _positions
+from ._core.checks import check_heads
+from .errors import BackendError, InvalidArgumentError, ResourceError
+
+if TYPE_CHECKING:
+    from .spec import BiasSpec
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return None
+
+
+#: Read once at import: a bias larger than the machine's memory is refused.
+_MEMORY_LIMIT = _physical_memory()
+
+
+def evaluate(
+    spec: BiasSpec,
+    q_len: int | None = None,
+    k_len: int | None = None,
+    *,
+    q_pos: Any = None,
+    k_pos: Any = None,
+    q_offset: Any = None,
+    k_offset: Any = None,
+    heads: Any = None,
+    dtype: Any = "float32",
+    backend: str | None = None,
+    device: Any = None,
+    params: Mapping[str, Any] | None = None,
+) -> Any:
+    """``spec``'s bias as a native tensor; see :meth:`posbias.BiasSpec.bias`."""
+    name = _resolve_backend(backend, q_pos, k_pos, q_offset, k_offset, params)
+    backend_cls = _backends.load(name)
+    if device is None:
+        for value in (q_pos, k_pos, q_offset, k_offset):
+            if value is not None and _backends.detect(value) == name:
+                device = backend_cls().device_of(value)
+                break
+    out_dtype = _resolve_dtype(backend_cls(device), dtype)
+    xp = backend_cls(device, "float64" if out_dtype == "float64" else "float32")
+    head_index = check_heads(heads, spec.num_heads)
+    explicit = (q_pos is not None, k_pos is not None)
+    if spec.position_dims == 2:
+        q_pos, k_pos = (
+            _positions.encode_points(xp, n, p) for n, p in (("q_pos", q_pos), ("k_pos", k_pos))
+        )
+    q, k = _positions.resolve(
+        xp,
+        q_len=q_len,
+        k_len=k_len,
+        q_pos=q_pos,
+        k_pos=k_pos,
+        q_offset=q_offset,
+        k_offset=k_offset,
+    )
+    if spec.position_dims == 2 and not all(explicit):  # token index -> (row, col)
+        width = spec.grid_width()
+        q, k = (
+            p if given else _positions.points_from_index(p, width)
+            for p, given in zip((q, k), explicit, strict=True)
+        )
+    _check_size(xp, q, k, len(head_index), out_dtype)
+    native_params = _native_params(spec, xp, params)
+    if _toeplitz_applies(spec, xp, q, k, explicit, q_offset, k_offset):
+        # one value per diagonal d = k - q, then a strided copy (memory-bound, like a fill)
+        q_len, k_len = xp.shape(q)[-1], xp.shape(k)[-1]
+        d = xp.arange(q_len + k_len - 1) + (k[:1] - q[-1:])
+        diagonals = spec.compute(xp, d[:1, None] * 0, d[None, :], head_index, native_params)
+        values = xp.toeplitz(xp.float(diagonals)[..., 0, :], q_len, k_len)
+    else:
+        values = spec.compute(xp, q[..., :, None], k[..., None, :], head_index, native_params)
+    return xp.cast_output(xp.float(values), out_dtype)
+
+
+def _toeplitz_applies(spec: BiasSpec, xp, q, k, explicit, q_offset, k_offset) -> bool:
+    """Slot positions of a Toeplitz bias on a backend with a strided Toeplitz copy."""
+    return (
+        spec.toeplitz
+        and xp.fast_toeplitz
+        and spec.position_dims == 1
+        and not any(explicit)
+        and len(xp.shape(q)) == 1
+        and len(xp.shape(k)) == 1
+        and xp.shape(q)[0] > 1
+        and all(o is None or isinstance(o, int) for o in (q_offset, k_offset))
+    )
+
+
+# ---------------------------------------------------------- internals
+def _resolve_backend(backend: str | None, *arrays: Any) -> str:
+    found = set()
+    for value in arrays:
+        items = value.values() if isinstance(value, Mapping) else (value,)
+        for item in items:
+            kind = _backends.detect(item) if item is not None else None
+            if kind is not None:
+                found.add(kind)
+    if backend is not None:
+        backend = _backends.canonical_name(backend)
+        foreign = found - {backend, "numpy"}
+        if foreign:
+            raise BackendError(
+                f"backend={backend!r} was asked for but some inputs are "
+                f"{sorted(foreign)} arrays; pass inputs of one framework "
+                "(NumPy arrays and lists convert to any backend)."
+            )
+        return backend
+    if len(found) > 1:
+        raise BackendError(
+            f"inputs mix arrays of {sorted(found)}; pass positions, offsets and "
+            "params from one framework, or convert them first."
+        )
+    return found.pop() if found else "numpy"
+
+
+def _resolve_dtype(xp: Any, dtype: Any) -> str:
+    if isinstance(dtype, str):
+        name = dtype
+    else:
+        name = xp.dtype_name(dtype)
+        if name is None:
+            try:
+                name = np.dtype(dtype).name
+            except TypeError:
+                name = repr(dtype)
+    if name not in _backends.FLOAT_DTYPES:
+        raise BackendError(
+            f"unknown bias dtype {dtype!r}; expected one of "
+            f"{list(_backends.FLOAT_DTYPES)} (as a string or a {xp.name} dtype)."
+        )
+    xp.native_dtype(name)  # raises when the backend cannot hold it (JAX float64)
+    return name
+
+
+def _check_size(xp: Any, q: Any, k: Any, heads: int, dtype: str) -> None:
+    q_shape, k_shape = xp.shape(q), xp.shape(k)
+    dims = [heads, q_shape[-1], k_shape[-1]]
+    if len(q_shape) == 2 or len(k_shape) == 2:
+        dims.insert(0, (q_shape if len(q_shape) == 2 else k_shape)[0])
+    if any(d is None for d in dims):
+        return
+    needed = 4 * (2 if dtype != "float32" else 1)
+    for d in dims:
+        needed *= d
+    limit = _MEMORY_LIMIT
+    if limit is not None and needed > limit:
+        raise ResourceError(
+            f"the bias of shape {tuple(dims)} would need about "
+            f"{needed / 2**30:.1f} GiB, more than this machine's "
+            f"{limit / 2**30:.1f} GiB; ask for fewer heads, shorter blocks of "
+            "queries/keys (tiles concatenate exactly), or use a blockwise attention."
+        )
+
+
+def _native_params(spec: BiasSpec, xp: Any, params: Mapping[str, Any] | None) -> Any:
+    if params is None:
+        if not spec.learnable:
+            return None
+        params = spec.init_params()
+    elif not spec.learnable:
+        raise InvalidArgumentError(
+            f"{spec.name or type(spec).__name__} has no learnable parameters; drop params=."
+        )
+    spec.check_params(params, shapes_of=xp.shape)
+    native = {}
+    for key, value in params.items():
+        if isinstance(value, (np.ndarray, list, tuple, float, int)):
+            native[key] = xp.constant(np.asarray(value, dtype=np.float64))
+        else:
+            native[key] = xp.float(value)
+    return native
