@@ -15,6 +15,7 @@ import numpy as np
 
 from . import backends as _backends
 from . import positions as _positions
+from ._core import conventions
 from ._core.checks import check_heads
 from .errors import BackendError, InvalidArgumentError, ResourceError
 
@@ -84,7 +85,12 @@ def evaluate(
     if _toeplitz_applies(spec, xp, q, k, explicit, q_offset, k_offset):
         # one value per diagonal d = k - q, then a strided copy (memory-bound, like a fill)
         q_len, k_len = xp.shape(q)[-1], xp.shape(k)[-1]
-        d = xp.arange(q_len + k_len - 1) + (k[:1] - q[-1:])
+        k_first = k_offset or 0
+        q_first = (
+            conventions.default_q_offset(q_len, k_len, k_first) if q_offset is None else q_offset
+        )
+        d_min, _ = conventions.diagonal_range(q_first, q_len, k_first, k_len)
+        d = xp.arange(q_len + k_len - 1) + d_min
         diagonals = spec.compute(xp, d[:1, None] * 0, d[None, :], head_index, native_params)
         values = xp.toeplitz(xp.float(diagonals)[..., 0, :], q_len, k_len)
     else:

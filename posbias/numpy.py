@@ -23,24 +23,93 @@ from .backends.numpy import NumpyBackend
 
 __all__ = ["MultiHeadAttention", "attention"]
 
-_attention_fn = _dispatch.functional("numpy", "bhld")
 
+def attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    bias: Any = None,
+    *,
+    causal: bool = False,
+    q_offset: Any = None,
+    key_mask: Any = None,
+    segment_ids: Any = None,
+    scale: float | None = None,
+    q_pos: Any = None,
+    k_pos: Any = None,
+    implementation: str = "auto",
+    block_size: int | None = None,
+    **removed: Any,
+) -> np.ndarray:
+    """The float64 reference attention with an additive positional bias, layout ``(B, H, L, D)``.
 
-def attention(q: Any, k: Any, v: Any, bias: Any = None, **kwargs: Any) -> np.ndarray:
-    """Reference attention in float64: ``softmax(q·kᵀ·scale + bias + mask)·v``.
+    ``out = softmax(q·kᵀ·scale + bias[h, i, j] + mask)·v``: the bias is added
+    after the scaling (ALiBi, Press et al. 2022, arXiv:2108.12409; as in
+    FlashAttention, BLOOM and MPT). Everything is computed in float64 from the
+    given floating inputs: this is the reference the other frameworks are
+    checked against (``posbias parity``).
 
     Args:
-        q: ``(B, H, Lq, D)``; k, v: ``(B, H_kv, Lk, D)`` with ``H % H_kv == 0``.
-        bias: a registered name, a :class:`~posbias.BiasSpec` or None.
-        **kwargs: ``causal``, ``q_offset``, ``key_padding_mask``, ``segment_ids``,
-            ``scale``, ``q_pos``, ``k_pos``, ``implementation``, ``block_size``,
-            as in :func:`posbias.torch.attention`.
+        q: ``(B, H, Lq, D)`` floating queries.
+        k: ``(B, H_kv, Lk, D)`` keys; ``H`` a multiple of ``H_kv`` (grouped-query attention).
+        v: ``(B, H_kv, Lk, D)`` values.
+        bias: a registered name (built with ``H`` heads), a ``BiasSpec``, its
+            config dict, a callable ``bias(q_pos=, k_pos=, dtype=)`` or None. Its
+            head count must be ``H``.
+        causal: key slot ``j`` is visible to query slot ``i`` iff ``j <= i``.
+        q_offset: slot of the first query: an int or an integer tensor ``(B,)``
+            (per-sequence cache lengths); default ``Lk - Lq`` (bottom-right).
+        key_mask: ``(B, Lk)`` bool, True for a real key (Keras/Flax/Hugging Face
+            polarity; the opposite of ``nn.MultiheadAttention``'s
+            ``key_padding_mask``). Padded keys are hidden and bias positions
+            come from ``cumsum(key_mask) - 1``.
+        segment_ids: ``(B, Lk)`` integer ids of packed sequences: no attention
+            across segments, bias positions restart in every segment.
+        scale: the factor of ``q·kᵀ``, a finite positive float; default ``1/sqrt(D)``.
+        q_pos: ``(Lq,)`` or ``(B, Lq)`` explicit integer bias positions of the
+            queries (``(Lq, 2)`` points for 2-D biases); with ``k_pos``.
+        k_pos: the same for the keys.
+        implementation: ``"auto"`` (= ``"reference"``), ``"reference"`` or ``"blockwise"``.
+        block_size: query rows per block (default 256).
 
     Returns:
-        ``(B, H, Lq, D)`` float64.
+        ``(B, H, Lq, D)`` float64. A query row with no visible key is 0.
+
+    Raises:
+        InvalidTypeError: a non-floating ``q``/``k``/``v``, a mask of the wrong
+            dtype, a non-bool ``causal``, ``key_padding_mask=`` (use ``key_mask``).
+        InvalidArgumentError: shapes that disagree, a bias of another head
+            count, a bad ``scale``, offset or position array, an implementation
+            that cannot run.
+        BackendError: tensors of another framework.
+
+    Example:
+        >>> import numpy as np, posbias.numpy
+        >>> q = k = v = np.ones((1, 4, 6, 8), np.float32)
+        >>> out = posbias.numpy.attention(q, k, v, "alibi", causal=True)
+        >>> out.shape, out.dtype
+        ((1, 4, 6, 8), dtype('float64'))
     """
-    q, k, v = (np.asarray(t, dtype=np.float64) for t in (q, k, v))
-    return _attention_fn(q, k, v, bias, **kwargs)
+    return _dispatch.attention(
+        "numpy",
+        "bhld",
+        q,
+        k,
+        v,
+        bias,
+        removed,
+        causal=causal,
+        q_offset=q_offset,
+        key_mask=key_mask,
+        segment_ids=segment_ids,
+        scale=scale,
+        q_pos=q_pos,
+        k_pos=k_pos,
+        implementation=implementation,
+        block_size=block_size,
+        compute_dtype="float64",
+        out_dtype="float64",
+    )
 
 
 class MultiHeadAttention(_layers.PortableWeightsMixin):
@@ -105,9 +174,10 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
         self,
         x: Any,
         *,
-        key_padding_mask: Any = None,
+        key_mask: Any = None,
         segment_ids: Any = None,
         cache: _problem.KVCache | None = None,
+        **removed: Any,
     ) -> Any:
         return _layers.mha_forward(
             NumpyBackend(),
@@ -115,7 +185,8 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
             self._project,
             np.asarray(x, dtype=np.float64),
             self.spec,
-            key_padding_mask=key_padding_mask,
+            key_mask=key_mask,
             segment_ids=segment_ids,
             cache=cache,
+            removed=removed,
         )

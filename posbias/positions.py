@@ -18,12 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from ._core import conventions
 from ._core.checks import MAX_POSITION, check_int, is_int
 from .backends import Backend
 from .errors import InvalidArgumentError, InvalidTypeError
 
 
-def _native_int_array(xp: Backend, name: str, value: Any, *, max_ndim: int) -> Any:
+def integer_array(xp: Backend, name: str, value: Any, max_ndim: int) -> Any:
     """Convert ``value`` to a native integer tensor of ndim <= ``max_ndim``, checked."""
     if isinstance(value, (list, tuple, range)):
         value = np.asarray(value)
@@ -60,7 +61,7 @@ def _side(
                 f"give either {side}_pos or {side}_offset, not both: explicit positions "
                 "already say where every token sits."
             )
-        pos = _native_int_array(xp, f"{side}_pos", pos, max_ndim=2)
+        pos = integer_array(xp, f"{side}_pos", pos, 2)
         actual = xp.shape(pos)[-1]
         if length is not None:
             length = check_int(f"{side}_len", length, maximum=MAX_POSITION)
@@ -80,7 +81,7 @@ def _side(
         if is_int(offset) or isinstance(offset, (bool, float)):
             offset = check_int(f"{side}_offset", offset, maximum=MAX_POSITION)
         else:
-            offset = _native_int_array(xp, f"{side}_offset", offset, max_ndim=1)
+            offset = integer_array(xp, f"{side}_offset", offset, 1)
     return None, length, offset
 
 
@@ -123,7 +124,8 @@ def resolve(
                     "with explicit k_pos, give q_pos or q_offset too: the default "
                     "bottom-right alignment is defined for keys given by k_len."
                 )
-            q_offset = k_offset + (k_len - q_len)  # bottom-right, may be < 0 if q_len > k_len
+            # bottom-right, may be < 0 if q_len > k_len
+            q_offset = conventions.default_q_offset(q_len, k_len, k_offset)
         q_pos = _from_offset(xp, q_offset, q_len)
     q_shape, k_shape = xp.shape(q_pos), xp.shape(k_pos)
     if len(q_shape) == 2 and len(k_shape) == 2:
@@ -144,7 +146,7 @@ def encode_points(xp: Backend, name: str, points: Any) -> Any:
     """``(..., L, 2)`` integer (row, col) points → ``(..., L)`` codes (None passes)."""
     if points is None:
         return None
-    array = _native_int_array(xp, name, points, max_ndim=3)
+    array = integer_array(xp, name, points, 3)
     shape = xp.shape(array)
     if len(shape) < 2 or shape[-1] != 2:
         raise InvalidArgumentError(
@@ -164,6 +166,11 @@ def encode_points(xp: Backend, name: str, points: Any) -> Any:
 def points_from_index(index: Any, width: int) -> Any:
     """Token indices of a row-major grid of ``width`` columns → point codes."""
     return (index // width) * POINT_BASE + index % width
+
+
+def index_points(xp: Backend, index: Any, width: int) -> Any:
+    """Token indices ``(..., L)`` of a row-major grid ``width`` wide → ``(..., L, 2)`` points."""
+    return xp.stack([index // width, index % width], -1)
 
 
 def decode_points(codes: Any) -> tuple[Any, Any]:

@@ -30,11 +30,95 @@ __all__ = ["KVCache", "MultiHeadAttention", "PositionalBias", "attention"]
 
 KVCache = _problem.KVCache
 
-attention = _dispatch.functional("tensorflow", "blhd")
-attention.__doc__ = """Attention with an additive positional bias, layout ``(B, L, H, D)``.
 
-Same arguments and rules as :func:`posbias.torch.attention` (see there).
-"""
+def attention(
+    q: tf.Tensor,
+    k: tf.Tensor,
+    v: tf.Tensor,
+    bias: Any = None,
+    *,
+    causal: bool = False,
+    q_offset: Any = None,
+    key_mask: Any = None,
+    segment_ids: Any = None,
+    scale: float | None = None,
+    q_pos: Any = None,
+    k_pos: Any = None,
+    implementation: str = "auto",
+    block_size: int | None = None,
+    **removed: Any,
+) -> tf.Tensor:
+    """Attention with an additive positional bias, layout ``(B, L, H, D)``.
+
+    ``out = softmax(q·kᵀ·scale + bias[h, i, j] + mask)·v``: the bias is added
+    after the scaling (ALiBi, Press et al. 2022, arXiv:2108.12409; as in
+    FlashAttention, BLOOM and MPT). Scores and softmax are float32 (float64 for
+    float64 inputs); the output has ``q``'s dtype. Like
+    ``keras.ops.dot_product_attention``, but the bias is computed per block of
+    query rows, never as an ``(H, Lq, Lk)`` tensor (docs/performance.md).
+    Works eagerly, in ``tf.function(jit_compile=True)`` and under
+    ``tf.GradientTape``.
+
+    Args:
+        q: ``(B, Lq, H, D)`` floating queries.
+        k: ``(B, Lk, H_kv, D)`` keys; ``H`` a multiple of ``H_kv`` (grouped-query attention).
+        v: ``(B, Lk, H_kv, D)`` values.
+        bias: a registered name (built with ``H`` heads), a ``BiasSpec``, its
+            config dict, a Keras :class:`PositionalBias` layer (its weights get
+            gradients), a callable ``bias(q_pos=, k_pos=, dtype=)`` or None. Its
+            head count must be ``H``.
+        causal: key slot ``j`` is visible to query slot ``i`` iff ``j <= i``.
+        q_offset: slot of the first query: an int or an integer tensor ``(B,)``
+            (per-sequence cache lengths); default ``Lk - Lq`` (bottom-right).
+        key_mask: ``(B, Lk)`` bool, True for a real key (Keras/Flax/Hugging Face
+            polarity; the opposite of ``nn.MultiheadAttention``'s
+            ``key_padding_mask``). Padded keys are hidden and bias positions
+            come from ``cumsum(key_mask) - 1``.
+        segment_ids: ``(B, Lk)`` integer ids of packed sequences: no attention
+            across segments, bias positions restart in every segment.
+        scale: the factor of ``q·kᵀ``, a finite positive float; default ``1/sqrt(D)``.
+        q_pos: ``(Lq,)`` or ``(B, Lq)`` explicit integer bias positions of the
+            queries (``(Lq, 2)`` points for 2-D biases); with ``k_pos``.
+        k_pos: the same for the keys.
+        implementation: ``"auto"`` (= ``"blockwise"``), ``"blockwise"`` or ``"reference"``.
+        block_size: query rows per block (default 256).
+
+    Returns:
+        ``(B, Lq, H, D)`` in ``q``'s dtype. A query row with no visible key is 0.
+
+    Raises:
+        InvalidTypeError: a non-floating ``q``/``k``/``v``, a mask of the wrong
+            dtype, a non-bool ``causal``, ``key_padding_mask=`` (use ``key_mask``).
+        InvalidArgumentError: shapes that disagree, a bias of another head
+            count, a bad ``scale``, offset or position array, an implementation
+            that cannot run.
+        BackendError: tensors of another framework.
+
+    Example:
+        >>> import tensorflow as tf, posbias.tensorflow
+        >>> q = k = v = tf.ones((1, 6, 4, 8))
+        >>> out = posbias.tensorflow.attention(q, k, v, "alibi", causal=True)
+        >>> tuple(out.shape), out.dtype.name
+        ((1, 6, 4, 8), 'float32')
+    """
+    return _dispatch.attention(
+        "tensorflow",
+        "blhd",
+        q,
+        k,
+        v,
+        bias,
+        removed,
+        causal=causal,
+        q_offset=q_offset,
+        key_mask=key_mask,
+        segment_ids=segment_ids,
+        scale=scale,
+        q_pos=q_pos,
+        k_pos=k_pos,
+        implementation=implementation,
+        block_size=block_size,
+    )
 
 
 def _check_keras_backend() -> None:
@@ -130,7 +214,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, keras.layers.Layer):
     Arguments as in :class:`posbias.torch.MultiHeadAttention`, plus Keras layer
     keyword arguments (``name``, ``dtype`` policy such as ``"mixed_bfloat16"``).
 
-    Call: ``layer(x, key_padding_mask=None, segment_ids=None)``; with ``cache=``
+    Call: ``layer(x, key_mask=None, segment_ids=None)``; with ``cache=``
     it returns ``(out, new_cache)`` (see :meth:`init_cache`).
     """
 
@@ -190,27 +274,25 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, keras.layers.Layer):
     def call(
         self,
         x: Any,
-        key_padding_mask: Any = None,
+        key_mask: Any = None,
         segment_ids: Any = None,
         cache: KVCache | None = None,
+        **removed: Any,
     ) -> Any:
-        bias = None if self.positional_bias is None else self._bias
         return _layers.mha_forward(
             TensorflowBackend(),
             self.mha_config,
             self._project,
             x,
-            bias,
-            key_padding_mask=key_padding_mask,
+            self.positional_bias,
+            key_mask=key_mask,
             segment_ids=segment_ids,
             cache=cache,
+            removed=removed,
         )
 
     def _project(self, name: str, x: Any) -> Any:
         return self.projections[name](x)
-
-    def _bias(self, *, q_pos: Any, k_pos: Any, dtype: Any) -> Any:
-        return self.positional_bias(q_pos, k_pos, dtype=dtype)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return input_shape

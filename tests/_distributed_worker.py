@@ -127,21 +127,80 @@ def _checks(rank: int, world: int, results: dict) -> None:
     mask[0, -5:] = False
     pos = torch.arange(L)
     for order in ("contiguous", "zigzag"):
-        ref = pt.attention(q, k, v, "alibi", key_padding_mask=mask, q_pos=pos, k_pos=pos)
+        ref = pt.attention(q, k, v, "alibi", key_mask=mask, q_pos=pos, k_pos=pos)
         local = [shard(t, rank, world, order) for t in (q, k, v)]
         out = ring_attention(*local, "alibi", order=order,
-                             key_padding_mask=shard(mask, rank, world, order, dim=1))  # fmt: skip
+                             key_mask=shard(mask, rank, world, order, dim=1))  # fmt: skip
         results[f"padding/ring/{order}"] = err(out, shard(ref, rank, world, order))
     valid = torch.ones(B, L, dtype=torch.bool)
     valid[:, 11:] = False  # 11 cached tokens; the new one sits at position 11
-    ref = pt.attention(q[:, :, :1], k, v, "t5", causal=True, key_padding_mask=valid,
+    ref = pt.attention(q[:, :, :1], k, v, "t5", causal=True, key_mask=valid,
                        q_pos=torch.tensor([11]), k_pos=pos, q_offset=11)  # fmt: skip
     cache = [shard(t, rank, world) for t in (k, v)]
-    mine = dict(
-        key_padding_mask=shard(valid, rank, world, dim=1), k_pos=shard(pos, rank, world, dim=0)
-    )
+    mine = dict(key_mask=shard(valid, rank, world, dim=1), k_pos=shard(pos, rank, world, dim=0))
     out = ring_attention(q[:, :, :1], *cache, "t5", causal=True, q_pos=torch.tensor([11]), **mine)
     results["padding/decode"] = err(out, ref)
+
+    # one meaning of key_mask: left padding, a bias that is not shift-invariant, causal
+    q, k, v = data()
+    left = torch.ones(B, L, dtype=torch.bool)
+    left[0, :5] = False
+    left[1, :2] = False
+    scaled = posbias.get("alibi_scaled", num_heads=H, train_length=4)
+    for order in ("contiguous", "zigzag"):
+        ref = pt.attention(q, k, v, scaled, causal=True, key_mask=left)
+        local = [shard(t, rank, world, order) for t in (q, k, v)]
+        mine = shard(left, rank, world, order, dim=1)
+        for fname, fn in fns.items():
+            out = fn(*local, scaled, causal=True, order=order, key_mask=mine)
+            results[f"key_mask/{fname}/{order}"] = err(out, shard(ref, rank, world, order))
+    # decoding against a sharded cache with holes (empty slots): positions from the mask
+    hole = torch.ones(B, L, dtype=torch.bool)
+    hole[0, 3:6] = False
+    hole[1, 9] = False
+    for order in ("contiguous", "zigzag"):
+        ref = pt.attention(q[:, :, -2:], k, v, scaled, causal=True, key_mask=hole)
+        cache = [shard(t, rank, world, order) for t in (k, v)]
+        out = ring_attention(q[:, :, -2:], *cache, scaled, causal=True, order=order,
+                             key_mask=shard(hole, rank, world, order, dim=1))  # fmt: skip
+        results[f"key_mask/decode/{order}"] = err(out, ref)
+    try:
+        ring_attention(*local, "alibi", key_padding_mask=mine)
+        results["key_padding_mask"] = "no error"
+    except posbias.PosBiasError as e:
+        results["key_padding_mask"] = f"{type(e).__name__}: {e}"
+
+    # the handshake covers everything that changes the answer: bias, scale, implementation
+    q, k, v = data()
+    local = [shard(t, rank, world) for t in (q, k, v)]
+    disagreements = {
+        "alibi_vs_none": ("alibi" if rank == 0 else None, {}),
+        "alibi_vs_t5": ("alibi" if rank == 0 else "t5", {}),
+        "max_bias": (posbias.get("alibi", num_heads=H, max_bias=8.0 if rank == 0 else 4.0), {}),
+        "scale": ("alibi", {"scale": 0.5 if rank == 0 else 0.25}),
+        "causal": ("alibi", {"causal": rank == 0}),
+    }
+    for name, (bias, kwargs) in disagreements.items():
+        for fname, fn in fns.items():
+            try:
+                fn(*local, bias, **kwargs)
+                results[f"disagree/{name}/{fname}"] = "no error"
+            except posbias.PosBiasError as e:
+                results[f"disagree/{name}/{fname}"] = f"{type(e).__name__}: {e}"
+    try:
+        head_parallel_attention(*local, "alibi", implementation="reference" if rank else "auto")
+        results["disagree/implementation/heads"] = "no error"
+    except posbias.PosBiasError as e:
+        results["disagree/implementation/heads"] = f"{type(e).__name__}: {e}"
+    # a bias that is invalid on one rank: that rank raises its own error, the other a
+    # DistributedError; nobody waits in the ring
+    for fname, fn in fns.items():
+        wrong = posbias.get("alibi", num_heads=H if rank == 0 else 2 * H)
+        try:
+            fn(*local, wrong, causal=True)
+            results[f"bad_bias/{fname}"] = "no error"
+        except posbias.PosBiasError as e:
+            results[f"bad_bias/{fname}"] = f"{type(e).__name__}: {e}"
 
     # gradients of q, k, v and of the learnable bias (all-reduced over ranks)
     for fname, fn in fns.items():

@@ -188,3 +188,45 @@ def test_shard_score_mod_with_flex_attention(bias, compiled):
 def test_shard_score_mod_refuses_biases_without_a_difference_table():
     with pytest.raises(posbias.InvalidArgumentError, match="depends on both positions"):
         shard_score_mod("fire", torch.arange(4), torch.arange(8), num_heads=4)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [f"key_mask/{f}/{o}" for f in ("ring", "heads") for o in ("contiguous", "zigzag")]
+    + ["key_mask/decode/contiguous", "key_mask/decode/zigzag"],
+)
+def test_key_mask_means_the_same_as_on_one_device(ranks, key):
+    """Left padding with a bias that is not shift-invariant (alibi_scaled), causal:
+    bias positions are the global cumsum(key_mask) - 1 on every path."""
+    for rank in ranks:
+        assert rank[key] < 2e-6, (key, rank[key])
+
+
+def test_key_padding_mask_names_key_mask(ranks):
+    for rank in ranks:
+        message = rank["key_padding_mask"]
+        assert message.startswith("InvalidTypeError") and "key_mask" in message, message
+        assert "True = ignore" in message, message
+
+
+@pytest.mark.parametrize("what", ["alibi_vs_none", "alibi_vs_t5", "max_bias", "scale", "causal"])
+@pytest.mark.parametrize("fname", ["ring", "heads"])
+def test_ranks_that_disagree_raise_on_every_rank(ranks, what, fname):
+    """Everything that changes the answer is part of the handshake: no rank returns."""
+    for rank in ranks:
+        message = rank[f"disagree/{what}/{fname}"]
+        assert message.startswith("DistributedError"), message
+        assert "disagree on" in message, message
+
+
+def test_ranks_that_disagree_on_the_implementation_raise(ranks):
+    for rank in ranks:
+        message = rank["disagree/implementation/heads"]
+        assert message.startswith("DistributedError") and "implementation" in message, message
+
+
+@pytest.mark.parametrize("fname", ["ring", "heads"])
+def test_a_bias_invalid_on_one_rank_is_checked_before_the_handshake(ranks, fname):
+    assert ranks[0][f"bad_bias/{fname}"].startswith("DistributedError"), ranks[0]
+    own = ranks[1][f"bad_bias/{fname}"]
+    assert own.startswith("InvalidArgumentError") and "heads but the queries have" in own, own

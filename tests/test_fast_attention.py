@@ -57,8 +57,8 @@ CASES = {
     "causal offset": (6, 13, dict(causal=True, q_offset=2)),
     "negative offset": (6, 13, dict(causal=True, q_offset=-2)),
     "batched offset": (6, 13, dict(causal=True, q_offset=np.array([0, 5]))),
-    "left padded": (13, 13, dict(causal=True, key_padding_mask=LEFT)),
-    "right padded": (13, 13, dict(causal=False, key_padding_mask=RIGHT)),
+    "left padded": (13, 13, dict(causal=True, key_mask=LEFT)),
+    "right padded": (13, 13, dict(causal=False, key_mask=RIGHT)),
     "packed": (13, 13, dict(causal=True, segment_ids=SEGMENTS)),
     "explicit positions": (
         13,
@@ -289,7 +289,7 @@ def test_flex_mask_mod_padding_and_segments():
 
     q, k, v = (torch.as_tensor(t, dtype=torch.float32) for t in _inputs(2, 4, 4, 13, 13))
     for kwargs in (
-        dict(causal=True, key_padding_mask=torch.as_tensor(RIGHT)),
+        dict(causal=True, key_mask=torch.as_tensor(RIGHT)),
         dict(causal=True, segment_ids=torch.as_tensor(SEGMENTS)),
     ):
         ref = posbias.torch.attention(q, k, v, None, implementation="reference", **kwargs)

@@ -76,11 +76,9 @@ def test_tf_function_jit_compile():
 
     @tf.function(jit_compile=True)
     def forward(t, m):
-        return layer(t, key_padding_mask=m)
+        return layer(t, key_mask=m)
 
-    np.testing.assert_allclose(
-        forward(x, mask), layer(x, key_padding_mask=mask), rtol=1e-5, atol=1e-6
-    )
+    np.testing.assert_allclose(forward(x, mask), layer(x, key_mask=mask), rtol=1e-5, atol=1e-6)
 
 
 def test_mixed_precision_policy():

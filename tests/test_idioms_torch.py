@@ -41,7 +41,7 @@ def test_compile_fullgraph_forward_and_decode():
     mask[0, :2] = False
     compiled = torch.compile(mha, fullgraph=True)
     torch.testing.assert_close(
-        compiled(x, key_padding_mask=mask), mha(x, key_padding_mask=mask), rtol=1e-5, atol=1e-6
+        compiled(x, key_mask=mask), mha(x, key_mask=mask), rtol=1e-5, atol=1e-6
     )
     cache = mha.init_cache(2, 8)
     step = torch.compile(lambda t, c: mha(t, cache=c), fullgraph=True)
@@ -79,7 +79,7 @@ def test_matches_sdpa_with_an_explicit_float_mask(causal, heads, kv):
         q, k.repeat_interleave(heads // kv, 1), v.repeat_interleave(heads // kv, 1), attn_mask=mask
     )
     # right padding keeps positions = indices, so the SDPA mask above is exactly the bias
-    out = attention(q, k, v, spec, causal=causal, key_padding_mask=pad)
+    out = attention(q, k, v, spec, causal=causal, key_mask=pad)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -51,7 +51,7 @@ def test_padding_gives_the_unpadded_outputs(fw, side):
     mask[0, :3] = side != "left"
     mask[0, 4:] = side == "left"
     real = slice(3, 7) if side == "left" else slice(0, 4)
-    out = xp.to_numpy(layer(xp.from_numpy(padded), key_padding_mask=xp.from_numpy(mask)))
+    out = xp.to_numpy(layer(xp.from_numpy(padded), key_mask=xp.from_numpy(mask)))
     alone = xp.to_numpy(layer(xp.from_numpy(x)))
     np.testing.assert_allclose(out[:, real], alone, rtol=1e-5, atol=1e-6)
 
@@ -74,13 +74,13 @@ def test_decoding_step_by_step_equals_full_forward(fw, steps):
     x = _x(batch=2, length=7)
     mask = np.ones((2, 7), bool)
     mask[1, :2] = False  # left-padded second sequence: per-sequence cache lengths differ
-    full = xp.to_numpy(layer(xp.from_numpy(x), key_padding_mask=xp.from_numpy(mask)))
+    full = xp.to_numpy(layer(xp.from_numpy(x), key_mask=xp.from_numpy(mask)))
     cache = layer.init_cache(batch_size=2, capacity=9)
     outs, start = [], 0
     for size in steps:
         y, cache = layer(
             xp.from_numpy(x[:, start : start + size]),
-            key_padding_mask=xp.from_numpy(mask[:, start : start + size]),
+            key_mask=xp.from_numpy(mask[:, start : start + size]),
             cache=cache,
         )
         outs.append(xp.to_numpy(y))
@@ -95,10 +95,10 @@ def test_fully_masked_rows_are_zero_not_nan(fw):
     module, xp = fw
     q = xp.from_numpy(np.ones((1, 3, 3, 4), np.float32))  # L = H = 3 in either layout
     mask = xp.from_numpy(np.array([[False, False, False]]))
-    out = module.attention(q, q, q, "alibi", key_padding_mask=mask, causal=True)
+    out = module.attention(q, q, q, "alibi", key_mask=mask, causal=True)
     assert np.all(xp.to_numpy(out) == 0)
     q16 = xp.cast(q, "float16")
-    out = module.attention(q16, q16, q16, "alibi", key_padding_mask=mask)
+    out = module.attention(q16, q16, q16, "alibi", key_mask=mask)
     assert np.all(xp.to_numpy(out) == 0)
 
 
@@ -201,7 +201,7 @@ def _bhld(xp, shape):
         (
             lambda m, xp: m.attention(
                 *(_bhld(xp, (1, 4, 3, 8)),) * 3,
-                key_padding_mask=xp.from_numpy(np.ones((1, 4), bool)),
+                key_mask=xp.from_numpy(np.ones((1, 4), bool)),
             ),
             posbias.InvalidArgumentError,
             "shape",
@@ -209,7 +209,7 @@ def _bhld(xp, shape):
         (
             lambda m, xp: m.attention(
                 *(_bhld(xp, (1, 4, 3, 8)),) * 3,
-                key_padding_mask=xp.from_numpy(np.ones((1, 3), np.int64)),
+                key_mask=xp.from_numpy(np.ones((1, 3), np.int64)),
             ),
             posbias.InvalidTypeError,
             "boolean",

@@ -52,7 +52,7 @@ def test_bloom_build_alibi_tensor():
     alibi = bloom.build_alibi_tensor(mask, H, torch.float32).view(2, H, 1, L)
     visible = CAUSAL & mask.bool()[:, None, None, :]
     theirs = _softmax_attend(q, k, v, alibi, visible)
-    ours = pt.attention(q, k, v, "alibi", causal=True, key_padding_mask=mask.bool())
+    ours = pt.attention(q, k, v, "alibi", causal=True, key_mask=mask.bool())
     real = mask.bool()[:, None, :, None]  # compare the rows of real queries
     diff = (theirs - ours).abs().masked_fill(~real, 0).max().item()
     assert _report("BLOOM build_alibi_tensor, causal + left padding", diff) < 1e-5

@@ -207,11 +207,11 @@ def test_bad_input_errors(meshes):
         sharded_attention(q, k, v, "alibi", mesh="seq", seq_axis="seq")
     with pytest.raises(posbias.InvalidArgumentError, match="both"):
         sharded_attention(q, k, v, "alibi", mesh=mesh, seq_axis="seq", head_axis="seq")
-    with pytest.raises(posbias.InvalidArgumentError, match="num_heads=8"):
+    with pytest.raises(posbias.InvalidArgumentError, match="has 8 heads but the queries have 4"):
         sharded_attention(q, k, v, posbias.get("alibi", num_heads=8), mesh=mesh, seq_axis="seq")
     with pytest.raises(posbias.InvalidArgumentError, match="order must be one of"):
         sharded_attention(q, k, v, "alibi", mesh=mesh, seq_axis="seq", order="striped")
-    with pytest.raises(posbias.InvalidArgumentError, match="2-D bias"):
+    with pytest.raises(posbias.InvalidArgumentError, match="2-D or callable"):
         sharded_attention(q, k, v, posbias.get("alibi_2d", num_heads=H, grid=(4, 4)),
                           mesh=mesh, seq_axis="seq")  # fmt: skip
     with pytest.raises(posbias.InvalidArgumentError, match="shape"):
@@ -262,19 +262,19 @@ def test_checkpointed_tiles_need_less_backward_memory(meshes):
 
 
 @pytest.mark.parametrize("layout", ["seq4", "zigzag4", "seq2xhead2"])
-def test_key_padding_mask(meshes, layout):
+def test_key_mask(meshes, layout):
     """Right-padded batch (bidirectional): padded keys hidden, positions from the layout."""
     q, k, v = qkv(kv_heads=2)
     mask = np.ones((B, L), bool)
     mask[0, -5:] = False
     pos = np.arange(L)
-    ref = attention(q, k, v, "alibi", key_padding_mask=mask, q_pos=pos, k_pos=pos)
+    ref = attention(q, k, v, "alibi", key_mask=mask, q_pos=pos, k_pos=pos)
     if layout == "zigzag4":
         out = run("seq4", meshes, *(zigzag(t, 4) for t in (q, k, v)), "alibi",
-                  key_padding_mask=zigzag(jnp.asarray(mask), 4), order="zigzag")  # fmt: skip
+                  key_mask=zigzag(jnp.asarray(mask), 4), order="zigzag")  # fmt: skip
         out = unzigzag(out, 4)
     else:
-        out = run(layout, meshes, q, k, v, "alibi", key_padding_mask=mask)
+        out = run(layout, meshes, q, k, v, "alibi", key_mask=mask)
     assert err(out, ref) < TOL
 
 
@@ -284,8 +284,59 @@ def test_decoding_with_empty_cache_slots(meshes):
     valid = np.ones((B, L), bool)
     valid[:, 11:] = False  # 11 tokens cached; the new token sits at position 11
     q_new, q_pos, k_pos = q[:, :1], np.array([11]), np.arange(L)
-    ref = attention(q_new, k, v, "t5", causal=True, key_padding_mask=valid, q_pos=q_pos,
+    ref = attention(q_new, k, v, "t5", causal=True, key_mask=valid, q_pos=q_pos,
                     k_pos=k_pos, q_offset=11)  # fmt: skip
-    out = run("seq2xhead2", meshes, q_new, k, v, "t5", causal=True, key_padding_mask=valid,
+    out = run("seq2xhead2", meshes, q_new, k, v, "t5", causal=True, key_mask=valid,
               q_pos=q_pos, k_pos=k_pos)  # fmt: skip
     assert err(out, ref) < TOL
+
+
+@pytest.mark.parametrize("layout", ["seq4", "zigzag4", "seq2xhead2"])
+def test_key_mask_means_the_same_as_on_one_device(meshes, layout):
+    """Left padding, a bias that is not shift-invariant (alibi_scaled), causal: the bias
+    positions are the global cumsum(key_mask) - 1 on every device, as on one device."""
+    q, k, v = qkv(kv_heads=2)
+    mask = np.ones((B, L), bool)
+    mask[0, :5] = False
+    mask[1, :2] = False
+    scaled = posbias.get("alibi_scaled", num_heads=H, train_length=4)
+    ref = attention(q, k, v, scaled, causal=True, key_mask=mask)
+    if layout == "zigzag4":
+        out = run("seq4", meshes, *(zigzag(t, 4) for t in (q, k, v)), scaled, causal=True,
+                  key_mask=zigzag(jnp.asarray(mask), 4), order="zigzag")  # fmt: skip
+        out = unzigzag(out, 4)
+    else:
+        out = run(layout, meshes, q, k, v, scaled, causal=True, key_mask=mask)
+    assert err(out, ref) < TOL
+
+
+@pytest.mark.parametrize("order", ["contiguous", "zigzag"])
+def test_decoding_with_cache_holes_takes_positions_from_the_mask(meshes, order):
+    q, k, v = qkv()
+    hole = np.ones((B, L), bool)
+    hole[0, 3:6] = False
+    hole[1, 9] = False
+    scaled = posbias.get("alibi_scaled", num_heads=H, train_length=4)
+    ref = attention(q[:, -2:], k, v, scaled, causal=True, key_mask=hole)
+    if order == "zigzag":
+        k, v = (zigzag(t, 4) for t in (k, v))
+        hole = zigzag(jnp.asarray(hole), 4)
+    out = run("seq4", meshes, q[:, -2:], k, v, scaled, causal=True, key_mask=hole, order=order)
+    assert err(out, ref) < TOL
+
+
+def test_key_padding_mask_is_an_error_naming_key_mask(meshes):
+    q, k, v = qkv()
+    mesh, _, _ = meshes["seq4"]
+    with pytest.raises(posbias.InvalidTypeError, match="key_mask=~key_padding_mask"):
+        sharded_attention(q, k, v, "alibi", mesh=mesh, seq_axis="seq",
+                          key_padding_mask=np.ones((B, L), bool))  # fmt: skip
+
+
+def test_segments_with_a_non_toeplitz_bias_need_positions(meshes):
+    q, k, v = qkv()
+    mesh, _, _ = meshes["seq4"]
+    segments = np.repeat(np.arange(2), L // 2)[None].repeat(B, 0)
+    with pytest.raises(posbias.InvalidArgumentError, match="per-document"):
+        sharded_attention(q, k, v, "alibi_scaled", mesh=mesh, seq_axis="seq",
+                          segment_ids=segments)  # fmt: skip

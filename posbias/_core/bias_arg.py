@@ -1,80 +1,220 @@
-"""Reading the ``bias=`` argument of attention functions and layers."""
+"""The one reading of ``bias=``: every attention function, layer and distributed path uses it.
+
+A ``bias=`` argument may be
+
+* ``None`` — no bias;
+* a registered name (``"alibi"``) — built with the caller's head count;
+* a :class:`~posbias.BiasSpec`;
+* a config dict (``spec.to_config()``, e.g. from JSON/YAML);
+* a ``PositionalBias`` module of any framework (its learnable parameters are
+  read at every call, so gradients reach them);
+* a callable ``bias(q_pos=, k_pos=, dtype=) -> (h, Lq, Lk) | (B, h, Lq, Lk)``.
+
+:func:`read_bias` turns each into a :class:`BiasArg` — the spec, where the
+learnable parameters come from, and the *global* heads the caller holds — and
+checks that the bias has exactly as many heads as the queries (a bias of the
+wrong head count is never broadcast over heads). Head-parallel kernels take a
+slice of the heads with :meth:`BiasArg.for_heads` and keep the spec, so the
+Toeplitz (Hankel table) and FlashAttention fast paths still apply.
+
+    >>> from posbias._core.bias_arg import read_bias
+    >>> arg = read_bias("alibi", 8)
+    >>> arg.spec.num_heads, arg.width, arg.toeplitz
+    (8, 8, True)
+    >>> read_bias({"name": "alibi", "num_heads": 4}, 8)
+    Traceback (most recent call last):
+    ...
+    posbias.errors.InvalidArgumentError: the bias has 4 heads but the queries have 8: ...
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import InvalidArgumentError, InvalidTypeError
-from ..registry import get
+from ..registry import from_config, get
 from ..spec import BiasSpec
+from .checks import check_heads
+
+_FORMS = (
+    "a registered name such as 'alibi', a BiasSpec, its config dict, a PositionalBias "
+    "module, a callable bias(q_pos=, k_pos=, dtype=) or None"
+)
 
 
-def resolve_bias(bias: Any, num_heads: int) -> Any:
-    """A callable ``(q_pos=, k_pos=, dtype=) -> tensor`` or None."""
-    if bias is None:
-        return None
-    if isinstance(bias, str):
-        bias = get(bias, num_heads=num_heads)
-    if isinstance(bias, BiasSpec):
-        if bias.num_heads != num_heads:
-            raise InvalidArgumentError(
-                f"the bias has num_heads={bias.num_heads} but the queries have {num_heads} "
-                "heads; the bias is per query head (also under grouped-query attention)."
+@dataclasses.dataclass(frozen=True, eq=False)
+class BiasArg:
+    """A read ``bias=`` argument (see the module docstring).
+
+    Attributes:
+        spec: the bias's spec; None for a plain callable.
+        heads: global head indices this caller holds (None: all of the spec's).
+        module: a ``PositionalBias`` module whose parameters are read per call.
+        params: explicit parameters (native tensors), overriding the module's.
+        fn: a plain callable bias (no spec).
+        width: the number of heads the bias yields (the caller's query heads).
+    """
+
+    spec: BiasSpec | None
+    width: int
+    heads: tuple[int, ...] | None = None
+    module: Any = None
+    params: Any = None
+    fn: Any = None
+
+    # ------------------------------------------------------------ properties
+    @property
+    def toeplitz(self) -> bool:
+        """The bias depends on ``j - i`` only (1-D positions): per-diagonal fast paths apply."""
+        return self.spec is not None and self.spec.toeplitz and self.spec.position_dims == 1
+
+    @property
+    def cacheable(self) -> bool:
+        """Its values are a pure function of (spec, heads, positions): no parameters that train."""
+        return self.spec is not None and self.module is None and self.params is None
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """A hashable identity of the values (for caches): spec and heads."""
+        return (self.spec, self.heads)
+
+    @property
+    def points(self) -> bool:
+        """A 2-D (row, col) bias."""
+        return self.spec is not None and self.spec.position_dims == 2
+
+    def symmetric_slopes(self) -> Any:
+        """The slopes of this caller's heads when the bias is ``-m_h·|i - j|``, else None."""
+        if self.spec is None or not self.cacheable:
+            return None
+        slopes = self.spec.symmetric_slopes()
+        if slopes is None or self.heads is None:
+            return slopes
+        return slopes[list(self.heads)]
+
+    # --------------------------------------------------------------- derived
+    def for_heads(self, heads: Any) -> BiasArg:
+        """The bias of the global heads ``heads`` (e.g. ``range(4, 8)``) of this one."""
+        if self.spec is None:
+            raise InvalidTypeError(
+                "head-parallel attention selects heads by global index, which needs a bias "
+                "with a spec (a name, a BiasSpec, its config or a PositionalBias module), not "
+                "a plain callable."
             )
-        return bias.bias
-    if callable(bias):
-        return bias
-    raise InvalidTypeError(
-        f"bias must be a registered name, a BiasSpec, a PositionalBias module or None, "
-        f"got {type(bias).__name__}."
-    )
+        index = check_heads(heads, self.spec.num_heads)
+        if self.heads is not None:
+            index = [self.heads[i] for i in index]
+        chosen = tuple(int(h) for h in index)
+        return dataclasses.replace(self, heads=chosen, width=len(chosen))
+
+    def with_params(self, params: Any) -> BiasArg:
+        """The same bias with explicit parameters (e.g. replicated into ``shard_map``)."""
+        return dataclasses.replace(self, params=params or None, module=None)
+
+    def current_params(self) -> Any:
+        """The native learnable parameters to use now (None for parameter-free biases)."""
+        if self.params is not None:
+            return self.params
+        if self.module is not None:
+            return self.module.native_params()
+        return None
+
+    # ---------------------------------------------------------------- values
+    def tile(self, xp: Any, q_pos: Any, k_pos: Any, dtype: str) -> Any:
+        """The bias of queries at ``q_pos`` and keys at ``k_pos``: ``(h, Lq, Lk)`` or batched.
+
+        Raises:
+            InvalidArgumentError: a callable returned a tensor whose heads axis is not
+                :attr:`width` (it is never broadcast across heads).
+        """
+        if self.fn is not None:
+            values = self.fn(q_pos=q_pos, k_pos=k_pos, dtype=dtype)
+            shape = xp.shape(values)
+            if len(shape) not in (3, 4) or shape[-3] != self.width:
+                raise InvalidArgumentError(
+                    f"the bias callable returned shape {shape}; expected ({self.width}, Lq, Lk) "
+                    f"or (B, {self.width}, Lq, Lk): one bias per query head ({self.width} "
+                    "heads), never broadcast."
+                )
+            return values
+        return self.spec.bias(
+            q_pos=q_pos,
+            k_pos=k_pos,
+            heads=self.heads,
+            dtype=dtype,
+            params=self.current_params(),
+            backend=xp.name,
+        )
+
+    def diagonals(self, xp: Any, d_min: int, d_max: int, dtype: str) -> Any:
+        """``(h, n)``: the values ``F(d)`` of a Toeplitz bias for ``d = d_min .. d_max``."""
+        d = xp.arange(d_max - d_min + 1) + d_min
+        return self.tile(xp, xp.arange(1) * 0, d, dtype)[:, 0, :]
 
 
-def spec_of(bias: Any, num_heads: int) -> BiasSpec | None:
-    """The ``BiasSpec`` behind a bias argument (name, spec or module), if any."""
-    if isinstance(bias, str):
-        return get(bias, num_heads=num_heads)
-    if isinstance(bias, BiasSpec):
-        return bias
-    spec = getattr(bias, "spec", None)
-    return spec if isinstance(spec, BiasSpec) else None
+def read_bias(bias: Any, num_heads: int | None) -> BiasArg | None:
+    """Read an attention call's ``bias=`` for queries with ``num_heads`` heads.
 
+    ``num_heads=None`` (only where no queries exist, e.g. a FlexAttention
+    ``score_mod`` factory) skips the head-count check; a name then needs one.
 
-def module_params(bias: Any) -> dict | None:
-    """The native learnable parameters of a ``PositionalBias`` module, or None otherwise."""
-    native = getattr(bias, "native_params", None)
-    return native() if callable(native) else None
-
-
-def head_bias(bias: Any, num_heads: int, heads: Any, backend: str, params: Any = None) -> Any:
-    """``bias_fn(q_pos=, k_pos=, dtype=)`` for the *global* heads ``heads``, or None.
-
-    ``bias`` is a registered name, a ``BiasSpec`` or a ``PositionalBias`` module
-    of any framework (its learnable parameters are read when called, so
-    gradients reach them; ``params`` overrides them). Head-parallel kernels hold
-    a slice of the heads and need that slice's slopes and table columns, not
-    heads ``0..h-1``.
+    Raises:
+        InvalidArgumentError: the bias has another head count than the queries.
+        InvalidTypeError: ``bias`` is none of the accepted forms.
+        UnknownBiasError, ConfigError: a bad name or config.
     """
     if bias is None:
         return None
-    spec = spec_of(bias, num_heads)
-    if spec is None:
-        raise InvalidTypeError(
-            "distributed attention needs a registered name, a BiasSpec or a PositionalBias "
-            f"module as bias (its heads are selected by global index), got {type(bias).__name__}."
-        )
-    resolve_bias(spec, num_heads)  # the head-count check
-    if spec.position_dims != 1:
+    if isinstance(bias, BiasArg):
+        _check_count(bias.width, num_heads)
+        return bias
+    if isinstance(bias, str):
+        if num_heads is None:
+            raise InvalidArgumentError(f"give num_heads= to build the {bias!r} bias by name.")
+        return BiasArg(get(bias, num_heads=num_heads), width=num_heads)
+    if isinstance(bias, Mapping):
+        bias = from_config(bias)
+    if isinstance(bias, BiasSpec):
+        _check_count(bias.num_heads, num_heads)
+        return BiasArg(bias, width=bias.num_heads)
+    spec = getattr(bias, "spec", None)
+    if isinstance(spec, BiasSpec) and callable(getattr(bias, "native_params", None)):
+        _check_count(spec.num_heads, num_heads)
+        return BiasArg(spec, width=spec.num_heads, module=bias)
+    if callable(bias) and num_heads is not None:
+        return BiasArg(None, width=num_heads, fn=bias)
+    raise InvalidTypeError(f"bias must be {_FORMS}; got {type(bias).__name__}.")
+
+
+def spec_from(bias: Any, num_heads: int | None, hyper: Mapping[str, Any]) -> BiasSpec:
+    """The spec a layer builds its ``PositionalBias`` from: a name (+ ``num_heads`` and
+    hyper-parameters), a spec or a config dict, checked against ``num_heads``."""
+    if isinstance(bias, str):
+        if num_heads is None:
+            raise InvalidArgumentError(f"give num_heads to build the {bias!r} bias.")
+        return get(bias, num_heads=num_heads, **hyper)
+    if hyper:
         raise InvalidArgumentError(
-            f"{spec.name} is a 2-D bias; distributed attention shards 1-D token positions. "
-            "Use posbias attention on one device for 2-D biases."
+            f"hyper-parameters {sorted(hyper)} go with a bias name, not with a "
+            f"{type(bias).__name__}; put them in the spec or its config instead."
         )
-    module = None if isinstance(bias, (str, BiasSpec)) or params is not None else bias
+    if isinstance(bias, Mapping):
+        bias = from_config(bias)
+    if isinstance(bias, BiasSpec):
+        _check_count(bias.num_heads, num_heads)
+        return bias
+    raise InvalidTypeError(
+        f"bias must be a registered name, a BiasSpec or its config dict, got {type(bias).__name__}."
+    )
 
-    def bias_fn(q_pos: Any, k_pos: Any, dtype: Any) -> Any:
-        values = module.native_params() if module is not None else params
-        return spec.bias(
-            q_pos=q_pos, k_pos=k_pos, heads=heads, dtype=dtype, params=values, backend=backend
+
+def _check_count(bias_heads: int, num_heads: int | None) -> None:
+    if num_heads is not None and bias_heads != num_heads:
+        raise InvalidArgumentError(
+            f"the bias has {bias_heads} head{'s' * (bias_heads != 1)} but the queries have "
+            f"{num_heads}: build the "
+            f"bias with num_heads={num_heads}. A bias is per query head (also under "
+            "grouped-query attention) and is never broadcast across heads."
         )
-
-    return bias_fn

@@ -1,14 +1,24 @@
-"""Choosing and running an attention implementation; the framework front doors' core."""
+"""Choosing and running an attention implementation; the framework front doors' core.
+
+Kernels register themselves: a framework package calls :func:`register_kernel`
+when it is imported (``posbias.torch`` registers its SDPA tiles and
+FlashAttention, ``posbias.jax`` cuDNN), so this module imports no kernel and no
+framework. :func:`select` picks what ``implementation="auto"`` stands for, or
+says why an explicitly requested kernel cannot run; :func:`attention` is what
+every framework's ``attention`` function calls.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import einops
-import numpy as np
 
 from .. import backends as _backends
-from ..errors import InvalidArgumentError, InvalidTypeError
+from ..errors import InvalidArgumentError
+from . import conventions
 from .problem import LAYOUTS, Problem, prepare
 from .reference import blockwise, reference_tile
 
@@ -18,19 +28,63 @@ IMPLEMENTATIONS = ("auto", "reference", "blockwise", "flash_attn", "cudnn")
 #: fastest at L = 2048 on CPU; see docs/performance.md)
 DEFAULT_BLOCK_SIZE = {"torch": 256, "jax": 256, "tensorflow": 256, "numpy": 256}
 
+#: the keyword arguments of every framework's ``attention`` (the signatures agree)
+ATTENTION_KEYWORDS = (
+    "causal",
+    "q_offset",
+    "key_mask",
+    "segment_ids",
+    "scale",
+    "q_pos",
+    "k_pos",
+    "implementation",
+    "block_size",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """An attention implementation of one framework.
+
+    Attributes:
+        name: the ``implementation=`` value (``"blockwise"``, ``"flash_attn"``, ...).
+        backend: the backend whose tensors it takes.
+        runs_on: what it needs, in words (for errors), e.g. ``"PyTorch CUDA tensors"``.
+        why_not: ``why_not(p)`` → None when it can compute ``p`` exactly, else the reason.
+        run: ``run(p)`` → ``(B, H, Lq, D)`` in ``p.compute`` (a whole-problem kernel).
+        tile: ``tile(p)`` → a tile function ``(p, r0, r1) -> rows`` for :func:`blockwise`.
+        auto: ``implementation="auto"`` picks it whenever ``why_not`` says it can run.
+    """
+
+    name: str
+    backend: str
+    runs_on: str
+    why_not: Callable[[Problem], str | None] | None = None
+    run: Callable[[Problem], Any] | None = None
+    tile: Callable[[Problem], Any] | None = None
+    auto: bool = False
+
+
+_KERNELS: dict[tuple[str, str], Kernel] = {}
+#: vendor kernels and what they run on, known before their framework is imported
+_VENDOR = {"flash_attn": "PyTorch CUDA tensors", "cudnn": "JAX GPU arrays"}
+
+
+def register_kernel(kernel: Kernel) -> Kernel:
+    """Make ``kernel`` available to :func:`select` (a framework package calls this on import)."""
+    _KERNELS[(kernel.backend, kernel.name)] = kernel
+    return kernel
+
 
 def run(p: Problem, implementation: str, block_size: int) -> Any:
     """Compute ``p`` with the chosen implementation; ``(B, H, Lq, D)`` in ``p.compute``."""
     name = select(p, implementation)
     if name == "reference":
         return reference_tile(p, 0, p.q_len)
-    if name in _DEVICE_PATHS:
-        return _device_path(name).run(p)
-    if p.xp.name == "torch":
-        from ..torch import _sdpa
-
-        return blockwise(p, _sdpa.tile_fn(p), block_size)
-    return blockwise(p, reference_tile, block_size)
+    if name == "blockwise":
+        kernel = _KERNELS.get((p.xp.name, "blockwise"))
+        return blockwise(p, reference_tile if kernel is None else kernel.tile(p), block_size)
+    return _KERNELS[(p.xp.name, name)].run(p)
 
 
 def select(p: Problem, implementation: str) -> str:
@@ -49,39 +103,21 @@ def select(p: Problem, implementation: str) -> str:
     check_implementation(implementation)
     backend = p.xp.name
     if implementation == "auto":
-        if backend == "numpy":
-            return "reference"
-        if backend == "torch" and _device_path("flash_attn").why_not(p) is None:
-            return "flash_attn"
-        return "blockwise"
-    if implementation in _DEVICE_PATHS:
-        needs, what = _DEVICE_PATHS[implementation]
-        if backend != needs:
-            raise InvalidArgumentError(
-                f"implementation={implementation!r} runs on {what}, not {backend}."
-            )
-        reason = _device_path(implementation).why_not(p)
-        if reason is not None:
-            raise InvalidArgumentError(f"implementation={implementation!r} cannot run: {reason}")
+        for (owner, name), kernel in _KERNELS.items():
+            if owner == backend and kernel.auto and kernel.why_not(p) is None:
+                return name
+        return "reference" if backend == "numpy" else "blockwise"
+    if implementation in ("reference", "blockwise"):
+        return implementation
+    kernel = _KERNELS.get((backend, implementation))
+    if kernel is None:
+        raise InvalidArgumentError(
+            f"implementation={implementation!r} runs on {_VENDOR[implementation]}, not {backend}."
+        )
+    reason = kernel.why_not(p)
+    if reason is not None:
+        raise InvalidArgumentError(f"implementation={implementation!r} cannot run: {reason}")
     return implementation
-
-
-#: vendor kernels: name -> (backend, what they run on); modules with why_not()/run()
-_DEVICE_PATHS = {
-    "flash_attn": ("torch", "PyTorch CUDA tensors"),
-    "cudnn": ("jax", "JAX GPU arrays"),
-}
-
-
-def _device_path(name: str) -> Any:
-    # plain imports, not importlib: torch.compile traces through this
-    if name == "flash_attn":
-        from ..torch import _flash
-
-        return _flash
-    from ..jax import _cudnn
-
-    return _cudnn
 
 
 def attend(
@@ -93,20 +129,42 @@ def attend(
     *,
     implementation: str = "auto",
     block_size: int | None = None,
+    out_dtype: str | None = None,
     **options: Any,
 ) -> Any:
     """Attention with an additive bias; ``options`` are :func:`prepare`'s keywords.
 
-    See the module docstring for the rules; ``implementation`` and
-    ``block_size`` choose the kernel (:func:`select`).
+    See :mod:`posbias._core.problem` for the rules; ``implementation`` and
+    ``block_size`` choose the kernel (:func:`select`); the output has
+    ``out_dtype`` (default: the queries' dtype).
     """
-    p = prepare(xp, q, k, v, bias, **options)
+    check_implementation(implementation)
     block_size = check_block_size(block_size) or DEFAULT_BLOCK_SIZE[xp.name]
+    p = prepare(xp, q, k, v, bias, **options)
     out = run(p, implementation, block_size)
     layout = options.get("layout", "bhld")
     if layout != "bhld":
         out = einops.rearrange(out, f"b h l d -> {LAYOUTS[layout]}")
-    return xp.cast(out, p.in_dtype)
+    return xp.cast(out, out_dtype or p.in_dtype)
+
+
+def attention(
+    backend: str, layout: str, q: Any, k: Any, v: Any, bias: Any, removed: dict, **options: Any
+) -> Any:
+    """The body of ``posbias.<backend>.attention``: reject unknown keywords, then :func:`attend`.
+
+    ``removed`` holds the keyword arguments the public signature does not name
+    (``key_padding_mask=`` gets an error explaining ``key_mask``).
+    """
+    conventions.reject_unknown(f"posbias.{backend}.attention", removed, ATTENTION_KEYWORDS)
+    xp = _backends.load(backend)(_device_of(backend, q))
+    return attend(xp, q, k, v, bias, layout=layout, **options)
+
+
+def _device_of(backend: str, x: Any) -> Any:
+    if _backends.detect(x) == backend:
+        return _backends.load(backend)().device_of(x)
+    return None
 
 
 def check_implementation(implementation: Any) -> str:
@@ -127,62 +185,3 @@ def check_block_size(block_size: Any) -> int | None:
             f"block_size must be a positive int (query rows per block), got {block_size!r}."
         )
     return block_size
-
-
-def functional(backend: str, layout: str):
-    """Build a framework's ``attention(q, k, v, bias=None, *, ...)`` function."""
-
-    def attention(
-        q: Any,
-        k: Any,
-        v: Any,
-        bias: Any = None,
-        *,
-        causal: bool = False,
-        q_offset: Any = None,
-        key_padding_mask: Any = None,
-        segment_ids: Any = None,
-        scale: float | None = None,
-        q_pos: Any = None,
-        k_pos: Any = None,
-        implementation: str = "auto",
-        block_size: int | None = None,
-    ) -> Any:
-        xp = _backends.load(backend)(_device_of(backend, q))
-        return attend(
-            xp,
-            _native(xp, q),
-            _native(xp, k),
-            _native(xp, v),
-            bias,
-            layout=layout,
-            causal=causal,
-            q_offset=q_offset,
-            key_padding_mask=key_padding_mask,
-            segment_ids=segment_ids,
-            scale=scale,
-            q_pos=q_pos,
-            k_pos=k_pos,
-            implementation=implementation,
-            block_size=block_size,
-        )
-
-    return attention
-
-
-def _device_of(backend: str, x: Any) -> Any:
-    if _backends.detect(x) == backend:
-        return _backends.load(backend)().device_of(x)
-    return None
-
-
-def _native(xp, x: Any) -> Any:
-    kind = _backends.detect(x)
-    if kind == xp.name:
-        return x
-    if kind in (None, "numpy"):
-        return xp.from_numpy(np.asarray(x))
-    raise InvalidTypeError(
-        f"posbias.{xp.name}.attention got a {kind} tensor; pass {xp.name} tensors "
-        f"(or use posbias.{kind}.attention)."
-    )

@@ -21,34 +21,22 @@ from typing import Any
 import einops
 import numpy as np
 
+from .. import backends
 from ..errors import InvalidArgumentError, InvalidTypeError
-from ..registry import from_config, get
 from ..spec import BiasSpec
-from . import dispatch, problem
+from . import bias_arg, conventions, dispatch, problem
 from .checks import check_int
 
 PROJECTIONS = ("q", "k", "v", "o")
 
 
 def make_spec(bias: Any, num_heads: int | None, hyper: Mapping[str, Any]) -> BiasSpec:
-    """A spec from a name (+ ``num_heads`` and hyper-parameters), a config dict or a spec."""
-    if isinstance(bias, BiasSpec):
-        if hyper:
-            raise InvalidArgumentError("pass hyper-parameters with a bias name, not with a spec.")
-        if num_heads is not None and num_heads != bias.num_heads:
-            raise InvalidArgumentError(
-                f"num_heads={num_heads} disagrees with the spec's {bias.num_heads}."
-            )
-        return bias
-    if isinstance(bias, Mapping):
-        return from_config(bias)
-    if isinstance(bias, str):
-        if num_heads is None:
-            raise InvalidArgumentError(f"give num_heads to build the {bias!r} bias.")
-        return get(bias, num_heads=num_heads, **hyper)
-    raise InvalidTypeError(
-        f"bias must be a registered name, a BiasSpec or its config dict, got {type(bias).__name__}."
-    )
+    """A spec from a name (+ ``num_heads`` and hyper-parameters), a config dict or a spec.
+
+    The layers' reading of ``bias=`` (:func:`posbias._core.bias_arg.spec_from`):
+    a spec or config of another head count than ``num_heads`` is an error.
+    """
+    return bias_arg.spec_from(bias, num_heads, hyper)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +88,8 @@ class MHAConfig:
             num_heads,
             num_kv_heads,
             head_dim,
-            bool(causal),
-            bool(use_bias),
+            conventions.check_bool("causal", causal),
+            conventions.check_bool("use_bias", use_bias),
             dispatch.check_implementation(implementation),
             dispatch.check_block_size(block_size),
         )
@@ -194,9 +182,7 @@ class BiasParamsMixin:
 
 
 def _to_numpy(value: Any) -> np.ndarray:
-    from ..testing import to_numpy
-
-    return to_numpy(value)
+    return backends.to_numpy(value)
 
 
 class PortableWeightsMixin:
@@ -242,11 +228,24 @@ def mha_forward(
     x: Any,
     bias: Any,
     *,
-    key_padding_mask: Any = None,
+    key_mask: Any = None,
     segment_ids: Any = None,
     cache: problem.KVCache | None = None,
+    removed: Mapping[str, Any] | None = None,
 ) -> Any:
-    """Self-attention forward pass; returns ``out`` or ``(out, new_cache)``."""
+    """Self-attention forward pass; returns ``out`` or ``(out, new_cache)``.
+
+    ``removed``: keyword arguments the layer's call does not name (an error
+    that explains each, e.g. ``key_padding_mask`` → ``key_mask``).
+    """
+    conventions.reject_unknown(
+        "MultiHeadAttention", removed or {}, ("key_mask", "segment_ids", "cache")
+    )
+    if cache is not None and not isinstance(cache, problem.KVCache):
+        raise InvalidTypeError(
+            f"cache must be the KVCache that layer.init_cache() returns (or the cache a "
+            f"previous call returned), got {type(cache).__name__}."
+        )
     shape = xp.shape(x)
     if len(shape) != 3 or shape[-1] != cfg.embed_dim:
         raise InvalidArgumentError(
@@ -264,7 +263,7 @@ def mha_forward(
             v,
             bias,
             causal=cfg.causal,
-            key_padding_mask=key_padding_mask,
+            key_mask=key_mask,
             segment_ids=segment_ids,
             implementation=cfg.implementation,
             block_size=cfg.block_size,
@@ -276,7 +275,7 @@ def mha_forward(
         if segment_ids is not None:
             raise InvalidArgumentError("segment_ids are not supported with a KV cache.")
         offset = cache.length
-        new_cache = cache_write(xp, cache, k, v, key_padding_mask)
+        new_cache = cache_write(xp, cache, k, v, key_mask)
         out = dispatch.attend(
             xp,
             q,
@@ -285,7 +284,7 @@ def mha_forward(
             bias,
             causal=True,
             q_offset=offset,
-            key_padding_mask=new_cache.valid,
+            key_mask=new_cache.valid,
             implementation=cfg.implementation,
             block_size=cfg.block_size,
         )
@@ -330,7 +329,7 @@ def cache_write(xp, cache: problem.KVCache, k: Any, v: Any, valid: Any) -> probl
     if valid is None:
         valid = xp.zeros((batch, steps), "int32") == 0
     else:
-        valid = problem._check_mask(xp, "key_padding_mask", valid, batch, steps, boolean=True)
+        valid = problem.check_mask(xp, "key_mask", valid, batch, steps, boolean=True)
     rel = xp.arange(capacity) - cache.length[:, None]  # (B, capacity): slot - filled
     onehot = rel[..., None] == xp.arange(steps)  # (B, capacity, T)
     writing = (rel >= 0) & (rel < steps)

@@ -32,7 +32,7 @@ against the backend op vocabulary, so one code path serves every framework.
     >>> pos = np.arange(6)
     >>> tile = lambda a, b: partial.tile(
     ...     xp, q, k[:, :, a:b], v[:, :, a:b], scale=0.5, bias_fn=bias,
-    ...     q_pos=pos, k_pos=pos[a:b], causal=True, compute="float64")
+    ...     q_slot=pos, k_slot=pos[a:b], causal=True, compute="float64")
     >>> out, _ = partial.merge(xp, tile(0, 3), tile(3, 6))
     >>> full, _ = tile(0, 6)
     >>> bool(np.allclose(out, full))
@@ -44,6 +44,8 @@ from __future__ import annotations
 from typing import Any
 
 import einops
+
+from . import conventions
 
 Partial = tuple[Any, Any]  # (out (B, H, Lq, D), lse (B, H, Lq))
 
@@ -72,14 +74,6 @@ def softmax_rows(xp, scores: Any, visible: Any, v: Any, compute: str) -> Partial
     return out, lse[..., 0]
 
 
-def visible_by_position(q_pos: Any, k_pos: Any) -> Any:
-    """Causal visibility from global positions: key ``j`` visible to query ``i`` iff ``j <= i``.
-
-    ``(Lq, Lk)`` for 1-D positions, ``(B, Lq, Lk)`` when either is batched.
-    """
-    return k_pos[..., None, :] <= q_pos[..., :, None]
-
-
 def key_visibility(q_segment: Any, k_segment: Any, k_real: Any) -> Any:
     """``(B, Lq, Lk)`` bool from segment ids and a key padding mask, or None for neither.
 
@@ -103,12 +97,14 @@ def tile(
     *,
     scale: float,
     bias_fn: Any,
-    q_pos: Any,
-    k_pos: Any,
+    q_slot: Any,
+    k_slot: Any,
     causal: bool,
     compute: str,
     visible: Any = None,
     kv_group: int = 1,
+    q_pos: Any = None,
+    k_pos: Any = None,
 ) -> Partial:
     """Attention of ``q`` against one key block, as ``(out, lse)`` in ``compute``.
 
@@ -120,23 +116,28 @@ def tile(
         scale: the score scale (``1/√D`` by default upstream).
         bias_fn: ``bias_fn(q_pos=, k_pos=, dtype=)`` → ``(H, Lq, Lk)`` or
             ``(B, H, Lq, Lk)``, or None for no bias.
-        q_pos: ``(Lq,)`` or ``(B, Lq)`` global query positions.
-        k_pos: ``(Lk,)`` or ``(B, Lk)`` global key positions.
-        causal: hide keys at later positions than the query.
+        q_slot: ``(Lq,)`` or ``(B, Lq)`` global query slots (causal order).
+        k_slot: ``(Lk,)`` or ``(B, Lk)`` global key slots.
+        causal: hide keys at later slots than the query.
         compute: compute dtype name (``"float32"`` or ``"float64"``).
         visible: an extra ``(B|1, Lq, Lk)`` bool mask ANDed with the causal one.
         kv_group: query heads per key/value head (grouped-query attention): ``k``
             and ``v`` have ``H / kv_group`` heads and are repeated here, per tile,
             so that what travels between devices is the small un-repeated block.
+        q_pos: bias positions of the queries (default: the slots; a padded batch
+            has ``cumsum(key_mask) - 1``, see :mod:`posbias._core.conventions`).
+        k_pos: bias positions of the keys (default: the slots).
     """
     if kv_group > 1:
         k, v = (einops.repeat(t, "b h l d -> b (h g) l d", g=kv_group) for t in (k, v))
     q, k, v = (xp.cast(t, compute) for t in (q, k, v))
     scores = xp.einsum("bhqd,bhkd->bhqk", q, k) * scale
     if bias_fn is not None:
+        q_pos = q_slot if q_pos is None else q_pos
+        k_pos = k_slot if k_pos is None else k_pos
         scores = scores + bias_fn(q_pos=q_pos, k_pos=k_pos, dtype=compute)
     if causal:
-        order = visible_by_position(q_pos, k_pos)
+        order = conventions.causal_visible(q_slot, k_slot)
         visible = order if visible is None else visible & order
     if visible is not None:
         if len(xp.shape(visible)) == 2:

@@ -1,4 +1,4 @@
-"""Framework-free attention with an additive positional bias.
+"""One attention call, read and normalised: :class:`Problem` and :func:`prepare`.
 
 One implementation, written against the backend op vocabulary and einops,
 serves :func:`posbias.numpy.attention` (float64 reference), the PyTorch, JAX
@@ -12,16 +12,20 @@ softmax statistics are float32 (float64 for float64 inputs); the output has
 the input dtype. Grouped-query attention repeats K/V heads with einops; the
 bias is per query head.
 
-Masks and positions, in *slot* coordinates (index along the key axis):
+Masks and positions, in *slot* coordinates (index along the key axis), by the
+rules of :mod:`posbias._core.conventions`:
 
 * query ``r`` sits in slot ``q_offset + r`` (default ``Lk - Lq``: bottom-right);
 * ``causal``: key slot ``j`` is visible to query slot ``i`` iff ``j <= i``;
-* ``key_padding_mask`` ``(B, Lk)``, True for real tokens, hides padded keys;
+* ``key_mask`` ``(B, Lk)`` bool, True for a real key, hides padded keys;
 * ``segment_ids`` ``(B, Lk)``: queries see keys of their own segment only;
-* bias positions default to the slots; with a padding mask they are
-  ``cumsum(mask) - 1`` and with segments they restart at 0 in every segment,
+* bias positions default to the slots; with a key mask they are
+  ``cumsum(key_mask) - 1`` and with segments they restart at 0 in every segment,
   so padded or packed sequences get exactly the bias of the unpadded one.
 * A query row with no visible key outputs zeros (never NaN).
+
+Every argument is read here once; every path (functions, layers, distributed)
+uses this reading.
 """
 
 from __future__ import annotations
@@ -33,12 +37,14 @@ import einops
 import numpy as np
 
 from .. import backends as _backends
-from ..errors import InvalidArgumentError, InvalidTypeError
-from ..registry import get
-from ..spec import BiasSpec
-from .bias_arg import resolve_bias, spec_of
+from .. import positions as _positions
+from ..errors import BackendError, InvalidArgumentError, InvalidTypeError
+from . import conventions
+from .bias_arg import BiasArg, read_bias
+from .checks import MAX_POSITION, check_int, is_int
 
 LAYOUTS = {"bhld": "b h l d", "blhd": "b l h d"}
+FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 
 class KVCache(NamedTuple):
@@ -56,14 +62,40 @@ class KVCache(NamedTuple):
     length: Any
 
 
+def native(xp, name: str, x: Any) -> Any:
+    """``x`` as a tensor of ``xp``'s framework (NumPy arrays and lists convert; others: error)."""
+    kind = _backends.detect(x)
+    if kind == xp.name:
+        return x
+    if kind in (None, "numpy"):
+        array = np.asarray(x)
+        if array.dtype == object or array.dtype.kind in "USV":
+            raise InvalidTypeError(
+                f"{name} must be a numeric array, got {type(x).__name__} of dtype {array.dtype}."
+            )
+        return xp.from_numpy(array)
+    raise BackendError(
+        f"{name} is a {kind} tensor, but this is posbias.{xp.name}: pass {xp.name} tensors "
+        f"(or NumPy arrays), or use posbias.{kind}."
+    )
+
+
 def _shape4(xp, name: str, x: Any) -> tuple[int, ...]:
     shape = xp.shape(x)
     if len(shape) != 4:
         raise InvalidArgumentError(f"{name} must be 4-D, got shape {shape}.")
+    dtype = xp.dtype_name(x.dtype)
+    if dtype not in FLOATS:
+        raise InvalidTypeError(
+            f"{name} must be a floating tensor ({', '.join(FLOATS)}), got dtype "
+            f"{dtype or x.dtype}; cast it first (integer, bool and complex inputs are not "
+            "attention inputs)."
+        )
     return shape
 
 
-def _check_qkv(xp, q, k, v, layout: str) -> tuple[int, int, int, int, int]:
+def check_qkv(xp, q, k, v, layout: str) -> tuple[int, int, int, int, int]:
+    """``(B, H, H_kv, Lq, Lk)`` of floating ``q``, ``k``, ``v`` in ``layout``, checked."""
     qs, ks, vs = _shape4(xp, "q", q), _shape4(xp, "k", k), _shape4(xp, "v", v)
     names = "(B, H, L, D)" if layout == "bhld" else "(B, L, H, D)"
     if layout == "blhd":
@@ -86,9 +118,9 @@ def _check_qkv(xp, q, k, v, layout: str) -> tuple[int, int, int, int, int]:
     return qs[0], qs[1], ks[1], qs[2], ks[2]
 
 
-def _check_mask(xp, name: str, mask: Any, batch: int, length: int, *, boolean: bool) -> Any:
-    if _backends.detect(mask) in (None, "numpy") and xp.name != "numpy":
-        mask = xp.from_numpy(np.asarray(mask))
+def check_mask(xp, name: str, mask: Any, batch: int, length: int, *, boolean: bool) -> Any:
+    """A ``(B, L)`` bool mask (``boolean``) or integer ids as a tensor of ``xp``, checked."""
+    mask = native(xp, name, mask)
     shape = xp.shape(mask)
     if shape != (batch, length):
         raise InvalidArgumentError(
@@ -97,7 +129,7 @@ def _check_mask(xp, name: str, mask: Any, batch: int, length: int, *, boolean: b
     dtype = xp.dtype_name(mask.dtype) or str(mask.dtype)
     if boolean and dtype != "bool":
         raise InvalidTypeError(
-            f"{name} must be boolean (True for real tokens), got dtype {dtype}; "
+            f"{name} must be boolean (True for a real key), got dtype {dtype}; "
             "convert with mask.bool() / mask.astype(bool)."
         )
     if not boolean and not xp.is_integer(mask):
@@ -105,7 +137,37 @@ def _check_mask(xp, name: str, mask: Any, batch: int, length: int, *, boolean: b
     return mask
 
 
-def _select(xp, values: Any, slots: Any, k_slot: Any) -> Any:
+def read_q_offset(xp, q_offset: Any, batch: int) -> Any:
+    """``q_offset``: None, an int, or an integer tensor of shape ``()`` / ``(B,)``."""
+    if q_offset is None or is_int(q_offset) or isinstance(q_offset, (bool, float, str)):
+        if q_offset is None:
+            return None
+        return check_int("q_offset", q_offset, minimum=-MAX_POSITION, maximum=MAX_POSITION)
+    offset = _positions.integer_array(xp, "q_offset", native(xp, "q_offset", q_offset), 1)
+    shape = xp.shape(offset)
+    if shape not in ((), (batch,)):
+        raise InvalidArgumentError(
+            f"q_offset must be an int or an integer tensor of shape () or (B,) = ({batch},), "
+            f"got shape {shape}."
+        )
+    return offset
+
+
+def read_positions(xp, name: str, pos: Any, batch: int, length: int, points: bool) -> Any:
+    """Explicit bias positions: ``(L,)``/``(B, L)`` integers, or ``(L, 2)``/``(B, L, 2)`` points."""
+    pos = _positions.integer_array(xp, name, native(xp, name, pos), 3 if points else 2)
+    shape = xp.shape(pos)
+    tail = (length, 2) if points else (length,)
+    if shape not in (tail, (batch, *tail)):
+        allowed = " or ".join(str(s) for s in (tail, (batch, *tail)))
+        raise InvalidArgumentError(
+            f"{name} must have shape {allowed} (one position per "
+            f"{'query' if name == 'q_pos' else 'key'}), got {shape}."
+        )
+    return pos
+
+
+def _select(xp, values: Any, slots: Any) -> Any:
     """``values[b, slots[b, r]]`` for ``values`` ``(B, Lk)`` (0 outside ``[0, Lk)``)."""
     k_len = xp.shape(values)[-1]
     slots = xp.as_int(values[:, :1] * 0) + slots  # (B, Lq)
@@ -139,11 +201,10 @@ class Problem:
     q_offset: Any  # int, or a (B,) tensor
     q_slot: Any
     k_slot: Any
-    real: Any  # (B, Lk) bool or None
+    key_mask: Any  # (B, Lk) bool or None
     q_segment: Any
     segment_ids: Any
-    bias_fn: Any
-    spec: BiasSpec | None  # the bias's spec when it has one
+    bias: BiasArg | None
     q_pos: Any
     k_pos: Any
     slot_positions: bool  # bias positions are the slots themselves (Toeplitz-friendly)
@@ -157,20 +218,19 @@ class Problem:
     def extent(self, r0: int, r1: int) -> int:
         """Keys ``[0, K)`` that rows ``[r0, r1)`` may see (causal with a static offset)."""
         if self.causal and isinstance(self.q_offset, int):
-            return max(0, min(self.k_len, self.q_offset + r1))
+            return conventions.causal_extent(self.q_offset + r0, self.q_offset + r1, self.k_len)
         return self.k_len
 
     def visible(self, r0: int, r1: int, extent: int) -> Any:
         """``(B|1, n, K)`` bool of visible keys, or None when every key is visible."""
-        xp, k_slot = self.xp, self.k_slot[:extent]
-        q_slot = self.q_slot[..., r0:r1]
+        xp = self.xp
         visible = None
         if self.causal:
-            visible = k_slot <= q_slot[..., :, None]
+            visible = conventions.causal_visible(self.q_slot[..., r0:r1], self.k_slot[:extent])
             if len(xp.shape(visible)) == 2:
                 visible = visible[None]
-        if self.real is not None:
-            real = self.real[:, None, :extent]
+        if self.key_mask is not None:
+            real = self.key_mask[:, None, :extent]
             visible = real if visible is None else visible & real
         if self.segment_ids is not None:
             same = self.q_segment[:, r0:r1, None] == self.segment_ids[:, None, :extent]
@@ -179,13 +239,13 @@ class Problem:
 
     def bias_tile(self, r0: int, r1: int, extent: int) -> Any:
         """The bias of rows ``[r0, r1)`` and keys ``[0, K)``, or None without a bias."""
-        if self.bias_fn is None:
+        if self.bias is None:
             return None
-        return self.bias_fn(
-            q_pos=self._rows(self.q_pos, r0, r1),
-            k_pos=self._rows(self.k_pos, 0, extent),
-            dtype=self.compute,
-        )
+        q_pos, k_pos = self._rows(self.q_pos, r0, r1), self._rows(self.k_pos, 0, extent)
+        if self.bias.points and not self.points:  # token indices of a row-major grid
+            width = self.bias.spec.grid_width()
+            q_pos, k_pos = (_positions.index_points(self.xp, t, width) for t in (q_pos, k_pos))
+        return self.bias.tile(self.xp, q_pos, k_pos, self.compute)
 
 
 def prepare(
@@ -198,27 +258,37 @@ def prepare(
     layout: str = "bhld",
     causal: bool = False,
     q_offset: Any = None,
-    key_padding_mask: Any = None,
+    key_mask: Any = None,
     segment_ids: Any = None,
-    scale: float | None = None,
+    scale: Any = None,
     q_pos: Any = None,
     k_pos: Any = None,
     compute_dtype: str | None = None,
 ) -> Problem:
-    """Check the inputs and derive slots, masks and bias positions (no ``Lq × Lk`` work)."""
-    batch, heads, kv_heads, q_len, k_len = _check_qkv(xp, q, k, v, layout)
-    if isinstance(bias, str):
-        bias = get(bias, num_heads=heads)
-    bias_fn = resolve_bias(bias, heads)
+    """Read and check every argument; derive slots, masks and bias positions.
+
+    No ``Lq × Lk`` work happens here (but for packed ``segment_ids``, whose
+    per-segment positions count earlier keys of the same segment).
+    """
+    q, k, v = (native(xp, n, t) for n, t in (("q", q), ("k", k), ("v", v)))
+    batch, heads, kv_heads, q_len, k_len = check_qkv(xp, q, k, v, layout)
+    arg = read_bias(bias, heads)
+    causal = conventions.check_bool("causal", causal)
+    scale = conventions.resolve_scale(scale, xp.shape(q)[-1])
     in_dtype = xp.dtype_name(q.dtype)
-    compute = compute_dtype or ("float64" if in_dtype == "float64" else "float32")
+    compute = compute_dtype or conventions.compute_dtype(in_dtype)
+    q_offset = read_q_offset(xp, q_offset, batch)
     if causal and q_offset is None and q_len > k_len:
         raise InvalidArgumentError(
             f"causal=True with a query longer than the keys ({q_len} > {k_len}): the first "
             "queries would see no key. Pass q_offset= to place the queries explicitly."
         )
-    if (q_pos is None) != (k_pos is None):
-        raise InvalidArgumentError("give both q_pos and k_pos, or neither.")
+    conventions.both_or_neither(q_pos, k_pos)
+    points = arg is not None and arg.points
+    explicit = q_pos is not None
+    if explicit:  # checked even with bias=None, where they have no effect
+        q_pos = read_positions(xp, "q_pos", q_pos, batch, q_len, points)
+        k_pos = read_positions(xp, "k_pos", k_pos, batch, k_len, points)
     if layout != "bhld":
         q, k, v = (einops.rearrange(t, f"{LAYOUTS[layout]} -> b h l d") for t in (q, k, v))
     if kv_heads != heads:
@@ -226,44 +296,27 @@ def prepare(
 
     k_slot = xp.arange(k_len)
     if q_offset is None:
-        q_offset = k_len - q_len
-    elif not isinstance(q_offset, int) and _backends.detect(q_offset) in (None, "numpy"):
-        q_offset = xp.from_numpy(np.asarray(q_offset, dtype=np.int64))
+        q_offset = conventions.default_q_offset(q_len, k_len)
     if isinstance(q_offset, int):
         q_slot = xp.arange(q_len) + q_offset
     else:
         q_offset = xp.as_int(q_offset)
         q_slot = q_offset[..., None] + xp.arange(q_len)
 
-    real = q_segment = None
-    if key_padding_mask is not None:
-        real = _check_mask(xp, "key_padding_mask", key_padding_mask, batch, k_len, boolean=True)
+    q_segment = None
+    if key_mask is not None:
+        key_mask = check_mask(xp, "key_mask", key_mask, batch, k_len, boolean=True)
     if segment_ids is not None:
-        segment_ids = _check_mask(xp, "segment_ids", segment_ids, batch, k_len, boolean=False)
-        q_segment = _select(xp, segment_ids, q_slot, k_slot)
+        segment_ids = check_mask(xp, "segment_ids", segment_ids, batch, k_len, boolean=False)
+        q_segment = _select(xp, segment_ids, q_slot)
 
-    slot_positions = q_pos is None and real is None and segment_ids is None
-    explicit = q_pos is not None
-    spec = spec_of(bias, heads)
-    if bias_fn is not None and q_pos is None:
-        if segment_ids is not None:
-            earlier = (k_slot <= k_slot[:, None]) & (
-                segment_ids[:, :, None] == segment_ids[:, None, :]
-            )
-            if real is not None:
-                earlier = earlier & real[:, None, :]
-            k_pos = xp.sum(xp.as_int(earlier), -1) - 1
-        elif real is not None:
-            k_pos = xp.cumsum(xp.as_int(real), -1) - 1
-        if k_pos is None:
+    slot_positions = q_pos is None and key_mask is None and segment_ids is None
+    if arg is not None and q_pos is None:
+        if slot_positions:
             q_pos, k_pos = q_slot, k_slot
         else:
-            q_pos = _select(xp, k_pos, q_slot, k_slot)
-    elif q_pos is not None:
-        q_pos, k_pos = (
-            xp.from_numpy(np.asarray(x)) if _backends.detect(x) in (None, "numpy") else x
-            for x in (q_pos, k_pos)
-        )
+            k_pos = conventions.positions_from_mask(xp, key_mask, segment_ids)
+            q_pos = _select(xp, k_pos, q_slot)
 
     return Problem(
         xp=xp,
@@ -274,20 +327,19 @@ def prepare(
         heads=heads,
         q_len=q_len,
         k_len=k_len,
-        scale=float(xp.shape(q)[-1]) ** -0.5 if scale is None else float(scale),
+        scale=scale,
         compute=compute,
         in_dtype=in_dtype,
         causal=causal,
         q_offset=q_offset,
         q_slot=q_slot,
         k_slot=k_slot,
-        real=real,
+        key_mask=key_mask,
         q_segment=q_segment,
         segment_ids=segment_ids,
-        bias_fn=bias_fn,
-        spec=spec,
+        bias=arg,
         q_pos=q_pos,
         k_pos=k_pos,
         slot_positions=slot_positions,
-        points=explicit and spec is not None and spec.position_dims == 2,
+        points=points and explicit,
     )

@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import BackendError, BackendUnavailableError
 from ._base import FLOAT_DTYPES, Backend
 
-__all__ = ["BACKENDS", "FLOAT_DTYPES", "Backend", "available", "detect", "load"]
+__all__ = ["BACKENDS", "FLOAT_DTYPES", "Backend", "available", "detect", "load", "to_numpy"]
 
 #: name -> (framework import name, human name, pip extra)
 BACKENDS: dict[str, tuple[str, str, str]] = {
@@ -109,3 +109,13 @@ def detect(x: Any) -> str | None:
         tf = sys.modules.get("tensorflow")
         return "tensorflow" if tf is not None and tf.is_tensor(x) else None
     return None
+
+
+def to_numpy(x: Any) -> Any:
+    """Any backend's tensor as a NumPy array (bfloat16 via ml_dtypes); others via ``np.asarray``."""
+    import numpy as np
+
+    kind = detect(x)
+    if kind is None:
+        return np.asarray(x)
+    return load(kind)().to_numpy(x)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -37,15 +38,97 @@ __all__ = [
 
 KVCache = _problem.KVCache
 
-attention = _dispatch.functional("jax", "blhd")
-attention.__doc__ = """Attention with an additive positional bias, layout ``(B, L, H, D)``.
 
-Same arguments and rules as :func:`posbias.torch.attention` (see there): bias
-added after scaling, float32 scores and softmax, output in the input dtype,
-grouped-query attention, ``causal``, ``q_offset``, ``key_padding_mask``,
-``segment_ids``, ``scale``, ``q_pos``/``k_pos``; rows with no visible key
-return zeros.
-"""
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    bias: Any = None,
+    *,
+    causal: bool = False,
+    q_offset: Any = None,
+    key_mask: Any = None,
+    segment_ids: Any = None,
+    scale: float | None = None,
+    q_pos: Any = None,
+    k_pos: Any = None,
+    implementation: str = "auto",
+    block_size: int | None = None,
+    **removed: Any,
+) -> jax.Array:
+    """Attention with an additive positional bias, layout ``(B, L, H, D)``.
+
+    ``out = softmax(q·kᵀ·scale + bias[h, i, j] + mask)·v``: the bias is added
+    after the scaling (ALiBi, Press et al. 2022, arXiv:2108.12409; as in
+    FlashAttention, BLOOM and MPT). Scores and softmax are float32 (float64 for
+    float64 inputs, with ``jax_enable_x64``); the output has ``q``'s dtype.
+    Like ``jax.nn.dot_product_attention``, but the bias is never built as an
+    ``(H, Lq, Lk)`` tensor: blocks of query rows are computed one after the
+    other with their own bias tile, so XLA's temporary memory stays
+    ``O(H·block·Lk)`` (docs/performance.md). Works under ``jax.jit``,
+    ``jax.grad`` and ``jax.vmap``.
+
+    Args:
+        q: ``(B, Lq, H, D)`` floating queries.
+        k: ``(B, Lk, H_kv, D)`` keys; ``H`` a multiple of ``H_kv`` (grouped-query attention).
+        v: ``(B, Lk, H_kv, D)`` values.
+        bias: a registered name (built with ``H`` heads), a ``BiasSpec``, its
+            config dict, a :class:`PositionalBias` module (its parameters get
+            gradients), a callable ``bias(q_pos=, k_pos=, dtype=)`` or None. Its
+            head count must be ``H``.
+        causal: key slot ``j`` is visible to query slot ``i`` iff ``j <= i``.
+        q_offset: slot of the first query: an int or an integer tensor ``(B,)``
+            (per-sequence cache lengths); default ``Lk - Lq`` (bottom-right).
+        key_mask: ``(B, Lk)`` bool, True for a real key (Keras/Flax/Hugging Face
+            polarity; the opposite of ``nn.MultiheadAttention``'s
+            ``key_padding_mask``). Padded keys are hidden and bias positions
+            come from ``cumsum(key_mask) - 1``.
+        segment_ids: ``(B, Lk)`` integer ids of packed sequences: no attention
+            across segments, bias positions restart in every segment.
+        scale: the factor of ``q·kᵀ``, a finite positive float; default ``1/sqrt(D)``.
+        q_pos: ``(Lq,)`` or ``(B, Lq)`` explicit integer bias positions of the
+            queries (``(Lq, 2)`` points for 2-D biases); with ``k_pos``.
+        k_pos: the same for the keys.
+        implementation: ``"auto"`` (= ``"blockwise"``), ``"blockwise"``,
+            ``"reference"`` or ``"cudnn"`` (GPU fp16/bf16; reads a materialised bias).
+        block_size: query rows per block (default 256).
+
+    Returns:
+        ``(B, Lq, H, D)`` in ``q``'s dtype. A query row with no visible key is 0.
+
+    Raises:
+        InvalidTypeError: a non-floating ``q``/``k``/``v``, a mask of the wrong
+            dtype, a non-bool ``causal``, ``key_padding_mask=`` (use ``key_mask``).
+        InvalidArgumentError: shapes that disagree, a bias of another head
+            count, a bad ``scale``, offset or position array, an implementation
+            that cannot run.
+        BackendError: tensors of another framework.
+
+    Example:
+        >>> import jax.numpy as jnp, posbias.jax
+        >>> q = k = v = jnp.ones((1, 6, 4, 8))
+        >>> out = posbias.jax.attention(q, k, v, "alibi", causal=True)
+        >>> out.shape, out.dtype
+        ((1, 6, 4, 8), dtype('float32'))
+    """
+    return _dispatch.attention(
+        "jax",
+        "blhd",
+        q,
+        k,
+        v,
+        bias,
+        removed,
+        causal=causal,
+        q_offset=q_offset,
+        key_mask=key_mask,
+        segment_ids=segment_ids,
+        scale=scale,
+        q_pos=q_pos,
+        k_pos=k_pos,
+        implementation=implementation,
+        block_size=block_size,
+    )
 
 
 class PositionalBias(_layers.BiasParamsMixin, nnx.Module):
@@ -170,9 +253,10 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
         self,
         x: jnp.ndarray,
         *,
-        key_padding_mask: Any = None,
+        key_mask: Any = None,
         segment_ids: Any = None,
         cache: KVCache | None = None,
+        **removed: Any,
     ) -> Any:
         return _layers.mha_forward(
             JaxBackend(),
@@ -180,9 +264,10 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
             self._project,
             x,
             self.bias,
-            key_padding_mask=key_padding_mask,
+            key_mask=key_mask,
             segment_ids=segment_ids,
             cache=cache,
+            removed=removed,
         )
 
     def _project(self, name: str, x: jnp.ndarray) -> jnp.ndarray:

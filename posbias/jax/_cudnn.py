@@ -29,7 +29,7 @@ def why_not(p: Problem) -> str | None:
         return "cuDNN attention needs arrays on a GPU."
     if p.in_dtype not in ("float16", "bfloat16"):
         return f"cuDNN attention takes float16/bfloat16 inputs, not {p.in_dtype}."
-    if not (isinstance(p.q_offset, int) and p.segment_ids is None and p.real is None):
+    if not (isinstance(p.q_offset, int) and p.segment_ids is None and p.key_mask is None):
         return "padding masks, segment_ids and per-sequence offsets are not mapped to cuDNN."
     if p.causal and p.q_offset != 0:
         return "cuDNN's causal mask is aligned top-left: queries must start at key slot 0."

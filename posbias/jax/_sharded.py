@@ -12,6 +12,9 @@ block of the sequence (``seq_axis``) and/or a slice of the heads
 * under causal masking skips the key blocks its queries cannot see; with
   ``order="zigzag"`` (:mod:`posbias._core.layouts`) every device then does the same work.
 
+The per-device schedule is :func:`posbias._core.ring.attend_on_ring`, shared
+with :func:`posbias.torch.distributed.ring_attention`.
+
 Queries shorter than the keys (decoding against a sequence-sharded KV cache)
 are replicated over ``seq_axis``: every device attends to its cache block and
 the partial results are merged with one ``pmax`` and two ``psum``.
@@ -30,11 +33,10 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .._core import bias_arg as _bias_arg
-from .._core import dispatch as _dispatch
-from .._core import layouts as _ring
-from .._core import partial as _partial
+from .._core import conventions, layouts
 from .._core import problem as _problem
+from .._core.bias_arg import read_bias
+from .._core.ring import Ring, attend_on_ring, check_segment_bias, make_tile
 from ..backends.jax import JaxBackend
 from ..errors import BackendUnavailableError, InvalidArgumentError, InvalidTypeError
 
@@ -53,9 +55,10 @@ def sharded_attention(
     q_pos: Any = None,
     k_pos: Any = None,
     segment_ids: Any = None,
-    key_padding_mask: Any = None,
+    key_mask: Any = None,
     scale: float | None = None,
     checkpoint_tiles: bool = True,
+    **removed: Any,
 ) -> jax.Array:
     """Attention with an additive bias over a device mesh; layout ``(B, L, H, D)``.
 
@@ -68,8 +71,9 @@ def sharded_attention(
         q: ``(B, Lq, H, D)`` global queries.
         k: ``(B, Lk, H_kv, D)`` global keys (``H`` a multiple of ``H_kv``).
         v: ``(B, Lk, H_kv, D)`` global values.
-        bias: registered name, ``BiasSpec``, ``posbias.jax.PositionalBias``
-            module (learnable parameters get gradients) or None.
+        bias: registered name, ``BiasSpec``, its config dict,
+            ``posbias.jax.PositionalBias`` module (learnable parameters get
+            gradients) or None; ``H`` heads (the global query head count).
         mesh: the ``jax.sharding.Mesh`` to run on.
         seq_axis: mesh axis the sequence is sharded over (ring attention), or None.
         head_axis: mesh axis the heads are sharded over, or None.
@@ -83,12 +87,15 @@ def sharded_attention(
             visible when its position is ``<=`` the query's. Default: from ``order``.
         k_pos: ``(Lk,)`` or ``(B, Lk)`` explicit key positions (with ``q_pos``).
         segment_ids: ``(B, L)`` integer document ids of packed sequences
-            (sharded like the sequence): queries see keys of their own document
-            only. Give per-document positions as ``q_pos``/``k_pos`` for the bias.
-        key_padding_mask: ``(B, Lk)`` bool, True for real keys (sharded like the
-            keys): padded keys, or the empty slots of a KV cache, are hidden.
-            Bias positions stay those of ``order`` (or ``q_pos``/``k_pos``; for
-            left padding pass ``cumsum(mask) - 1`` of the global mask).
+            (sharded like the sequence; documents are contiguous runs): queries
+            see keys of their own document only. A Toeplitz bias (ALiBi, T5,
+            KERPLE, ...) then equals single-device attention; other biases need
+            the per-document positions as ``q_pos``/``k_pos``.
+        key_mask: ``(B, Lk)`` bool, True for a real key (sharded like the
+            keys): padded keys, or the empty slots of a KV cache, are hidden,
+            and bias positions are the global ``cumsum(key_mask) - 1``, exactly
+            as on one device (an exclusive scan of per-chunk counts: one
+            all-gather of ``B × chunks`` integers).
         scale: score scale; default ``1/√D``.
         checkpoint_tiles: recompute each tile in the backward pass
             (``jax.checkpoint``) instead of keeping its scores: less memory,
@@ -96,6 +103,12 @@ def sharded_attention(
 
     Returns:
         ``(B, Lq, H, D)`` in ``q``'s dtype, sharded like ``q``.
+
+    Raises:
+        InvalidArgumentError: lengths or heads that do not split over the mesh,
+            a bias of another head count, bad positions or masks.
+        InvalidTypeError: not a ``Mesh``, non-floating inputs, ``key_padding_mask=``
+            (the mask is ``key_mask``, True for a real key).
 
     Lengths must split evenly over the ``seq_axis`` devices (``2n`` chunks for
     zigzag) and query heads over ``head_axis``; otherwise a
@@ -117,11 +130,22 @@ def sharded_attention(
             f"sharded_attention needs jax.shard_map (jax >= 0.7), this is jax {jax.__version__}; "
             "upgrade with pip install -U 'jax>=0.7' flax."
         )
+    conventions.reject_unknown("posbias.jax.sharded_attention", removed, _KEYWORDS)
     xp = JaxBackend()
-    q, k, v = (_dispatch._native(xp, t) for t in (q, k, v))
-    batch, heads, kv_heads, q_len, k_len = _problem._check_qkv(xp, q, k, v, "blhd")
+    q, k, v = (_problem.native(xp, n, t) for n, t in (("q", q), ("k", k), ("v", v)))
+    batch, heads, kv_heads, q_len, k_len = _problem.check_qkv(xp, q, k, v, "blhd")
     seq_n, head_n = _check_mesh(mesh, seq_axis, head_axis)
-    _ring.check_order(order)
+    layouts.check_order(order)
+    causal = conventions.check_bool("causal", causal)
+    checkpoint_tiles = conventions.check_bool("checkpoint_tiles", checkpoint_tiles)
+    scale = conventions.resolve_scale(scale, xp.shape(q)[-1])
+    arg = read_bias(bias, heads)
+    if arg is not None and (arg.spec is None or arg.points):
+        raise InvalidArgumentError(
+            "sharded_attention shards 1-D token positions and selects heads by global index: "
+            "pass a 1-D bias with a spec (a name, a BiasSpec, its config or a PositionalBias); "
+            "use posbias.jax.attention on one device for 2-D or callable biases."
+        )
     if heads % head_n:
         raise InvalidArgumentError(
             f"the query heads ({heads}) do not split over the {head_n} devices of mesh axis "
@@ -130,48 +154,47 @@ def sharded_attention(
     if kv_heads % head_n:  # fewer key/value heads than devices: replicate them (GQA)
         k, v = (jnp.repeat(t, heads // kv_heads, axis=2) for t in (k, v))
         kv_heads = heads
-    if (q_pos is None) != (k_pos is None):
-        raise InvalidArgumentError("give both q_pos and k_pos, or neither.")
+    conventions.both_or_neither(q_pos, k_pos)
     decode = q_len != k_len
-    given_positions = q_pos is not None
-    masks = {}
+    if q_pos is not None and order != "contiguous":
+        raise InvalidArgumentError(
+            "explicit q_pos/k_pos already say where every token sits; leave order='contiguous'."
+        )
+    if not decode:
+        layouts.check_divisible(q_len, seq_n, order, "the queries")
+    layouts.check_divisible(k_len, seq_n, order, "the keys")
+    if decode and causal and q_pos is None and q_len > k_len:
+        raise InvalidArgumentError(
+            f"causal=True with more queries than keys ({q_len} > {k_len}); pass q_pos."
+        )
+    masks, mask_specs = {}, {}
     if segment_ids is not None:
         if decode:
             raise InvalidArgumentError(
                 "segment_ids needs queries and keys of the same length (packed training "
                 "sequences); for decoding pass q_pos/k_pos."
             )
-        masks["segments"] = _check_positions("segment_ids", segment_ids, batch, k_len, batched=True)
-    if key_padding_mask is not None:
-        masks["real"] = _check_mask(key_padding_mask, batch, k_len)
-    explicit = given_positions or decode or bool(masks)
-    if masks and not decode and q_pos is None:
-        q_pos = k_pos = _ring.layout_positions(k_len, seq_n, order)
-    if given_positions and order != "contiguous":
-        raise InvalidArgumentError(
-            "explicit q_pos/k_pos already say where every token sits; leave order='contiguous'."
+        masks["segment_ids"] = _problem.check_mask(
+            xp, "segment_ids", segment_ids, batch, k_len, boolean=False
         )
-    if not decode:
-        _ring.check_divisible(q_len, seq_n, order, "the queries")
-    _ring.check_divisible(k_len, seq_n, order, "the keys")
-    if decode and q_pos is None:
-        if causal and q_len > k_len:
-            raise InvalidArgumentError(
-                f"causal=True with more queries than keys ({q_len} > {k_len}); pass q_pos."
-            )
-        q_pos = np.arange(q_len) + (k_len - q_len)  # bottom-right, like everywhere in posbias
-        k_pos = _ring.layout_positions(k_len, seq_n, order)
-    if explicit:
-        q_pos = _check_positions("q_pos", q_pos, batch, q_len)
-        k_pos = _check_positions("k_pos", k_pos, batch, k_len)
-
-    spec = _bias_arg.spec_of(bias, heads)
-    if bias is not None:
-        _bias_arg.head_bias(bias, heads, None, "jax")  # validates the bias
-    params = {} if bias is None or isinstance(bias, str) else (_bias_arg.module_params(bias) or {})
-    compute = "float64" if xp.dtype_name(q.dtype) == "float64" else "float32"
+        check_segment_bias(arg, segment_ids, q_pos)
+    if key_mask is not None:
+        masks["key_mask"] = _problem.check_mask(
+            xp, "key_mask", key_mask, batch, k_len, boolean=True
+        )
+    for name in masks:
+        mask_specs[name] = P(None, seq_axis)
+    if q_pos is not None:
+        for name, pos, length, sharded in (
+            ("q_pos", q_pos, q_len, not decode),
+            ("k_pos", k_pos, k_len, True),
+        ):
+            masks[name] = _problem.read_positions(xp, name, pos, batch, length, False)
+            axis = seq_axis if sharded else None
+            mask_specs[name] = P(axis) if masks[name].ndim == 1 else P(None, axis)
+    params = {} if arg is None else (arg.current_params() or {})
     plan = _Plan(
-        spec=spec,
+        bias=arg,
         heads=heads,
         group=heads // kv_heads,
         seq_axis=seq_axis,
@@ -180,19 +203,12 @@ def sharded_attention(
         head_n=head_n,
         causal=causal,
         order=order,
-        scale=float(q.shape[-1]) ** -0.5 if scale is None else float(scale),
-        compute=compute,
-        decode=decode,
-        checkpoint_tiles=bool(checkpoint_tiles),
+        scale=scale,
+        compute=conventions.compute_dtype(xp.dtype_name(q.dtype)),
+        checkpoint_tiles=checkpoint_tiles,
     )
     seq = P(None, None if decode else seq_axis, head_axis, None)
     kv = P(None, seq_axis, head_axis, None)
-    mask_specs = {name: P(None, seq_axis) for name in masks}
-    if explicit:
-        for name, pos, sharded in (("q_pos", q_pos, not decode), ("k_pos", k_pos, True)):
-            masks[name] = pos
-            axis = seq_axis if sharded else None
-            mask_specs[name] = P(axis) if pos.ndim == 1 else P(None, axis)
     args, specs = [q, k, v, params, masks], [seq, kv, kv, P(), mask_specs]
     if _explicit(mesh):  # explicit-sharding meshes (jax.make_mesh's default) do not reshard
         args = [
@@ -204,6 +220,21 @@ def sharded_attention(
     body = functools.partial(_device_attention, plan)
     mapped = jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=seq)
     return mapped(*args)
+
+
+_KEYWORDS = (
+    "mesh",
+    "seq_axis",
+    "head_axis",
+    "causal",
+    "order",
+    "q_pos",
+    "k_pos",
+    "segment_ids",
+    "key_mask",
+    "scale",
+    "checkpoint_tiles",
+)
 
 
 def _explicit(mesh: Any) -> bool:
@@ -218,13 +249,51 @@ class _Plan:
         self.__dict__.update(facts)
 
 
+class _JaxRing(Ring):
+    """The ring of ``seq_axis`` devices inside ``shard_map``."""
+
+    static = False
+
+    def __init__(self, plan: _Plan) -> None:
+        self.xp = JaxBackend()
+        self.axis = plan.seq_axis
+        self.n = plan.seq_n
+        self.me = lax.axis_index(self.axis) if self.n > 1 else 0
+        self.checkpoint_tiles = plan.checkpoint_tiles
+
+    def shift(self, blocks):
+        pairs = [(j, (j + 1) % self.n) for j in range(self.n)]
+        return jax.tree.map(lambda x: _raw(lax.ppermute(_raw(x), self.axis, pairs), x), blocks)
+
+    def gather(self, x):
+        return lax.all_gather(x, self.axis) if self.n > 1 else x[None]
+
+    def total(self, x):
+        return lax.psum(x, self.axis) if self.n > 1 else x
+
+    def top(self, x):
+        return lax.stop_gradient(lax.pmax(x, self.axis))
+
+    def sum(self, x):
+        return lax.psum(x, self.axis)
+
+    def switch(self, which, branches, operand):
+        if isinstance(which, int):
+            return branches[which](operand)
+        return lax.switch(which, branches, operand)
+
+    def checkpoint(self, fn):
+        # recompute each tile's scores in the backward pass instead of keeping them:
+        # residuals are then O(L_local · D) per step, not O(L_local²)
+        return jax.checkpoint(fn) if self.checkpoint_tiles else fn
+
+
 def _device_attention(plan: _Plan, q, k, v, params, masks):
     """One device's share: ``(B, Lq_local, H_local, D)`` in, the same out.
 
-    ``masks`` holds what this device has of ``q_pos``, ``k_pos``, ``segments``
-    and ``real`` (the key padding mask), where given.
+    ``masks`` holds what this device has of ``q_pos``, ``k_pos``,
+    ``segment_ids`` and ``key_mask``, where given.
     """
-    xp = JaxBackend()
     in_dtype = q.dtype
     q, k, v = (einops.rearrange(t, "b l h d -> b h l d") for t in (q, k, v))
     # learnable parameters arrive replicated; marking them device-varying here puts the
@@ -233,62 +302,49 @@ def _device_attention(plan: _Plan, q, k, v, params, masks):
     axes = tuple(a for a in (plan.seq_axis, plan.head_axis) if a is not None)
     if axes:
         params = jax.tree.map(lambda x: _varying(x, axes), params)
-    base = functools.partial(
-        _partial.tile,
-        xp,
+    ring = _JaxRing(plan)
+    tile = make_tile(
+        ring.xp,
+        _local_bias(plan, params),
         scale=plan.scale,
-        bias_fn=_local_bias(plan, params),
         compute=plan.compute,
         kv_group=plan.group,
+        ring=ring,
     )
-
-    def tile(q, k, v, *, q_pos, k_pos, causal, visible=None):
-        def fn(q, k, v, q_pos, k_pos, visible):
-            return base(q, k, v, q_pos=q_pos, k_pos=k_pos, causal=causal, visible=visible)
-
-        # recompute each tile's scores in the backward pass instead of keeping them:
-        # residuals are then O(L_local · D) per step, not O(L_local²)
-        fn = jax.checkpoint(fn) if plan.checkpoint_tiles else fn
-        return fn(q, k, v, q_pos, k_pos, visible)
-
-    if plan.decode:
-        visible = _partial.key_visibility(None, None, masks.get("real"))
-        part = tile(q, k, v, q_pos=masks["q_pos"], k_pos=masks["k_pos"], causal=plan.causal,
-                    visible=visible)  # fmt: skip
-        out = _merge_over_devices(plan, part)
-    elif masks:
-        out = _ring_explicit(plan, tile, q, k, v, masks)
-    else:
-        out = _ring_layout(plan, tile, q, k, v)
+    out = attend_on_ring(
+        ring,
+        tile,
+        q,
+        k,
+        v,
+        causal=plan.causal,
+        order=plan.order,
+        compute=plan.compute,
+        q_pos=masks.get("q_pos"),
+        k_pos=masks.get("k_pos"),
+        segment_ids=masks.get("segment_ids"),
+        key_mask=masks.get("key_mask"),
+    )
     return einops.rearrange(out.astype(in_dtype), "b h l d -> b l h d")
 
 
 def _local_bias(plan: _Plan, params: dict) -> Any:
-    """The bias of this device's heads (``lax.switch`` over the head shards)."""
-    if plan.spec is None:
+    """``bias_fn(q_pos=, k_pos=, dtype=)`` of this device's heads (``lax.switch`` over shards)."""
+    if plan.bias is None:
         return None
-    width = plan.heads // plan.head_n
-    fns = [
-        _bias_arg.head_bias(
-            plan.spec, plan.heads, range(i * width, (i + 1) * width), "jax", params=params or None
-        )
+    xp, width = JaxBackend(), plan.heads // plan.head_n
+    args = [
+        plan.bias.with_params(params).for_heads(range(i * width, (i + 1) * width))
         for i in range(plan.head_n)
     ]
-    if plan.head_n == 1:
-        return fns[0]
 
     def bias_fn(q_pos, k_pos, dtype):
-        branches = [lambda a, b, f=f: f(q_pos=a, k_pos=b, dtype=dtype) for f in fns]
+        if plan.head_n == 1:
+            return args[0].tile(xp, q_pos, k_pos, dtype)
+        branches = [lambda a, b, g=g: g.tile(xp, a, b, dtype) for g in args]
         return lax.switch(lax.axis_index(plan.head_axis), branches, q_pos, k_pos)
 
     return bias_fn
-
-
-def _shift(plan: _Plan, blocks: Any) -> Any:
-    """Every device sends ``blocks`` to the next device of the ring."""
-    n = plan.seq_n
-    pairs = [(j, (j + 1) % n) for j in range(n)]
-    return jax.tree.map(lambda x: _raw(lax.ppermute(_raw(x), plan.seq_axis, pairs), x), blocks)
 
 
 def _raw(x: Any, like: Any = None) -> Any:
@@ -296,75 +352,6 @@ def _raw(x: Any, like: Any = None) -> Any:
     if like is None:
         return lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
     return lax.bitcast_convert_type(x, like.dtype) if x.dtype != like.dtype else x
-
-
-def _ring_explicit(plan: _Plan, tile, q, k, v, masks):
-    """Ring over key blocks with explicit positions: every tile is computed and masked."""
-    xp = JaxBackend()
-    acc = _partial.empty(xp, q.shape[0], q.shape[1], q.shape[2], q.shape[3], plan.compute)
-    q_pos, q_seg = masks["q_pos"], masks.get("segments")
-    keys = (k, v, masks["k_pos"], q_seg, masks.get("real"))  # travel together
-    for step in range(plan.seq_n):
-        k, v, k_pos, k_seg, k_real = keys
-        visible = _partial.key_visibility(q_seg, k_seg, k_real)
-        part = tile(q, k, v, q_pos=q_pos, k_pos=k_pos, causal=plan.causal, visible=visible)
-        acc = _partial.merge(xp, acc, part)
-        if step < plan.seq_n - 1:
-            keys = _shift(plan, keys)
-    return acc[0]
-
-
-def _ring_layout(plan: _Plan, tile, q, k, v):
-    """Ring over key blocks in a contiguous/zigzag layout, skipping hidden chunk pairs."""
-    xp = JaxBackend()
-    n, per = plan.seq_n, _ring.chunks_per_device(plan.order)
-    size = q.shape[2] // per
-    me = lax.axis_index(plan.seq_axis) if n > 1 else 0
-    q_ids = _ring.chunk_ids(plan.order, n, me)
-    rows = [q[:, :, a * size : (a + 1) * size] for a in range(per)]
-    acc = [_partial.empty(xp, q.shape[0], q.shape[1], size, q.shape[3], plan.compute)] * per
-
-    def positions(chunk):
-        return chunk * size + jnp.arange(size)
-
-    for step in range(n):
-        k_ids = _ring.chunk_ids(plan.order, n, (me - step) % n)
-        for a in range(per):
-            for b in range(per):
-                kb, vb = k[:, :, b * size : (b + 1) * size], v[:, :, b * size : (b + 1) * size]
-                qp, kp = positions(q_ids[a]), positions(k_ids[b])
-
-                def add(acc_a, diagonal, qa=rows[a], kb=kb, vb=vb, qp=qp, kp=kp):
-                    part = tile(qa, kb, vb, q_pos=qp, k_pos=kp, causal=diagonal)
-                    return _partial.merge(xp, acc_a, part)
-
-                if not plan.causal:
-                    acc[a] = add(acc[a], False)
-                elif step == 0:  # own chunks, in increasing order: a static relation
-                    if b <= a:
-                        acc[a] = add(acc[a], b == a)
-                else:
-                    which = _ring.relation(q_ids[a], k_ids[b], jnp)
-                    branches = [
-                        functools.partial(add, diagonal=False),
-                        functools.partial(add, diagonal=True),
-                        lambda acc_a: acc_a,
-                    ]
-                    acc[a] = lax.switch(which, branches, acc[a])
-        if step < n - 1:
-            k, v = _shift(plan, (k, v))
-    return jnp.concatenate([out for out, _ in acc], axis=2)
-
-
-def _merge_over_devices(plan: _Plan, part: Any) -> Any:
-    """Merge every ``seq_axis`` device's partial result (decoding)."""
-    out, lse = part
-    if plan.seq_n == 1:
-        return out
-    top = lax.stop_gradient(lax.pmax(lse, plan.seq_axis))  # a shift; the result ignores it
-    weight = jnp.exp(lse - top)
-    total = lax.psum(weight, plan.seq_axis)  # >= 1 on every row
-    return lax.psum(out * weight[..., None], plan.seq_axis) / total[..., None]
 
 
 def _varying(x: Any, axes: tuple[str, ...]) -> Any:
@@ -394,34 +381,6 @@ def _check_mesh(mesh: Any, seq_axis: Any, head_axis: Any) -> tuple[int, int]:
     return sizes[0], sizes[1]
 
 
-def _check_mask(mask: Any, batch: int, length: int) -> jax.Array:
-    mask = jnp.asarray(mask)
-    if mask.dtype != jnp.bool_:
-        raise InvalidTypeError(
-            f"key_padding_mask must be boolean (True for real tokens), got dtype {mask.dtype}; "
-            "convert with mask.astype(bool)."
-        )
-    if mask.shape != (batch, length):
-        raise InvalidArgumentError(
-            f"key_padding_mask must have shape (B, Lk) = ({batch}, {length}), got {mask.shape}."
-        )
-    return mask
-
-
-def _check_positions(
-    name: str, pos: Any, batch: int, length: int, *, batched: bool = False
-) -> jax.Array:
-    pos = jnp.asarray(pos)
-    if not jnp.issubdtype(pos.dtype, jnp.integer):
-        raise InvalidTypeError(f"{name} must hold integers, got dtype {pos.dtype}.")
-    shapes = ((batch, length),) if batched else ((length,), (batch, length))
-    if pos.shape not in shapes:
-        raise InvalidArgumentError(
-            f"{name} must have shape {' or '.join(map(str, shapes))}, got {pos.shape}."
-        )
-    return pos.astype(jnp.int32)
-
-
 def zigzag(x: Any, shards: int, axis: int = 1) -> jax.Array:
     """Reorder the sequence axis of a global array into the zigzag layout.
 
@@ -437,12 +396,12 @@ def zigzag(x: Any, shards: int, axis: int = 1) -> jax.Array:
         >>> unzigzag(zigzag(x, 2), 2).tolist()
         [[0, 1, 2, 3, 4, 5, 6, 7]]
     """
-    return _take(x, _ring.layout_positions(x.shape[axis], shards, "zigzag"), axis)
+    return _take(x, layouts.layout_positions(x.shape[axis], shards, "zigzag"), axis)
 
 
 def unzigzag(x: Any, shards: int, axis: int = 1) -> jax.Array:
     """Undo :func:`zigzag` (back to the natural token order)."""
-    return _take(x, np.argsort(_ring.layout_positions(x.shape[axis], shards, "zigzag")), axis)
+    return _take(x, np.argsort(layouts.layout_positions(x.shape[axis], shards, "zigzag")), axis)
 
 
 def _take(x: Any, index: np.ndarray, axis: int) -> jax.Array:

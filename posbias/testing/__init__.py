@@ -82,12 +82,7 @@ def backends_under_test() -> list[str]:
     return names
 
 
-def to_numpy(x: Any) -> np.ndarray:
-    """Any backend's tensor as a NumPy array (bfloat16 via ml_dtypes)."""
-    kind = _backends.detect(x)
-    if kind is None:
-        return np.asarray(x)
-    return _backends.load(kind)().to_numpy(x)
+to_numpy = _backends.to_numpy
 
 
 @dataclasses.dataclass(frozen=True)

@@ -85,8 +85,8 @@ def functional_cases() -> list[tuple[str, int, int, dict[str, Any]]]:
             (f"{tag} causal", heads, kv, dict(causal=True)),
             (f"{tag} causal offset", heads, kv, dict(causal=True, q_offset=1)),
             (f"{tag} batched offset", heads, kv, dict(causal=True, q_offset=np.array([0, 2]))),
-            (f"{tag} left-padded", heads, kv, dict(causal=True, key_padding_mask=m["left"])),
-            (f"{tag} right-padded", heads, kv, dict(causal=False, key_padding_mask=m["right"])),
+            (f"{tag} left-padded", heads, kv, dict(causal=True, key_mask=m["left"])),
+            (f"{tag} right-padded", heads, kv, dict(causal=False, key_mask=m["right"])),
             (f"{tag} packed", heads, kv, dict(causal=True, segment_ids=m["segments"])),
         ]
     return cases
@@ -149,7 +149,7 @@ def _decode(
     outs, start = [], 0
     for size in steps:
         piece_mask = None if mask is None else mask[:, start : start + size]
-        y, cache = layer(x[:, start : start + size], key_padding_mask=piece_mask, cache=cache)
+        y, cache = layer(x[:, start : start + size], key_mask=piece_mask, cache=cache)
         outs.append(y)
         start += size
     return concat(outs)
@@ -182,8 +182,8 @@ def check_layers(backend: str) -> LayerCell:
             "causal": (layer(native), ref_layer(x)),
             "bidirectional": (bi_layer(native), bi_ref(x)),
             "left-padded": (
-                layer(native, key_padding_mask=xp.from_numpy(m["left"])),
-                ref_layer(x, key_padding_mask=m["left"]),
+                layer(native, key_mask=xp.from_numpy(m["left"])),
+                ref_layer(x, key_mask=m["left"]),
             ),
             "packed": (
                 layer(native, segment_ids=xp.from_numpy(m["segments"])),
@@ -199,7 +199,7 @@ def check_layers(backend: str) -> LayerCell:
                     12,
                     lambda ys: np.concatenate([xp.to_numpy(y) for y in ys], 1),
                 ),
-                ref_layer(x, key_padding_mask=m["left"]),
+                ref_layer(x, key_mask=m["left"]),
             ),
         }
         for label, (out, ref) in cases.items():

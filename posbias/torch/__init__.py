@@ -21,36 +21,118 @@ from torch import nn
 from .._core import dispatch as _dispatch
 from .._core import layers as _layers
 from .._core import problem as _problem
+from .._core.dispatch import Kernel, register_kernel
 from ..backends.torch import TorchBackend
 from ..spec import BiasSpec
+from . import _flash, _sdpa
 from ._flex import mask_mod
 
 __all__ = ["KVCache", "MultiHeadAttention", "PositionalBias", "attention", "mask_mod"]
 
 KVCache = _problem.KVCache
 
-attention = _dispatch.functional("torch", "bhld")
-attention.__doc__ = """Attention with an additive positional bias, layout ``(B, H, L, D)``.
+register_kernel(Kernel("blockwise", "torch", "PyTorch tensors", tile=_sdpa.tile_fn))
+register_kernel(
+    Kernel(
+        "flash_attn",
+        "torch",
+        "PyTorch CUDA tensors",
+        why_not=_flash.why_not,
+        run=_flash.run,
+        auto=True,
+    )
+)
 
-``softmax(q·kᵀ·scale + bias + mask)·v`` with the bias added after scaling,
-scores and softmax in float32 (float64 for float64 inputs), output in the input
-dtype. ``k``/``v`` may have fewer heads (grouped-query attention).
 
-Args:
-    q: ``(B, H, Lq, D)``; k, v: ``(B, H_kv, Lk, D)``.
-    bias: a registered name (built with ``H`` heads), a ``BiasSpec``, a
-        ``PositionalBias`` module or None.
-    causal: key ``j`` visible to query ``i`` iff ``j <= i`` (bottom-right).
-    q_offset: slot of the first query (int or ``(B,)``); default ``Lk - Lq``.
-    key_padding_mask: ``(B, Lk)`` bool, True for real tokens; bias positions
-        then come from ``cumsum(mask) - 1``.
-    segment_ids: ``(B, Lk)`` ints for packed sequences: no attention across
-        segments, positions restart per segment.
-    scale: default ``1/sqrt(D)``.
-    q_pos, k_pos: explicit bias positions (override the derived ones).
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: Any = None,
+    *,
+    causal: bool = False,
+    q_offset: Any = None,
+    key_mask: Any = None,
+    segment_ids: Any = None,
+    scale: float | None = None,
+    q_pos: Any = None,
+    k_pos: Any = None,
+    implementation: str = "auto",
+    block_size: int | None = None,
+    **removed: Any,
+) -> torch.Tensor:
+    """Attention with an additive positional bias, layout ``(B, H, L, D)``.
 
-Rows with no visible key return zeros.
-"""
+    ``out = softmax(q·kᵀ·scale + bias[h, i, j] + mask)·v``: the bias is added
+    after the scaling (ALiBi, Press et al. 2022, arXiv:2108.12409; as in
+    FlashAttention, BLOOM and MPT). Scores and softmax are float32 (float64 for
+    float64 inputs); the output has ``q``'s dtype. Like
+    ``torch.nn.functional.scaled_dot_product_attention``, but the bias is never
+    built as an ``(H, Lq, Lk)`` tensor: blocks of query rows run SDPA on a
+    per-block bias (a zero-copy Hankel view for Toeplitz biases), so memory
+    stays ``O(H·block·Lk)`` (docs/performance.md).
+
+    Args:
+        q: ``(B, H, Lq, D)`` floating queries.
+        k: ``(B, H_kv, Lk, D)`` keys; ``H`` a multiple of ``H_kv`` (grouped-query attention).
+        v: ``(B, H_kv, Lk, D)`` values.
+        bias: a registered name (built with ``H`` heads), a ``BiasSpec``, its
+            config dict, a :class:`PositionalBias` module (its parameters get
+            gradients), a callable ``bias(q_pos=, k_pos=, dtype=)`` or None. Its
+            head count must be ``H``.
+        causal: key slot ``j`` is visible to query slot ``i`` iff ``j <= i``.
+        q_offset: slot of the first query: an int or an integer tensor ``(B,)``
+            (per-sequence cache lengths); default ``Lk - Lq`` (bottom-right).
+        key_mask: ``(B, Lk)`` bool, True for a real key (Keras/Flax/Hugging Face
+            polarity; the opposite of ``nn.MultiheadAttention``'s
+            ``key_padding_mask``). Padded keys are hidden and bias positions
+            come from ``cumsum(key_mask) - 1``.
+        segment_ids: ``(B, Lk)`` integer ids of packed sequences: no attention
+            across segments, bias positions restart in every segment.
+        scale: the factor of ``q·kᵀ``, a finite positive float; default ``1/sqrt(D)``.
+        q_pos: ``(Lq,)`` or ``(B, Lq)`` explicit integer bias positions of the
+            queries (``(Lq, 2)`` points for 2-D biases); with ``k_pos``.
+        k_pos: the same for the keys.
+        implementation: ``"auto"``, ``"blockwise"`` (SDPA tiles),
+            ``"reference"`` or ``"flash_attn"`` (CUDA fp16/bf16, symmetric ALiBi).
+        block_size: query rows per block (default 256).
+
+    Returns:
+        ``(B, H, Lq, D)`` in ``q``'s dtype. A query row with no visible key is 0.
+
+    Raises:
+        InvalidTypeError: a non-floating ``q``/``k``/``v``, a mask of the wrong
+            dtype, a non-bool ``causal``, ``key_padding_mask=`` (use ``key_mask``).
+        InvalidArgumentError: shapes that disagree, a bias of another head
+            count, a bad ``scale``, offset or position array, an implementation
+            that cannot run.
+        BackendError: tensors of another framework.
+
+    Example:
+        >>> import torch, posbias.torch
+        >>> q = k = v = torch.ones(1, 4, 6, 8)
+        >>> out = posbias.torch.attention(q, k, v, "alibi", causal=True)
+        >>> out.shape, out.dtype
+        (torch.Size([1, 4, 6, 8]), torch.float32)
+    """
+    return _dispatch.attention(
+        "torch",
+        "bhld",
+        q,
+        k,
+        v,
+        bias,
+        removed,
+        causal=causal,
+        q_offset=q_offset,
+        key_mask=key_mask,
+        segment_ids=segment_ids,
+        scale=scale,
+        q_pos=q_pos,
+        k_pos=k_pos,
+        implementation=implementation,
+        block_size=block_size,
+    )
 
 
 class PositionalBias(_layers.BiasParamsMixin, nn.Module):
@@ -138,7 +220,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
         block_size: query rows per block of the blockwise kernel (default 256).
         seed: seed of the NumPy initialisation shared by every framework.
 
-    Call: ``mha(x, key_padding_mask=None, segment_ids=None)`` → ``(B, L, E)``;
+    Call: ``mha(x, key_mask=None, segment_ids=None)`` → ``(B, L, E)``;
     with ``cache=`` it returns ``(out, new_cache)`` (see :meth:`init_cache`).
 
     Example:
@@ -188,9 +270,10 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
         self,
         x: torch.Tensor,
         *,
-        key_padding_mask: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        **removed: Any,
     ) -> Any:
         return _layers.mha_forward(
             TorchBackend(x.device),
@@ -198,9 +281,10 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
             self._project,
             x,
             self.bias,
-            key_padding_mask=key_padding_mask,
+            key_mask=key_mask,
             segment_ids=segment_ids,
             cache=cache,
+            removed=removed,
         )
 
     def _project(self, name: str, x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .._core import conventions
 from .._core.problem import Problem
 
 
@@ -49,9 +50,9 @@ def why_not(p: Problem) -> str | None:
             "padding masks, segment_ids, explicit positions and per-sequence offsets "
             "are not mapped to FlashAttention; use implementation='blockwise'."
         )
-    if p.q_offset != p.k_len - p.q_len:
+    if p.q_offset != conventions.default_q_offset(p.q_len, p.k_len):
         return "FlashAttention aligns queries bottom-right; q_offset must be Lk - Lq."
-    if p.bias_fn is not None and (p.spec is None or p.spec.symmetric_slopes() is None):
+    if p.bias is not None and p.bias.symmetric_slopes() is None:
         return "only symmetric ALiBi (bias = -m·|i - j|) or no bias maps to FlashAttention."
     if _load() is None:
         return "flash_attn is not installed (pip install flash-attn)."
@@ -62,8 +63,8 @@ def run(p: Problem) -> torch.Tensor:
     """``(B, H, Lq, D)`` in ``p.compute`` via ``flash_attn_func``."""
     flash = _load()
     slopes = None
-    if p.bias_fn is not None:
-        slopes = torch.as_tensor(p.spec.symmetric_slopes(), dtype=torch.float32, device=p.q.device)
+    if p.bias is not None:
+        slopes = torch.tensor(p.bias.symmetric_slopes(), dtype=torch.float32, device=p.q.device)
     q, k, v = (t.transpose(1, 2) for t in (p.q, p.k, p.v))  # (B, L, H, D)
     out = flash.flash_attn_func(
         q, k, v, softmax_scale=p.scale, causal=p.causal, alibi_slopes=slopes

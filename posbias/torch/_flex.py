@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from .._core import conventions
 from ..errors import InvalidArgumentError
 from ..spec import BiasSpec
 
@@ -55,7 +56,7 @@ def score_mod(
             raise InvalidArgumentError(
                 "score_mod needs q_len and k_len (or q_offset) to align the queries bottom-right."
             )
-        q_offset = k_len - q_len
+        q_offset = conventions.default_q_offset(q_len, k_len)
     shift = int(k_offset) - int(q_offset)  # position difference = kv_idx - q_idx + shift
     if slopes is None and (q_len is None or k_len is None):
         _check_toeplitz(spec)
@@ -125,29 +126,39 @@ def mask_mod(
     q_len: int | None = None,
     k_len: int | None = None,
     q_offset: int | None = None,
-    key_padding_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
+    **removed: Any,
 ) -> Any:
     """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` with posbias's masking rules.
 
     ``causal`` aligns bottom-right (query ``r`` sits at key slot
-    ``q_offset + r``, default ``Lk - Lq``); ``key_padding_mask`` ``(B, Lk)``
-    hides padded keys; ``segment_ids`` ``(B, Lk)`` keeps attention inside a
-    segment. Use it with ``create_block_mask`` so fully hidden blocks are skipped.
+    ``q_offset + r``, default ``Lk - Lq``); ``key_mask`` ``(B, Lk)`` bool, True
+    for a real key, hides padded keys; ``segment_ids`` ``(B, Lk)`` keeps
+    attention inside a segment. Use it with ``create_block_mask`` so fully
+    hidden blocks are skipped. (It hides keys only: the bias positions of a
+    ``score_mod`` are its offsets.)
     """
+    conventions.reject_unknown(
+        "posbias.torch.mask_mod",
+        removed,
+        ("causal", "q_len", "k_len", "q_offset", "key_mask", "segment_ids"),
+    )
+    causal = conventions.check_bool("causal", causal)
     if q_offset is None:
         if causal and (q_len is None or k_len is None):
             raise InvalidArgumentError("a causal mask_mod needs q_len and k_len (or q_offset).")
-        q_offset = (k_len - q_len) if q_len is not None and k_len is not None else 0
+        known = q_len is not None and k_len is not None
+        q_offset = conventions.default_q_offset(q_len, k_len) if known else 0
     offset = int(q_offset)
 
     def posbias_mask_mod(b, h, q_idx, kv_idx):
         slot = q_idx + offset
         keep = kv_idx >= 0
         if causal:
-            keep = keep & (kv_idx <= slot)
-        if key_padding_mask is not None:
-            keep = keep & key_padding_mask[b, kv_idx]
+            keep = keep & conventions.diagonal_visible(kv_idx - slot)
+        if key_mask is not None:
+            keep = keep & key_mask[b, kv_idx]
         if segment_ids is not None:
             keep = keep & (segment_ids[b, kv_idx] == segment_ids[b, slot])
         return keep

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._core import conventions
 from .._core.problem import Problem
 
 #: copy each block's Hankel view into a contiguous mask on CUDA (see docs/performance.md)
@@ -79,21 +80,18 @@ def _toeplitz_table(p: Problem) -> torch.Tensor | None:
     """``(H, Lq + Lk - 1)``: column ``t`` holds ``F(d_min + t)`` (None: no fast path)."""
     if not (p.slot_positions and isinstance(p.q_offset, int)):
         return None
-    if p.bias_fn is not None and (p.spec is None or not p.spec.toeplitz):
+    if p.bias is not None and not p.bias.toeplitz:
         return None
     if p.causal and p.q_offset < 0:
         return None  # the first rows would see no key at all: the masked path zeroes them
-    d_min = -(p.q_offset + p.q_len - 1)
-    d_max = p.k_len - 1 - p.q_offset
+    d_min, d_max = conventions.diagonal_range(p.q_offset, p.q_len, 0, p.k_len)
     # A spec's values are a pure function of (spec, d): cache them per spec/dtype/device
     # over a range that covers every offset of this key length (KV-cache decoding
     # asks again at each step). Modules (learnable parameters) are never cached.
-    cacheable = (p.bias_fn is None or p.bias_fn == getattr(p.spec, "bias", None)) and not (
-        torch.compiler.is_compiling()
-    )
+    cacheable = (p.bias is None or p.bias.cacheable) and not torch.compiler.is_compiling()
     if not cacheable:
         return _diagonal_values(p, d_min, d_max)
-    key = (p.spec if p.bias_fn is not None else p.heads, p.causal, p.compute, p.q.device)
+    key = (p.bias.key if p.bias is not None else p.heads, p.causal, p.compute, p.q.device)
     hit = _TABLES.get(key)
     if hit is None or not (hit[0] <= d_min and d_max <= hit[1]):
         lo, hi = min(d_min, -(p.k_len - 1)), max(d_max, p.k_len - 1)
@@ -115,17 +113,15 @@ def _diagonal_values(p: Problem, d_min: int, d_max: int) -> torch.Tensor | None:
     """``F(d)`` for ``d = d_min .. d_max`` per head (``-inf`` for ``d > 0`` if causal)."""
     device = p.q.device
     d = torch.arange(d_min, d_max + 1, device=device)
-    if p.bias_fn is None:
+    if p.bias is None:
         table = torch.zeros((p.heads, d.shape[0]), dtype=_dtype(p), device=device)
     else:
-        values = p.bias_fn(
-            q_pos=torch.zeros(1, dtype=d.dtype, device=device), k_pos=d, dtype=p.compute
-        )
+        values = p.bias.diagonals(p.xp, d_min, d_max, p.compute)
         if values.requires_grad:
             return None  # learnable values that train: SDPA gives no mask gradient
-        table = values.reshape(p.heads, -1).to(_dtype(p))
+        table = values.to(_dtype(p))
     if p.causal:
-        table = table.masked_fill(d > 0, float("-inf"))
+        table = table.masked_fill(~conventions.diagonal_visible(d), float("-inf"))
     return table
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..._core import bias_arg as _bias_arg
+from ..._core.bias_arg import read_bias
 from ...errors import InvalidArgumentError
 from ._comm import traffic
 from ._layout import layout_positions, shard
@@ -82,15 +82,14 @@ def shard_score_mod(bias: Any, q_pos: Any, k_pos: Any, *, num_heads: int | None 
     """
     from .._flex import positions_score_mod
 
-    if isinstance(bias, str) and num_heads is None:
-        raise InvalidArgumentError("pass num_heads= with a bias name.")
-    spec = _bias_arg.spec_of(bias, num_heads or 0)
-    if spec is None:
+    arg = read_bias(bias, num_heads)
+    if arg is None or arg.spec is None:
         raise InvalidArgumentError(
-            f"bias must be a registered name, a BiasSpec or a PositionalBias, got {bias!r}."
+            "shard_score_mod needs a bias with a spec: a registered name (with num_heads=), a "
+            f"BiasSpec, its config dict or a PositionalBias; got {type(bias).__name__}."
         )
     # copies: views of one another (pos[4:], pos) make torch.compile guard on aliasing
     q_pos, k_pos = (torch.as_tensor(p).to(torch.long, copy=True) for p in (q_pos, k_pos))
     if q_pos.ndim != 1 or k_pos.ndim != 1:
         raise InvalidArgumentError("shard_score_mod takes 1-D q_pos and k_pos position tables.")
-    return positions_score_mod(spec, q_pos, k_pos, params=_bias_arg.module_params(bias))
+    return positions_score_mod(arg.spec, q_pos, k_pos, params=arg.current_params())

@@ -8,12 +8,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..._core import bias_arg as _bias_arg
 from ..._core import dispatch as _dispatch
 from ...backends.torch import TorchBackend
 from ...errors import InvalidArgumentError
-from ._comm import _AllToAll, _group_info, _local_positions, _prepare
+from ._comm import _AllToAll, _count, read_call
 from ._layout import layout_positions
+
+_KEYWORDS = (
+    "group",
+    "causal",
+    "order",
+    "q_pos",
+    "k_pos",
+    "segment_ids",
+    "key_mask",
+    "scale",
+    "implementation",
+)
 
 
 def head_parallel_attention(
@@ -27,24 +38,30 @@ def head_parallel_attention(
     order: str = "contiguous",
     q_pos: Any = None,
     k_pos: Any = None,
+    segment_ids: Any = None,
+    key_mask: Any = None,
     scale: float | None = None,
     implementation: str = "auto",
+    **removed: Any,
 ) -> torch.Tensor:
     """Head-parallel (Ulysses) attention with an additive bias; layout ``(B, H, L, D)``.
 
     Sequence shards in, sequence shards out: an ``all_to_all_single`` gives each
     rank the whole sequence for ``H / world`` heads (global heads
-    ``rank·H/world …``, whose slopes and table columns the bias uses), the
-    rank runs :func:`posbias.torch.attention` on it (blockwise, memory-lean),
-    and a second all-to-all returns this rank's rows for every head. Each rank
-    sends ``(world-1)/world`` of its q, k, v and output: the volume does not
-    grow with the number of steps, unlike the ring's.
+    ``rank·H/world …``, whose slopes and table columns the bias uses — the
+    Toeplitz and FlashAttention fast paths still apply), the rank runs
+    :func:`posbias.torch.attention` on it (blockwise, memory-lean), and a
+    second all-to-all returns this rank's rows for every head. Each rank sends
+    ``(world-1)/world`` of its q, k, v and output: the volume does not grow
+    with the number of steps, unlike the ring's.
 
     Args:
         q: ``(B, H, L_local, D)`` this rank's queries (``H`` divisible by world).
         k: ``(B, H_kv, L_local, D)`` this rank's keys (``H_kv`` divisible by world).
         v: ``(B, H_kv, L_local, D)`` this rank's values.
-        bias: registered name, ``BiasSpec``, ``posbias.torch.PositionalBias`` or None.
+        bias: registered name, ``BiasSpec``, its config dict,
+            ``posbias.torch.PositionalBias`` or None, with ``H`` heads (the
+            same on every rank; checked before any exchange).
         group: the process group (default: the world).
         causal: causal masking in sequence order (the natural order of the
             tokens; zigzag shards are put back in order first).
@@ -54,67 +71,101 @@ def head_parallel_attention(
             must then be ``"contiguous"``). Causal masking follows the
             sequence order, as in :func:`posbias.torch.attention`.
         k_pos: the same for the keys.
+        segment_ids: ``(B, L_local)`` document ids of this rank's tokens
+            (gathered like the tokens; as in :func:`posbias.torch.attention`).
+        key_mask: ``(B, L_local)`` bool, True for this rank's real keys
+            (gathered like the tokens; bias positions ``cumsum(key_mask) - 1``
+            of the whole sequence, as on one device).
         scale: score scale; default ``1/√D``.
         implementation: passed to :func:`posbias.torch.attention`.
 
     Returns:
         ``(B, H, L_local, D)`` in ``q``'s dtype.
+
+    Raises:
+        DistributedError: the ranks disagree on shapes or options (on every rank).
+        InvalidArgumentError, InvalidTypeError: this rank's own bad input.
     """
 
-    def local_checks(batch, heads, kv_heads, q_len, k_len, world):
-        for what, count in (("query heads", heads), ("key/value heads", kv_heads)):
-            if count % world:
+    def local_checks(call):
+        for what, count in (("query heads", call.heads), ("key/value heads", call.kv_heads)):
+            if count % call.world:
                 raise InvalidArgumentError(
-                    f"head_parallel_attention splits the heads over {world} ranks, but there "
-                    f"are {count} {what}; use ring_attention, or a head count divisible by "
-                    f"{world}."
+                    f"head_parallel_attention splits the heads over {call.world} ranks, but "
+                    f"there are {count} {what}; use ring_attention, or a head count divisible "
+                    f"by {call.world}."
                 )
-        if q_pos is None:
-            return None
-        if order != "contiguous":
+        if q_pos is not None and order != "contiguous":
             raise InvalidArgumentError(
                 "explicit q_pos/k_pos are gathered in rank order; leave order='contiguous'."
             )
-        return tuple(
-            _local_positions(p, batch, q_len, n, q.device)
-            for p, n in ((q_pos, "q_pos"), (k_pos, "k_pos"))
-        )
+        _dispatch.check_implementation(implementation)
 
-    (rank, world, _, heads, _, length, _), positions = _prepare(
-        q, k, v, group, causal, order, q_pos, k_pos, None, "head_parallel_attention",
+    call = read_call(
+        "head_parallel_attention",
+        q,
+        k,
+        v,
+        bias,
+        group=group,
+        causal=causal,
+        order=order,
+        scale=scale,
+        q_pos=q_pos,
+        k_pos=k_pos,
+        segment_ids=segment_ids,
+        key_mask=key_mask,
+        implementation=implementation,
+        removed=removed,
+        keywords=_KEYWORDS,
         local_checks=local_checks,
-    )  # fmt: skip
-    width = heads // world
-    bias_fn = _bias_arg.head_bias(bias, heads, range(rank * width, (rank + 1) * width), "torch")
+    )
+    width = call.heads // call.world
+    arg = None
+    if call.bias is not None:
+        arg = call.bias.for_heads(range(call.rank * width, (call.rank + 1) * width))
     # sequence shards -> head shards: (B, H/world, L, D), rank 0's tokens first
     q, k, v = (_AllToAll.apply(t, group, 1, 2) for t in (q, k, v))
+    per_token = {
+        name: _gather(t, group, call.world)
+        for name, t in (
+            ("q_pos", call.q_pos),
+            ("k_pos", call.k_pos),
+            ("segment_ids", call.segment_ids),
+            ("key_mask", call.key_mask),
+        )
+    }
     inverse = None
     if order == "zigzag":
-        inverse = torch.as_tensor(
-            np.argsort(layout_positions(length * world, world, order)), device=q.device
-        )
+        natural = np.argsort(layout_positions(call.k_len * call.world, call.world, order))
+        inverse = torch.as_tensor(natural, device=q.device)
         q, k, v = (t.index_select(2, inverse) for t in (q, k, v))
-    if positions is not None:
-        q_pos, k_pos = (_gather_positions(p, group) for p in positions)
+        per_token = {
+            n: None if t is None else t.index_select(-1, inverse) for n, t in per_token.items()
+        }
     out = _dispatch.attend(
         TorchBackend(q.device),
         q,
         k,
         v,
-        bias_fn,
-        causal=causal,
-        scale=scale,
-        q_pos=q_pos,
-        k_pos=k_pos,
+        arg,
+        causal=call.causal,
+        scale=call.scale,
         implementation=implementation,
+        **per_token,
     )
     if inverse is not None:
         out = out.index_select(2, torch.argsort(inverse))
     return _AllToAll.apply(out, group, 2, 1)
 
 
-def _gather_positions(pos: torch.Tensor, group: Any) -> torch.Tensor:
-    _, world = _group_info(group)
-    parts = [torch.empty_like(pos) for _ in range(world)]
-    dist.all_gather(parts, pos.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
+def _gather(t: Any, group: Any, world: int) -> Any:
+    """Every rank's ``(..., L_local)`` tensor, concatenated in rank order along the last axis."""
+    if t is None:
+        return None
+    sent = t.to(torch.uint8) if t.dtype == torch.bool else t  # gloo sends no bool
+    parts = [torch.empty_like(sent) for _ in range(world)]
+    dist.all_gather(parts, sent.contiguous(), group=group)
+    _count("positions", sent.numel() * sent.element_size() * (world - 1))
+    out = torch.cat(parts, dim=-1)
+    return out.bool() if t.dtype == torch.bool else out
