@@ -17,7 +17,7 @@ from . import backends as _backends
 from . import positions as _positions
 from ._core import conventions
 from ._core.checks import check_heads
-from .errors import BackendError, InvalidArgumentError, ResourceError
+from .errors import BackendError, InvalidArgumentError, InvalidTypeError, ResourceError
 
 if TYPE_CHECKING:
     from .spec import BiasSpec
@@ -91,11 +91,33 @@ def evaluate(
         )
         d_min, _ = conventions.diagonal_range(q_first, q_len, k_first, k_len)
         d = xp.arange(q_len + k_len - 1) + d_min
-        diagonals = spec.compute(xp, d[:1, None] * 0, d[None, :], head_index, native_params)
+        diagonals = _compute(spec, xp, d[:1] * 0, d, head_index, native_params)
         values = xp.toeplitz(xp.float(diagonals)[..., 0, :], q_len, k_len)
     else:
-        values = spec.compute(xp, q[..., :, None], k[..., None, :], head_index, native_params)
+        values = _compute(spec, xp, q, k, head_index, native_params)
     return xp.cast_output(xp.float(values), out_dtype)
+
+
+def _compute(spec: BiasSpec, xp: Any, q: Any, k: Any, heads: Any, params: Any) -> Any:
+    """``spec.compute`` for positions ``q`` ``(..., Lq)`` and ``k`` ``(..., Lk)``, shape-checked.
+
+    A variant's output must be ``(..., h, Lq, Lk)`` exactly: a missing heads
+    axis would otherwise be broadcast over the heads, silently.
+    """
+    values = spec.compute(xp, q[..., :, None], k[..., None, :], heads, params)
+    q_shape, k_shape = xp.shape(q), xp.shape(k)
+    batch = q_shape[:-1] if len(q_shape) > len(k_shape) else k_shape[:-1]
+    expected = (*batch, len(heads), q_shape[-1], k_shape[-1])
+    shape = xp.shape(values)
+    if len(shape) != len(expected) or any(
+        a is not None and b is not None and a != b for a, b in zip(shape, expected, strict=True)
+    ):
+        raise InvalidArgumentError(
+            f"{spec.name or type(spec).__name__}.compute() returned shape {shape}; expected "
+            f"{expected} = (batch..., heads, Lq, Lk). A variant's compute must return one "
+            "value per head, query and key (see BiasSpec.compute)."
+        )
+    return values
 
 
 def _toeplitz_applies(spec: BiasSpec, xp, q, k, explicit, q_offset, k_offset) -> bool:
@@ -140,6 +162,11 @@ def _resolve_backend(backend: str | None, *arrays: Any) -> str:
 
 
 def _resolve_dtype(xp: Any, dtype: Any) -> str:
+    if dtype is None or isinstance(dtype, bool):  # np.dtype(None) would mean float64
+        raise InvalidTypeError(
+            f"dtype must be a float dtype, got {dtype!r}; pass one of "
+            f"{list(_backends.FLOAT_DTYPES)} (as a string or a {xp.name} dtype)."
+        )
     if isinstance(dtype, str):
         name = dtype
     else:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ._core import conventions
-from ._core.checks import MAX_POSITION, check_int, is_int
+from ._core.checks import check_int, is_int
 from .backends import Backend
 from .errors import InvalidArgumentError, InvalidTypeError
 
@@ -36,6 +36,7 @@ def integer_array(xp: Backend, name: str, value: Any, max_ndim: int) -> Any:
                 f"{name} must hold integers, got dtype {value.dtype}; positions are "
                 f"integer token indices, e.g. {name}=np.arange(L)."
             )
+        check_range(xp, name, value)
         value = xp.from_numpy(value.astype(np.int64, copy=False))
     elif not xp.is_integer(value):
         raise InvalidTypeError(
@@ -51,6 +52,23 @@ def integer_array(xp: Backend, name: str, value: Any, max_ndim: int) -> Any:
     return xp.as_int(value)
 
 
+def _hint(xp: Backend) -> str:
+    return xp.position_limit_hint[0].upper() + xp.position_limit_hint[1:] + "."
+
+
+def check_range(xp: Backend, name: str, values: Any) -> None:
+    """Raise when integer ``values`` (NumPy, or ints) leave ``[-max_position, max_position]``."""
+    array = np.asarray(values)
+    if array.size == 0:
+        return
+    low, high = int(array.min()), int(array.max())
+    if max(abs(low), abs(high)) > xp.max_position:
+        raise InvalidArgumentError(
+            f"{name} holds values in [{low}, {high}], beyond ±{xp.max_position}: "
+            f"{xp.position_limit_hint}."
+        )
+
+
 def _side(
     xp: Backend, side: str, length: Any, pos: Any, offset: Any
 ) -> tuple[Any | None, int | None, Any]:
@@ -64,7 +82,7 @@ def _side(
         pos = integer_array(xp, f"{side}_pos", pos, 2)
         actual = xp.shape(pos)[-1]
         if length is not None:
-            length = check_int(f"{side}_len", length, maximum=MAX_POSITION)
+            length = check_int(f"{side}_len", length, maximum=xp.max_position, hint=_hint(xp))
             if actual is not None and length != actual:
                 raise InvalidArgumentError(
                     f"{side}_len={length} does not match {side}_pos of length {actual}; "
@@ -76,10 +94,12 @@ def _side(
             f"give {side}_len (an int) or {side}_pos (an integer array) for the "
             f"{'queries' if side == 'q' else 'keys'}."
         )
-    length = check_int(f"{side}_len", length, maximum=MAX_POSITION)
+    length = check_int(f"{side}_len", length, maximum=xp.max_position, hint=_hint(xp))
     if offset is not None:
-        if is_int(offset) or isinstance(offset, (bool, float)):
-            offset = check_int(f"{side}_offset", offset, maximum=MAX_POSITION)
+        if is_int(offset) or isinstance(offset, (bool, float, str)):
+            offset = check_int(
+                f"{side}_offset", offset, maximum=xp.max_position - length, hint=_hint(xp)
+            )
         else:
             offset = integer_array(xp, f"{side}_offset", offset, 1)
     return None, length, offset
@@ -153,12 +173,19 @@ def encode_points(xp: Backend, name: str, points: Any) -> Any:
             f"{name} of a 2-D bias must be (row, col) points of shape (L, 2) or (B, L, 2), "
             f"got shape {shape}."
         )
-    if isinstance(points, np.ndarray | list | tuple):
-        values = np.asarray(points)
-        if values.size and (values.min() < 0 or values.max() >= POINT_BASE):
+    if isinstance(points, np.ndarray | list | tuple) or xp.is_concrete(array):
+        values = (
+            np.asarray(points)
+            if isinstance(points, np.ndarray | list | tuple)
+            else (xp.to_numpy(array))
+        )
+        rows = xp.max_position // POINT_BASE  # the codes of every row must fit the backend
+        if values.size and (values.min() < 0 or values[..., 1].max() >= POINT_BASE
+                            or values[..., 0].max() >= rows):  # fmt: skip
             raise InvalidArgumentError(
-                f"{name} rows and columns must lie in [0, {POINT_BASE}), got "
-                f"[{values.min()}, {values.max()}]."
+                f"{name} must hold (row, col) points with 0 <= row < {rows} and "
+                f"0 <= col < {POINT_BASE}, got values in [{values.min()}, {values.max()}]"
+                f"{'' if rows > 1 << 16 else f' ({xp.position_limit_hint})'}."
             )
     return array[..., 0] * POINT_BASE + array[..., 1]
 

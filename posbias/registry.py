@@ -18,6 +18,7 @@ import contextlib
 import difflib
 import fnmatch
 import re
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from importlib import metadata
@@ -65,6 +66,11 @@ def register(name: str, *, overwrite: bool = False) -> Callable[[S], S]:
     def decorator(cls: S) -> S:
         if not (isinstance(cls, type) and issubclass(cls, BiasSpec)):
             raise RegistryError(f"@register({name!r}) decorates BiasSpec subclasses, got {cls!r}.")
+        if cls.compute is BiasSpec.compute:
+            raise RegistryError(
+                f"{cls.__qualname__} does not implement compute(xp, q_pos, k_pos, heads, params), "
+                "the one method a bias variant defines (docs/extending.md)."
+            )
         if name in _registry and not overwrite and _registry[name] is not cls:
             raise RegistryError(
                 f"bias name {name!r} is already registered to "
@@ -83,11 +89,28 @@ def register(name: str, *, overwrite: bool = False) -> Callable[[S], S]:
     return decorator
 
 
+#: first lookups from several threads load the plugins once; the others wait for it
+_plugin_lock = threading.RLock()
+_loading = False
+
+
 def _load_plugins() -> None:
     global _plugins_loaded
     if _plugins_loaded:
         return
-    _plugins_loaded = True
+    global _loading
+    with _plugin_lock:
+        if _plugins_loaded or _loading:  # loaded meanwhile, or a plugin looks a name up
+            return
+        _loading = True
+        try:
+            _load_entry_points()
+        finally:
+            _loading = False
+        _plugins_loaded = True  # only once every plugin is registered
+
+
+def _load_entry_points() -> None:
     for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = entry.load()
@@ -123,7 +146,10 @@ def _lookup(name: str) -> type[BiasSpec]:
         raise UnknownBiasError(
             f"bias {name!r} comes from a plugin that failed to load: {_plugin_errors[name]}"
         )
-    close = difflib.get_close_matches(name, list(_registry), n=3, cutoff=0.5)
+    lower = {n.lower(): n for n in _registry}
+    close = [
+        lower[n] for n in difflib.get_close_matches(name.lower(), list(lower), n=3, cutoff=0.5)
+    ]
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
     raise UnknownBiasError(
         f"unknown bias {name!r}.{hint} Registered: {', '.join(sorted(_registry))}."

@@ -26,7 +26,7 @@ import numpy as np
 from . import _evaluate
 from . import backends as _backends
 from ._core.checks import check_num_heads
-from .errors import ConfigError, InvalidArgumentError
+from .errors import ConfigError, InvalidArgumentError, InvalidTypeError
 
 __all__ = ["BiasSpec"]
 
@@ -146,7 +146,10 @@ class BiasSpec:
         Returns:
             Tensor of shape ``(..., h, Lq, Lk)`` in the compute dtype.
         """
-        raise NotImplementedError(f"{type(self).__name__} must implement compute()")
+        raise InvalidTypeError(
+            f"{type(self).__name__} does not implement compute(xp, q_pos, k_pos, heads, params); "
+            "every BiasSpec subclass must (docs/extending.md)."
+        )
 
     @classmethod
     def parity_examples(cls, num_heads: int) -> list[BiasSpec]:

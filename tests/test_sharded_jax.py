@@ -340,3 +340,17 @@ def test_segments_with_a_non_toeplitz_bias_need_positions(meshes):
     with pytest.raises(posbias.InvalidArgumentError, match="per-document"):
         sharded_attention(q, k, v, "alibi_scaled", mesh=mesh, seq_axis="seq",
                           segment_ids=segments)  # fmt: skip
+
+
+def test_zigzag_inside_jit_on_a_sequence_sharded_array(devices):
+    """An explicitly sharded array raised a raw ShardingTypeError inside jax.jit."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((4,), ("seq",), devices=list(devices))
+    x = jax.device_put(jnp.arange(2 * 16.0).reshape(2, 16), NamedSharding(mesh, P(None, "seq")))
+    there = jax.jit(lambda x: zigzag(x, 4))(x)
+    np.testing.assert_array_equal(np.asarray(there), np.asarray(zigzag(np.asarray(x), 4)))
+    back = jax.jit(lambda x: unzigzag(zigzag(x, 4), 4))(x)
+    np.testing.assert_array_equal(np.asarray(back), np.asarray(x))
+    assert back.sharding.is_equivalent_to(x.sharding, 2)

@@ -27,7 +27,14 @@ def is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
-def check_int(name: str, value: object, *, minimum: int = 0, maximum: int | None = None) -> int:
+def check_int(
+    name: str,
+    value: object,
+    *,
+    minimum: int = 0,
+    maximum: int | None = None,
+    hint: str = "Check that you passed the intended value.",
+) -> int:
     """Return ``value`` as an ``int`` if it is an integer in ``[minimum, maximum]``."""
     if not is_int(value):
         raise InvalidTypeError(
@@ -38,10 +45,7 @@ def check_int(name: str, value: object, *, minimum: int = 0, maximum: int | None
     if value < minimum:
         raise InvalidArgumentError(f"{name} must be >= {minimum}, got {value}.")
     if maximum is not None and value > maximum:
-        raise InvalidArgumentError(
-            f"{name}={value} is too large: the maximum is {maximum}. "
-            "Check that you passed the intended value."
-        )
+        raise InvalidArgumentError(f"{name}={value} is too large: the maximum is {maximum}. {hint}")
     return value
 
 

@@ -41,7 +41,7 @@ from .. import positions as _positions
 from ..errors import BackendError, InvalidArgumentError, InvalidTypeError
 from . import conventions
 from .bias_arg import BiasArg, read_bias
-from .checks import MAX_POSITION, check_int, is_int
+from .checks import check_int, is_int
 
 LAYOUTS = {"bhld": "b h l d", "blhd": "b l h d"}
 FLOATS = ("float16", "bfloat16", "float32", "float64")
@@ -66,6 +66,12 @@ def native(xp, name: str, x: Any) -> Any:
     """``x`` as a tensor of ``xp``'s framework (NumPy arrays and lists convert; others: error)."""
     kind = _backends.detect(x)
     if kind == xp.name:
+        elsewhere = xp.on_other_device(x)
+        if elsewhere is not None:
+            raise BackendError(
+                f"{name} is on {elsewhere} but the queries are on {xp.device}; move it "
+                f"first (e.g. {name}.to(q.device))."
+            )
         return x
     if kind in (None, "numpy"):
         array = np.asarray(x)
@@ -110,6 +116,10 @@ def check_qkv(xp, q, k, v, layout: str) -> tuple[int, int, int, int, int]:
         )
     if qs[3] != ks[3]:
         raise InvalidArgumentError(f"q and k head dims differ: {qs[3]} vs {ks[3]}.")
+    if qs[3] == 0 or vs[3] == 0:
+        raise InvalidArgumentError(
+            f"the head dim D must be >= 1, got q/k of D={qs[3]} and v of D={vs[3]}."
+        )
     if ks[1] == 0 or qs[1] % ks[1]:
         raise InvalidArgumentError(
             f"grouped-query attention needs the query heads ({qs[1]}) to be a multiple of "
@@ -142,7 +152,11 @@ def read_q_offset(xp, q_offset: Any, batch: int) -> Any:
     if q_offset is None or is_int(q_offset) or isinstance(q_offset, (bool, float, str)):
         if q_offset is None:
             return None
-        return check_int("q_offset", q_offset, minimum=-MAX_POSITION, maximum=MAX_POSITION)
+        limit = xp.max_position
+        hint = xp.position_limit_hint
+        return check_int(
+            "q_offset", q_offset, minimum=-limit, maximum=limit, hint=hint[0].upper() + hint[1:]
+        )
     offset = _positions.integer_array(xp, "q_offset", native(xp, "q_offset", q_offset), 1)
     shape = xp.shape(offset)
     if shape not in ((), (batch,)):

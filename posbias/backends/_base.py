@@ -48,6 +48,11 @@ class Backend:
 
     name: ClassVar[str]
     xp: Any
+    #: the largest |position| or offset this backend holds exactly, with room for the
+    #: differences ``k - q`` (int64: the documented 2^40; JAX without x64: 2^30)
+    max_position: int = 1 << 40
+    #: why positions are bounded, for error messages
+    position_limit_hint: str = "positions and offsets are limited to 2^40"
 
     def __init__(self, device: Any = None, compute_dtype: str = "float32") -> None:
         self.device = device
@@ -121,6 +126,10 @@ class Backend:
 
     def device_of(self, x: Any) -> Any:
         """The device ``x`` lives on, in a form :meth:`__init__` accepts."""
+        return None
+
+    def on_other_device(self, x: Any) -> Any:
+        """The device of a native ``x`` when it is not this backend's device, else None."""
         return None
 
     # -------------------------------------------------------------- vocabulary

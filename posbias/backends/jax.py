@@ -44,6 +44,19 @@ class JaxBackend(Backend):
         tie = done[(0,) * done.ndim] * 0
         return [t + tie.astype(t.dtype) for t in x]
 
+    @property
+    def max_position(self) -> int:  # type: ignore[override]
+        return 1 << 40 if _x64() else 1 << 30
+
+    @property
+    def position_limit_hint(self) -> str:  # type: ignore[override]
+        if _x64():
+            return "positions and offsets are limited to 2^40"
+        return (
+            "JAX without x64 holds integers in int32, so positions and offsets are limited to "
+            "2^30; enable jax.config.update('jax_enable_x64', True) for up to 2^40"
+        )
+
     def supports(self, name: str) -> bool:
         return name != "float64" or _x64()
 

@@ -60,10 +60,12 @@ class TensorflowBackend(Backend):
         return getattr(x, "device", None) or None
 
     def where(self, cond, a, b):
+        # tf.constant(x, dtype), not tf.cast(x): a Python float would first become a float32
+        # tensor, and float64 constants such as finfo(float64).min overflow there
         if not tf.is_tensor(a):
-            a = tf.cast(a, b.dtype)
+            a = tf.constant(a, dtype=b.dtype)
         if not tf.is_tensor(b):
-            b = tf.cast(b, a.dtype)
+            b = tf.constant(b, dtype=a.dtype)
         return tf.where(cond, a, b)
 
     def sigmoid(self, x):

@@ -54,6 +54,13 @@ class TorchBackend(Backend):
     def device_of(self, x: Any) -> Any:
         return x.device
 
+    def on_other_device(self, x: Any) -> Any:
+        if self.device is None:
+            return None
+        mine = torch.device(self.device)
+        same = x.device.type == mine.type and mine.index in (None, x.device.index)
+        return None if same else x.device
+
     def minimum(self, a, b):
         return torch.clamp(a, max=b) if not torch.is_tensor(b) else torch.minimum(a, b)
 

@@ -405,8 +405,16 @@ def unzigzag(x: Any, shards: int, axis: int = 1) -> jax.Array:
 
 
 def _take(x: Any, index: np.ndarray, axis: int) -> jax.Array:
-    sharding = getattr(x, "sharding", None)
+    """``x`` reordered along ``axis``; an explicitly sharded array keeps its sharding.
+
+    A gather along a sharded axis has no unambiguous output sharding in JAX's
+    explicit mode (``ShardingTypeError`` under ``jit``): replicate, gather,
+    and reshard back to the input's sharding — eagerly and under ``jit`` alike.
+    """
+    x = jnp.asarray(x)
+    sharding = getattr(jax.typeof(x), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
-    if mesh is not None and _explicit(mesh):  # a gather needs the whole axis: replicate it
-        x = jax.reshard(x, NamedSharding(mesh, P()))
-    return jnp.take(x, index, axis=axis)
+    if mesh is None or not _explicit(mesh):
+        return jnp.take(x, index, axis=axis)
+    replicated = jax.reshard(x, NamedSharding(mesh, P()))
+    return jax.reshard(jnp.take(replicated, index, axis=axis), sharding)

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 from .._core import conventions
-from ..errors import InvalidArgumentError
+from .._core.checks import MAX_POSITION, check_int
+from ..errors import InvalidArgumentError, InvalidTypeError
 from ..spec import BiasSpec
 
 
@@ -50,6 +51,8 @@ def score_mod(
     device: Any = None,
 ) -> Any:
     """The ``score_mod`` adding ``spec``'s bias (see :meth:`posbias.BiasSpec.score_mod`)."""
+    q_len, k_len, q_offset = _read_lengths(q_len, k_len, q_offset)
+    k_offset = check_int("k_offset", k_offset)
     slopes = spec.symmetric_slopes() if not spec.learnable else None
     if q_offset is None:
         if q_len is None or k_len is None:
@@ -57,7 +60,7 @@ def score_mod(
                 "score_mod needs q_len and k_len (or q_offset) to align the queries bottom-right."
             )
         q_offset = conventions.default_q_offset(q_len, k_len)
-    shift = int(k_offset) - int(q_offset)  # position difference = kv_idx - q_idx + shift
+    shift = k_offset - q_offset  # position difference = kv_idx - q_idx + shift
     if slopes is None and (q_len is None or k_len is None):
         _check_toeplitz(spec)
         raise InvalidArgumentError(
@@ -70,6 +73,17 @@ def score_mod(
         return score + diff(h, kv_idx - q_idx + shift)
 
     return posbias_score_mod
+
+
+def _read_lengths(q_len: Any, k_len: Any, q_offset: Any) -> tuple[Any, Any, Any]:
+    """Strictly read the lengths (None or >= 1) and offset (None or an int) of a hook."""
+    q_len, k_len = (
+        None if n is None else check_int(name, n, minimum=1)
+        for name, n in (("q_len", q_len), ("k_len", k_len))
+    )
+    if q_offset is not None:
+        q_offset = check_int("q_offset", q_offset, minimum=-MAX_POSITION, maximum=MAX_POSITION)
+    return q_len, k_len, q_offset
 
 
 def positions_score_mod(
@@ -107,7 +121,7 @@ def _difference_mod(spec: BiasSpec, slopes: Any, lo: int, hi: int, params: Any, 
     ``(H, hi - lo + 1)`` table of the bias per difference, built once by ``spec.bias``.
     """
     if slopes is not None:
-        m = torch.as_tensor(slopes, dtype=torch.float32, device=device)
+        m = torch.tensor(slopes, dtype=torch.float32, device=device)  # a copy: slopes are read-only
         return lambda h, d: m[h] * (-d.abs()).to(torch.float32)
     _check_toeplitz(spec)
     differences = torch.arange(lo, hi + 1, device=device)
@@ -145,6 +159,15 @@ def mask_mod(
         ("causal", "q_len", "k_len", "q_offset", "key_mask", "segment_ids"),
     )
     causal = conventions.check_bool("causal", causal)
+    q_len, k_len, q_offset = _read_lengths(q_len, k_len, q_offset)
+    for name, mask, boolean in (("key_mask", key_mask, True), ("segment_ids", segment_ids, False)):
+        if mask is None:
+            continue
+        if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
+            raise InvalidTypeError(f"{name} must be a 2-D (B, Lk) torch tensor, got {mask!r}.")
+        if boolean != (mask.dtype == torch.bool) or mask.is_floating_point():
+            expected = "bool (True for a real key)" if boolean else "integer"
+            raise InvalidTypeError(f"{name} must be {expected}, got dtype {mask.dtype}.")
     if q_offset is None:
         if causal and (q_len is None or k_len is None):
             raise InvalidArgumentError("a causal mask_mod needs q_len and k_len (or q_offset).")

@@ -89,7 +89,11 @@ def _toeplitz_table(p: Problem) -> torch.Tensor | None:
     # over a range that covers every offset of this key length (KV-cache decoding
     # asks again at each step). Modules (learnable parameters) are never cached.
     cacheable = (p.bias is None or p.bias.cacheable) and not torch.compiler.is_compiling()
-    if not cacheable:
+    # the cache spans the diagonals of this key length (and the queries' rows); a far
+    # offset (q_offset = 10**7 on 8 keys) is computed for its Lq + Lk - 1 diagonals only,
+    # so the cache never grows with |q_offset|
+    span = p.k_len + p.q_len
+    if not cacheable or d_min < -span or d_max > span:
         return _diagonal_values(p, d_min, d_max)
     key = (p.bias.key if p.bias is not None else p.heads, p.causal, p.compute, p.q.device)
     hit = _TABLES.get(key)
