@@ -1,10 +1,10 @@
 """Turn lengths, offsets and position arrays into global integer positions.
 
-Convention (DESIGN.md §1): query ``i`` and key ``j`` are global integer
-positions. When only lengths are given, keys sit at ``k_offset + [0, k_len)``
-(``k_offset`` defaults to 0) and queries are aligned **bottom-right**: query
-``r`` sits at ``k_offset + k_len - q_len + r``, as in KV-cache decoding and
-FlashAttention. Explicit offsets or position arrays override that.
+Convention (docs/contract.md, "Positions and alignment"): query ``i`` and
+key ``j`` are global integer positions. When only lengths are given, keys sit
+at ``k_offset + [0, k_len)`` (``k_offset`` defaults to 0) and queries are
+aligned **bottom-right**: query ``r`` sits at ``k_offset + k_len - q_len + r``,
+as in KV-cache decoding and FlashAttention. Explicit offsets or position arrays override that.
 
 Offsets are non-negative Python ints, or native integer tensors of shape ``()``
 or ``(B,)`` (per-sequence offsets, e.g. per-sequence cache lengths; these are

@@ -26,11 +26,16 @@ import numpy as np
 from . import _evaluate
 from . import backends as _backends
 from ._core.checks import check_num_heads
-from .errors import ConfigError, InvalidArgumentError
+from .errors import ConfigError, InvalidArgumentError, RegistryError
 
 __all__ = ["BiasSpec"]
 
 _RESERVED = {"name"}
+#: class flags that were renamed or removed: old name -> what to do instead
+_RETIRED_FLAGS = {
+    "exact": "rename it to bit_identical",
+    "linear": "drop it; override symmetric_slopes() to return the slopes",
+}
 
 
 def _jsonable(value: Any) -> Any:
@@ -51,11 +56,14 @@ class BiasSpec:
     Class attributes a variant sets:
         name: the registered name (set by :func:`posbias.register`).
         toeplitz: the bias depends on ``j - i`` only.
-        linear: the bias is ``-slope_h · |i - j|``-shaped (the ALiBi family);
-            such a spec has a ``slopes`` attribute.
         learnable: the variant has trainable parameters.
-        exact: closed form with float32 results bit-identical across backends
-            and tiles (False for MLP-based variants).
+        bit_identical: float32 results bit-identical across backends and
+            tiles (closed forms; False for variants using ``exp``, ``log``,
+            ``cos`` or an MLP, which are compared within :attr:`tolerances`).
+
+    Whether a bias is ALiBi-shaped (``-m_h·|i - j|``) is not a class flag:
+    :meth:`symmetric_slopes` says it per instance (``alibi_scaled`` is, until
+    ``train_length`` is set).
 
     Example:
         >>> import posbias
@@ -66,9 +74,8 @@ class BiasSpec:
 
     name: ClassVar[str | None] = None
     toeplitz: ClassVar[bool] = False
-    linear: ClassVar[bool] = False
     learnable: ClassVar[bool] = False
-    exact: ClassVar[bool] = True
+    bit_identical: ClassVar[bool] = True
     #: 1 for sequences (integer positions), 2 for image grids ((row, col) points)
     position_dims: ClassVar[int] = 1
     #: per-dtype ``(rtol, atol)`` overriding :data:`posbias.testing.TOLERANCES`
@@ -78,9 +85,21 @@ class BiasSpec:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        clash = _RESERVED & set(inspect.get_annotations(cls))
+        annotations = inspect.get_annotations(cls)
+        clash = _RESERVED & set(annotations)
         if clash:
             raise TypeError(f"{cls.__name__}: field names {sorted(clash)} are reserved.")
+        retired = sorted(  # class attributes, not hyper-parameters that share the name
+            flag
+            for flag in set(_RETIRED_FLAGS) & set(cls.__dict__)
+            if "ClassVar" in str(annotations.get(flag, "ClassVar"))
+        )
+        if retired:  # a silently ignored flag would mislead the parity harness or kernels
+            raise RegistryError(
+                f"{cls.__name__} sets the retired class flag(s) {retired}: "
+                + "; ".join(f"{flag}: {_RETIRED_FLAGS[flag]}" for flag in retired)
+                + "."
+            )
         dataclasses.dataclass(frozen=True, kw_only=True)(cls)
 
     def __post_init__(self) -> None:

@@ -1,6 +1,7 @@
 """The bias zoo: published values, reference formulas, bad input, learnable parameters."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -124,6 +125,24 @@ def test_kerple_rejects_negative_parameters():
     spec = posbias.get("kerple_log", num_heads=2)
     with pytest.raises(posbias.InvalidArgumentError, match="positive"):
         spec.bias(q_len=2, k_len=2, params={"r1": np.array([1.0, -1.0]), "r2": np.ones(2)})
+
+
+def _documented_arguments(cls):
+    doc = cls.__doc__ or ""
+    if "Args:" not in doc:
+        return []
+    block = doc.split("Args:", 1)[1].split("\n\n", 1)[0]
+    return re.findall(r"^ {8}(\w+):", block, flags=re.MULTILINE)
+
+
+@pytest.mark.parametrize("name", posbias.list_biases())
+def test_documented_arguments_are_the_fields(name):
+    """A docstring's Args name constructor keywords (``custom_slopes``, not ``slopes``)."""
+    cls = posbias.registered()[name]
+    documented = _documented_arguments(cls)
+    assert set(documented) <= set(cls.parameter_names()), documented
+    if cls is posbias.Alibi:
+        assert set(documented) == set(cls.parameter_names())
 
 
 def _fire_reference(params, q, k, init_L=512.0, eps=1e-6):

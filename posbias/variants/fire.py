@@ -47,7 +47,7 @@ class Fire(BiasSpec):
     """
 
     learnable = True
-    exact = False
+    bit_identical = False
     tolerances: ClassVar[dict[str, tuple[float, float]]] = {"float32": (1e-5, 1e-5)}
 
     mlp_width: int = 32

@@ -28,7 +28,7 @@ EPS = 0.01
 class _Kerple(BiasSpec):
     toeplitz = True
     learnable = True
-    exact = False  # log / pow differ by an ulp between frameworks
+    bit_identical = False  # log / pow differ by an ulp between frameworks
     tolerances: ClassVar[dict[str, tuple[float, float]]] = {"float32": (2e-6, 1e-6)}
 
     _r2_scale: ClassVar[float] = 1.0

@@ -110,7 +110,7 @@ class SwinV2CPB(_Windowed):
         True
     """
 
-    exact = False
+    bit_identical = False
     tolerances: ClassVar[dict[str, tuple[float, float]]] = {"float32": (1e-5, 1e-5)}
 
     window: tuple[int, int] = (8, 8)
@@ -159,7 +159,7 @@ class Alibi2D(BiasSpec):
     """
 
     position_dims = 2
-    exact = False  # sqrt is exact, but XLA may fuse the product differently
+    bit_identical = False  # sqrt is exact, but XLA may fuse the product differently
     tolerances: ClassVar[dict[str, tuple[float, float]]] = {"float32": (1e-6, 1e-12)}
 
     max_bias: float = 8.0
