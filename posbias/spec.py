@@ -25,8 +25,8 @@ import numpy as np
 
 from . import _evaluate
 from . import backends as _backends
-from ._core.checks import check_num_heads
-from .errors import ConfigError, InvalidArgumentError, RegistryError
+from ._core.checks import check_num_heads, real_array
+from .errors import ConfigError, InvalidArgumentError, InvalidTypeError, RegistryError
 
 __all__ = ["BiasSpec"]
 
@@ -56,7 +56,8 @@ class BiasSpec:
     Class attributes a variant sets:
         name: the registered name (set by :func:`posbias.register`).
         toeplitz: the bias depends on ``j - i`` only.
-        learnable: the variant has trainable parameters.
+        learnable: the variant has trainable parameters (it then declares
+            :meth:`param_shapes` and implements :meth:`init_params`).
         bit_identical: float32 results bit-identical across backends and
             tiles (closed forms; False for variants using ``exp``, ``log``,
             ``cos`` or an MLP, which are compared within :attr:`tolerances`).
@@ -177,7 +178,21 @@ class BiasSpec:
         return [cls(num_heads=num_heads)]
 
     def init_params(self, seed: int = 0) -> dict[str, np.ndarray]:
-        """Initial learnable parameters (empty for parameter-free variants)."""
+        """Initial learnable parameters, seeded NumPy (empty for parameter-free variants).
+
+        Every framework's ``PositionalBias`` starts from these values (cast to
+        float32), so equal seeds give equal modules everywhere. Called once, when
+        a module is built; never on the forward path. The arrays must have the
+        shapes of :meth:`param_shapes`.
+
+        Returns:
+            ``dict[str, numpy.ndarray]`` (float64).
+
+        Example:
+            >>> import posbias
+            >>> posbias.get("t5", num_heads=2).init_params(seed=0)["table"].shape
+            (32, 2)
+        """
         return {}
 
     def score_mod(
@@ -270,14 +285,56 @@ class BiasSpec:
 
     # ------------------------------------------------------- learnable API
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Names and shapes of the learnable parameters (empty if none)."""
-        return {k: tuple(np.shape(v)) for k, v in self.init_params(0).items()}
+        """Names and shapes of the learnable parameters (empty if none).
+
+        Declared from the hyper-parameters alone (no random numbers, no
+        arrays): layers read it on every forward call, also under
+        ``torch.compile`` / ``jax.jit``. A learnable variant must override it.
+
+        Returns:
+            ``dict[str, tuple[int, ...]]``, in the order of :meth:`init_params`.
+
+        Raises:
+            NotImplementedError: a learnable variant that does not declare its shapes.
+
+        Example:
+            >>> import posbias
+            >>> posbias.get("kerple_log", num_heads=4).param_shapes()
+            {'r1': (4,), 'r2': (4,)}
+        """
+        if self.learnable:
+            raise NotImplementedError(
+                f"{type(self).__name__} is learnable and must declare param_shapes() "
+                "from its hyper-parameters, e.g. {'table': (self.num_buckets, self.num_heads)}."
+            )
+        return {}
 
     def check_params(self, params: Mapping[str, Any], *, shapes_of: Any = None) -> None:
-        """Raise one error listing missing, unexpected and mis-shaped parameters."""
+        """Check a parameter dict against :meth:`param_shapes`; NumPy values also by value.
+
+        Names and shapes of every entry are checked (``shapes_of(tensor)`` gives
+        a native tensor's shape; default ``tensor.shape``). Values given as
+        NumPy arrays, lists or numbers must be real numbers and pass
+        :meth:`validate_param_values`; native tensors (possibly traced) are not
+        read.
+
+        Raises:
+            InvalidTypeError: ``params`` is not a mapping, or a value is not numeric.
+            InvalidArgumentError: one error listing missing, unexpected and
+                mis-shaped entries.
+
+        Example:
+            >>> import numpy as np, posbias
+            >>> spec = posbias.get("alibi_learned", num_heads=2)
+            >>> spec.check_params({"log_slopes": np.zeros(3), "extra": 1.0})  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            posbias.errors.InvalidArgumentError: alibi_learned parameters: unexpected ['extra']; ...
+        """
+        label = self.name or type(self).__name__
         if not isinstance(params, Mapping):
-            raise InvalidArgumentError(
-                f"params must be a dict of arrays, got {type(params).__name__}."
+            raise InvalidTypeError(
+                f"{label} params must be a dict of arrays, got {type(params).__name__}."
             )
         expected = self.param_shapes()
         problems = []
@@ -286,27 +343,26 @@ class BiasSpec:
             problems.append(f"missing {missing}")
         if extra:
             problems.append(f"unexpected {extra}")
+        values = {}  # NumPy-side values, checked by value below
         for key in sorted(set(expected) & set(params)):
             value = params[key]
-            shape = (
-                tuple(np.shape(value))
-                if _backends.detect(value) in (None, "numpy")
-                else (tuple(shapes_of(value)) if shapes_of else tuple(value.shape))
-            )
+            if _backends.detect(value) in (None, "numpy"):
+                values[key] = value = real_array(f"{label} parameter {key!r}", value)
+                shape = value.shape
+            else:
+                shape = tuple(shapes_of(value)) if shapes_of else tuple(value.shape)
             if shape != expected[key]:
                 problems.append(f"{key!r} has shape {shape}, expected {expected[key]}")
         if problems:
             raise InvalidArgumentError(
-                f"{self.name or type(self).__name__} parameters: "
+                f"{label} parameters: "
                 + "; ".join(problems)
-                + f". Expected {expected} (see spec.init_params())."
+                + f". Expected {expected} (see spec.param_shapes())."
             )
-        self.validate_param_values(
-            {k: np.asarray(v) for k, v in params.items() if _backends.detect(v) in (None, "numpy")}
-        )
+        self.validate_param_values(values)
 
     def validate_param_values(self, params: Mapping[str, np.ndarray]) -> None:
-        """Check the values of parameters given as NumPy arrays (override per variant)."""
+        """Check the values of parameters given as NumPy arrays, float64 (override per variant)."""
 
     def grid_width(self) -> int:
         """Grid width used to map token indices to (row, col) (2-D variants)."""

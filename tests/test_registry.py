@@ -135,6 +135,12 @@ def test_hyper_parameters_may_share_a_retired_flag_name():
     assert cls(num_heads=1, linear=False).linear is False
 
 
+def test_learnable_variant_must_declare_its_parameter_shapes():
+    cls = type("L", (_Linear,), {"learnable": True, "init_params": lambda self, seed=0: {}})
+    with pytest.raises(NotImplementedError, match="param_shapes"):
+        cls(num_heads=1).param_shapes()
+
+
 def test_unregistered_spec_has_no_config():
     spec = type("Loose", (_Linear,), {})(num_heads=2)
     with pytest.raises(posbias.ConfigError, match="not registered"):

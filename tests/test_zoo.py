@@ -145,6 +145,25 @@ def test_documented_arguments_are_the_fields(name):
         assert set(documented) == set(cls.parameter_names())
 
 
+@pytest.mark.parametrize("name", posbias.list_biases())
+def test_param_shapes_are_declared_not_derived(name, monkeypatch):
+    """param_shapes() comes from the hyper-parameters (no initialiser, no random numbers)
+    and equals the shapes init_params() returns."""
+    for spec in posbias.registered()[name].parity_examples(3):
+        initial = spec.init_params(seed=2)
+        assert spec.learnable == bool(initial)
+        with monkeypatch.context() as patch:
+            patch.setattr(type(spec), "init_params", _forbidden)
+            patch.setattr(np.random, "default_rng", _forbidden)
+            shapes = spec.param_shapes()
+        assert shapes == {k: np.shape(v) for k, v in initial.items()}
+        assert list(shapes) == list(initial)
+
+
+def _forbidden(*args, **kwargs):
+    raise AssertionError("param_shapes() must not run the initialiser")
+
+
 def _fire_reference(params, q, k, init_L=512.0, eps=1e-6):
     """The FIRE paper's PyTorch reference, transcribed in float64 NumPy."""
     i = np.asarray(q, float)[:, None]

@@ -248,6 +248,9 @@ class AlibiLearned(BiasSpec):
         """The *initial* slopes; trained slopes are ``exp(params["log_slopes"])``."""
         return SCHEDULES[self.schedule](self.num_heads, self.max_bias)
 
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"log_slopes": (self.num_heads,)}
+
     def init_params(self, seed: int = 0) -> dict[str, np.ndarray]:
         return {"log_slopes": np.log(self.slopes)}
 

@@ -34,6 +34,9 @@ class _Kerple(BiasSpec):
     _r2_scale: ClassVar[float] = 1.0
     _r2_max: ClassVar[float | None] = None
 
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"r1": (self.num_heads,), "r2": (self.num_heads,)}
+
     def init_params(self, seed: int = 0) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
         return {
