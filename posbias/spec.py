@@ -314,14 +314,14 @@ class BiasSpec:
 
         Names and shapes of every entry are checked (``shapes_of(tensor)`` gives
         a native tensor's shape; default ``tensor.shape``). Values given as
-        NumPy arrays, lists or numbers must be real numbers and pass
+        NumPy arrays, lists or numbers must be finite real numbers and pass
         :meth:`validate_param_values`; native tensors (possibly traced) are not
         read.
 
         Raises:
             InvalidTypeError: ``params`` is not a mapping, or a value is not numeric.
             InvalidArgumentError: one error listing missing, unexpected and
-                mis-shaped entries.
+                mis-shaped entries; or non-finite values.
 
         Example:
             >>> import numpy as np, posbias
@@ -359,10 +359,20 @@ class BiasSpec:
                 + "; ".join(problems)
                 + f". Expected {expected} (see spec.param_shapes())."
             )
+        bad = sorted(k for k, v in values.items() if not np.isfinite(v).all())
+        if bad:
+            raise InvalidArgumentError(
+                f"{label} parameters {bad} hold NaN or infinite values; parameters must be finite."
+            )
         self.validate_param_values(values)
 
     def validate_param_values(self, params: Mapping[str, np.ndarray]) -> None:
-        """Check the values of parameters given as NumPy arrays, float64 (override per variant)."""
+        """Reject parameter values a variant cannot use (a hook; finiteness is checked already).
+
+        ``params`` holds the entries given as NumPy arrays (float64). A variant
+        overrides it only for states that no training can reach: any state an
+        optimiser can produce must load (constrain values in ``compute``).
+        """
 
     def grid_width(self) -> int:
         """Grid width used to map token indices to (row, col) (2-D variants)."""

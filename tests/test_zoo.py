@@ -12,6 +12,8 @@ import posbias
 from conftest import BACKENDS, FRAMEWORKS, to_np
 from posbias.variants.t5 import bucket_thresholds
 
+LEARNABLE_ALL = [n for n in posbias.list_biases() if posbias.registered()[n].learnable]
+
 
 def _t5_reference_bucket(relative, bidirectional, num_buckets, max_distance):
     """Mesh TensorFlow / HF `_relative_position_bucket`, transcribed in float64 scalars."""
@@ -121,10 +123,16 @@ def test_kerple_formulas_init_and_clamp():
     )
 
 
-def test_kerple_rejects_negative_parameters():
-    spec = posbias.get("kerple_log", num_heads=2)
-    with pytest.raises(posbias.InvalidArgumentError, match="positive"):
-        spec.bias(q_len=2, k_len=2, params={"r1": np.array([1.0, -1.0]), "r2": np.ones(2)})
+@pytest.mark.parametrize("name", ["kerple_log", "kerple_power"])
+def test_kerple_parameters_are_raw_and_clamped_in_compute(name):
+    """Any finite state (what training can reach) is valid: compute clamps it."""
+    spec = posbias.get(name, num_heads=2)
+    raw = {"r1": np.array([1.0, -1.0]), "r2": np.array([-3.0, 0.5])}
+    clamped = {"r1": np.array([1.0, 0.01]), "r2": np.array([0.01, 0.5])}
+    kw = dict(q_len=3, k_len=5, dtype="float64")
+    np.testing.assert_array_equal(spec.bias(**kw, params=raw), spec.bias(**kw, params=clamped))
+    with pytest.raises(posbias.InvalidArgumentError, match="NaN or infinite"):
+        spec.bias(q_len=2, k_len=2, params={"r1": np.array([1.0, np.inf]), "r2": np.ones(2)})
 
 
 def _documented_arguments(cls):
@@ -162,6 +170,21 @@ def test_param_shapes_are_declared_not_derived(name, monkeypatch):
 
 def _forbidden(*args, **kwargs):
     raise AssertionError("param_shapes() must not run the initialiser")
+
+
+@pytest.mark.parametrize("name", LEARNABLE_ALL)
+def test_non_finite_parameters_are_rejected(name):
+    spec = posbias.registered()[name].parity_examples(2)[0]
+    params = spec.init_params()
+    key = next(iter(params))
+    params[key] = np.full(np.shape(params[key]), np.nan)
+    with pytest.raises(posbias.InvalidArgumentError, match=f"{key}.*NaN or infinite"):
+        spec.check_params(params)
+    params[key] = np.full(np.shape(params[key]), "x")
+    with pytest.raises(posbias.InvalidTypeError, match=f"{key}.*real numbers"):
+        spec.check_params(params)
+    with pytest.raises(posbias.InvalidTypeError, match="dict"):
+        spec.check_params([1.0])
 
 
 def _fire_reference(params, q, k, init_L=512.0, eps=1e-6):
