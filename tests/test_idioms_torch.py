@@ -103,7 +103,7 @@ def test_compile_fullgraph_mha_forward_and_decode_every_variant(name):
 def test_half_precision_keeps_bias_in_float32():
     mha = MultiHeadAttention(32, 4, causal=True).to(torch.bfloat16)
     assert mha.q_proj.weight.dtype == torch.bfloat16
-    bias = mha.bias(4, 4)
+    bias = mha.positional_bias(4, 4)
     assert bias.dtype == torch.float32
     torch.testing.assert_close(bias, PositionalBias("alibi", 4)(4, 4), rtol=0, atol=0)
     assert mha(torch.randn(1, 4, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
