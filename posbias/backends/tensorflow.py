@@ -94,6 +94,11 @@ class TensorflowBackend(Backend):
         return tf.reduce_sum(x, axis=axis)
 
     def matmul(self, a, b):
+        if len(b.shape) == 2:
+            # tf.linalg.matmul broadcasting a 2-D b over a's batch axes returned
+            # garbage (and corrupted memory) for (2, 1, 13, 32) @ (32, 4) on CPU
+            # (TF 2.21, oneDNN); tensordot is one plain 2-D product
+            return tf.tensordot(a, b, axes=1)
         return tf.linalg.matmul(a, b)
 
     def einsum(self, equation, *operands):
