@@ -7,6 +7,7 @@ strided copy for Toeplitz biases) → the cast to the requested dtype, last.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -205,11 +206,21 @@ def _check_size(xp: Any, q: Any, k: Any, heads: int, dtype: str) -> None:
         )
 
 
+@functools.lru_cache(maxsize=64)
+def _initial_params(spec: BiasSpec) -> Mapping[str, np.ndarray]:
+    """``spec.init_params(0)``, once per spec (read-only): a learnable bias given by name
+    or spec, without a module, uses its initial parameters on every call."""
+    params = {k: np.array(v, dtype=np.float64) for k, v in spec.init_params().items()}
+    for value in params.values():
+        value.flags.writeable = False
+    return params
+
+
 def _native_params(spec: BiasSpec, xp: Any, params: Mapping[str, Any] | None) -> Any:
     if params is None:
         if not spec.learnable:
             return None
-        params = spec.init_params()
+        params = _initial_params(spec)
     elif not spec.learnable:
         raise InvalidArgumentError(
             f"{spec.name or type(spec).__name__} has no learnable parameters; drop params=."

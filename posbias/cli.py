@@ -1,14 +1,27 @@
-"""The ``posbias`` command line: ``list``, ``show`` and ``parity``.
+"""The ``posbias`` command line: ``list``, ``show``, ``plot``, ``parity``, ``bench`` and ``comm``.
 
     posbias list [PATTERN]
-    posbias show NAME [--heads H] [--length L] [--param KEY=VALUE ...]
-    posbias plot NAME [--heads H] [--length L] [-o file.png]
-    posbias parity [--variants V,...] [--backends B,...] [--dtypes D,...] [--json PATH]
+    posbias show NAME [--heads H] [--length L] [--param KEY=VALUE ...] [--all-heads]
+    posbias plot NAME [--heads H] [--length L] [--param KEY=VALUE ...] [-o file.png]
+    posbias parity [--variants V,...] [--backends B,...] [--dtypes D,...]
+                   [--head-counts H,...] [--json PATH] [--quiet] [--no-layers]
+    posbias bench [--smoke] [--only IDS] [--json PATH] [--sweep DIR]
+    posbias comm [--devices N] [--lengths L,...] [--batch B] [--heads H]
+                 [--kv-heads H] [--dim D] [--dtype DTYPE] [--no-measure] [--json PATH]
 
-``posbias parity`` is the main job: the parity matrix of registered variants ×
-installed backends × dtypes against the NumPy float64 reference. It prints one
-row per cell with the worst error and pass/fail and exits with status 1 if any
-cell fails.
+* ``list``: registered biases with their properties (``toeplitz``,
+  ``symmetric_slopes`` — what :meth:`~posbias.BiasSpec.symmetric_slopes` says
+  for the variant's first parity example — and ``learnable``) and a summary line.
+* ``show``: a bias's properties, slopes and small bias matrices; ``plot``: the
+  same as per-head heatmaps in a PNG (needs matplotlib).
+* ``parity`` is the main job: the parity matrix of registered variants ×
+  installed backends × dtypes against the NumPy float64 reference, then the
+  attention function / layer parity. It prints one row per cell with the worst
+  error and pass/fail and exits with status 1 if any cell fails.
+* ``bench``: the attention benchmarks of docs/benchmarks.md (ratios against
+  baselines measured in the same run).
+* ``comm``: bytes sent by distributed attention versus all-gathering the bias
+  (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -53,16 +66,30 @@ def _cmd_list(args: argparse.Namespace) -> int:
     width = max(len(n) for n in names)
     for name in names:
         cls = classes[name]
-        flags = ",".join(f for f in ("toeplitz", "linear", "learnable") if getattr(cls, f))
+        # symmetric slopes may depend on hyper-parameters: ask a built example
+        flags = ",".join(_flags(cls.parity_examples(1)[0]))
         summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        print(f"{name:<{width}}  {flags or '-':<25}  {summary}")
+        print(f"{name:<{width}}  {flags or '-':<35}  {summary}")
     return 0
+
+
+def _flags(spec: Any) -> list[str]:
+    """The properties ``list`` prints: toeplitz, symmetric_slopes, learnable."""
+    values = {
+        "toeplitz": spec.toeplitz,
+        "symmetric_slopes": spec.symmetric_slopes() is not None,
+        "learnable": spec.learnable,
+    }
+    return [flag for flag, on in values.items() if on]
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
     spec = registry.get(args.name, num_heads=args.heads, **dict(args.param or []))
     print(repr(spec))
-    print(f"toeplitz={spec.toeplitz} linear={spec.linear} learnable={spec.learnable}")
+    print(
+        f"toeplitz={spec.toeplitz} symmetric_slopes={spec.symmetric_slopes() is not None} "
+        f"learnable={spec.learnable} bit_identical={spec.bit_identical}"
+    )
     if hasattr(spec, "slopes"):
         print("slopes:", np.array2string(np.asarray(spec.slopes), precision=8, max_line_width=100))
     values = np.asarray(spec.bias(q_len=args.length, k_len=args.length, dtype="float64"))

@@ -21,7 +21,7 @@ from ._core import layers as _layers
 from ._core import problem as _problem
 from .backends.numpy import NumpyBackend
 
-__all__ = ["MultiHeadAttention", "attention"]
+__all__ = ["MultiHeadAttention", "PositionalBias", "attention"]
 
 
 def attention(
@@ -112,12 +112,86 @@ def attention(
     )
 
 
+class PositionalBias(_layers.BiasParamsMixin):
+    """The bias with its learnable parameters, in NumPy: ``pb(q_len, k_len)`` → ``(H, Lq, Lk)``.
+
+    The float64 reference of :class:`posbias.torch.PositionalBias` and its JAX
+    and Keras twins: same arguments, same seeded initialisation, same portable
+    parameters (``export_params()`` / ``load_params()``).
+
+    Args:
+        bias: registered name, ``BiasSpec`` or config dict.
+        num_heads: head count when ``bias`` is a name.
+        seed: seed of the NumPy initialisation of learnable parameters
+            (a non-negative int).
+        **hyper: hyper-parameters of the named bias.
+
+    Learnable parameters live in ``pb.params`` as float64 arrays holding
+    float32 values: ``spec.init_params(seed)`` rounded to float32 as the other
+    frameworks store them, or the float32 values given to ``load_params``.
+    So the reference computes, in float64, with exactly the parameters the
+    float32 frameworks hold.
+
+    Call: ``pb(q_len=None, k_len=None, *, q_pos=None, k_pos=None, q_offset=None,
+    k_offset=None, heads=None, dtype="float64")`` with the arguments of
+    :meth:`posbias.BiasSpec.bias`; returns a NumPy array ``(h, Lq, Lk)`` (or
+    ``(B, h, Lq, Lk)`` for batched positions) of ``dtype`` (default float64:
+    this is the reference).
+
+    Raises:
+        InvalidTypeError: ``seed`` is not an int.
+        InvalidArgumentError: ``seed`` is negative; bad bias arguments.
+
+    Example:
+        >>> pb = PositionalBias("kerple_log", 2, seed=0)
+        >>> sorted(pb.export_params())
+        ['r1', 'r2']
+        >>> pb.load_params({"r1": [1.0, 2.0], "r2": [1.0, 1.0]})
+        >>> pb(1, 3).round(4).tolist()
+        [[[-1.0986, -0.6931, 0.0]], [[-2.1972, -1.3863, 0.0]]]
+    """
+
+    def __init__(
+        self, bias: Any = "alibi", num_heads: int | None = None, *, seed: int = 0, **hyper: Any
+    ) -> None:
+        self.spec = _layers.make_spec(bias, num_heads, hyper)
+        self.params: dict[str, np.ndarray] = {}
+        self._write_params(self._initial_params(seed))
+
+    def __call__(
+        self,
+        q_len: int | None = None,
+        k_len: int | None = None,
+        *,
+        q_pos: Any = None,
+        k_pos: Any = None,
+        q_offset: Any = None,
+        k_offset: Any = None,
+        heads: Any = None,
+        dtype: Any = "float64",
+    ) -> np.ndarray:
+        return self._bias("numpy", q_len, k_len, q_pos, k_pos, q_offset, k_offset, heads, dtype)
+
+    def _read_param(self, name: str) -> np.ndarray:
+        return self.params[name]
+
+    def _write_param(self, name: str, value: np.ndarray) -> None:
+        self.params[name] = np.asarray(value, dtype=np.float32).astype(np.float64)
+
+    def __repr__(self) -> str:
+        return f"PositionalBias({self.spec!r})"
+
+
 class MultiHeadAttention(_layers.PortableWeightsMixin):
     """Float64 reference of the multi-head attention layers (no training).
 
     Holds portable weights and computes exactly what
     :class:`posbias.torch.MultiHeadAttention`, :class:`posbias.jax.MultiHeadAttention`
     and :class:`posbias.tensorflow.MultiHeadAttention` compute, in float64.
+    Arguments as there; ``layer.positional_bias`` is a :class:`PositionalBias`
+    (seeded like the other frameworks' layers) or None, and
+    ``portable_weights()`` / ``load_portable_weights()`` carry its learnable
+    parameters too.
 
     Example:
         >>> import numpy as np
@@ -150,8 +224,9 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
             implementation=implementation,
             block_size=block_size,
         )
-        self.spec = None if bias is None else _layers.make_spec(bias, num_heads, {})
-        self.weights = _layers.init_weights(self.mha_config, seed)
+        self.positional_bias = None if bias is None else PositionalBias(bias, num_heads, seed=seed)
+        self.weights: dict[str, np.ndarray] = {}
+        self._init_projections(seed)
 
     def _read_projection(self, name: str) -> tuple[Any, Any]:
         return self.weights[f"{name}.kernel"], self.weights.get(f"{name}.bias")
@@ -184,7 +259,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
             self.mha_config,
             self._project,
             np.asarray(x, dtype=np.float64),
-            self.spec,
+            self.positional_bias,
             key_mask=key_mask,
             segment_ids=segment_ids,
             cache=cache,

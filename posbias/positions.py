@@ -1,10 +1,10 @@
 """Turn lengths, offsets and position arrays into global integer positions.
 
-Convention (DESIGN.md §1): query ``i`` and key ``j`` are global integer
-positions. When only lengths are given, keys sit at ``k_offset + [0, k_len)``
-(``k_offset`` defaults to 0) and queries are aligned **bottom-right**: query
-``r`` sits at ``k_offset + k_len - q_len + r``, as in KV-cache decoding and
-FlashAttention. Explicit offsets or position arrays override that.
+Convention (docs/contract.md, "Positions and alignment"): query ``i`` and
+key ``j`` are global integer positions. When only lengths are given, keys sit
+at ``k_offset + [0, k_len)`` (``k_offset`` defaults to 0) and queries are
+aligned **bottom-right**: query ``r`` sits at ``k_offset + k_len - q_len + r``,
+as in KV-cache decoding and FlashAttention. Explicit offsets or position arrays override that.
 
 Offsets are non-negative Python ints, or native integer tensors of shape ``()``
 or ``(B,)`` (per-sequence offsets, e.g. per-sequence cache lengths; these are
@@ -173,10 +173,10 @@ def encode_points(xp: Backend, name: str, points: Any) -> Any:
             f"{name} of a 2-D bias must be (row, col) points of shape (L, 2) or (B, L, 2), "
             f"got shape {shape}."
         )
-    if isinstance(points, np.ndarray | list | tuple) or xp.is_concrete(array):
+    if isinstance(points, (np.ndarray, list, tuple)) or xp.is_concrete(array):
         values = (
             np.asarray(points)
-            if isinstance(points, np.ndarray | list | tuple)
+            if isinstance(points, (np.ndarray, list, tuple))
             else (xp.to_numpy(array))
         )
         rows = xp.max_position // POINT_BASE  # the codes of every row must fit the backend

@@ -25,12 +25,17 @@ import numpy as np
 
 from . import _evaluate
 from . import backends as _backends
-from ._core.checks import check_num_heads
-from .errors import ConfigError, InvalidArgumentError, InvalidTypeError
+from ._core.checks import check_num_heads, real_array
+from .errors import ConfigError, InvalidArgumentError, InvalidTypeError, RegistryError
 
 __all__ = ["BiasSpec"]
 
 _RESERVED = {"name"}
+#: class flags that were renamed or removed: old name -> what to do instead
+_RETIRED_FLAGS = {
+    "exact": "rename it to bit_identical",
+    "linear": "drop it; override symmetric_slopes() to return the slopes",
+}
 
 
 def _jsonable(value: Any) -> Any:
@@ -51,11 +56,15 @@ class BiasSpec:
     Class attributes a variant sets:
         name: the registered name (set by :func:`posbias.register`).
         toeplitz: the bias depends on ``j - i`` only.
-        linear: the bias is ``-slope_h · |i - j|``-shaped (the ALiBi family);
-            such a spec has a ``slopes`` attribute.
-        learnable: the variant has trainable parameters.
-        exact: closed form with float32 results bit-identical across backends
-            and tiles (False for MLP-based variants).
+        learnable: the variant has trainable parameters (it then declares
+            :meth:`param_shapes` and implements :meth:`init_params`).
+        bit_identical: float32 results bit-identical across backends and
+            tiles (closed forms; False for variants using ``exp``, ``log``,
+            ``cos`` or an MLP, which are compared within :attr:`tolerances`).
+
+    Whether a bias is ALiBi-shaped (``-m_h·|i - j|``) is not a class flag:
+    :meth:`symmetric_slopes` says it per instance (``alibi_scaled`` is, until
+    ``train_length`` is set).
 
     Example:
         >>> import posbias
@@ -66,9 +75,8 @@ class BiasSpec:
 
     name: ClassVar[str | None] = None
     toeplitz: ClassVar[bool] = False
-    linear: ClassVar[bool] = False
     learnable: ClassVar[bool] = False
-    exact: ClassVar[bool] = True
+    bit_identical: ClassVar[bool] = True
     #: 1 for sequences (integer positions), 2 for image grids ((row, col) points)
     position_dims: ClassVar[int] = 1
     #: per-dtype ``(rtol, atol)`` overriding :data:`posbias.testing.TOLERANCES`
@@ -78,9 +86,21 @@ class BiasSpec:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        clash = _RESERVED & set(inspect.get_annotations(cls))
+        annotations = inspect.get_annotations(cls)
+        clash = _RESERVED & set(annotations)
         if clash:
             raise TypeError(f"{cls.__name__}: field names {sorted(clash)} are reserved.")
+        retired = sorted(  # class attributes, not hyper-parameters that share the name
+            flag
+            for flag in set(_RETIRED_FLAGS) & set(cls.__dict__)
+            if "ClassVar" in str(annotations.get(flag, "ClassVar"))
+        )
+        if retired:  # a silently ignored flag would mislead the parity harness or kernels
+            raise RegistryError(
+                f"{cls.__name__} sets the retired class flag(s) {retired}: "
+                + "; ".join(f"{flag}: {_RETIRED_FLAGS[flag]}" for flag in retired)
+                + "."
+            )
         dataclasses.dataclass(frozen=True, kw_only=True)(cls)
 
     def __post_init__(self) -> None:
@@ -161,7 +181,21 @@ class BiasSpec:
         return [cls(num_heads=num_heads)]
 
     def init_params(self, seed: int = 0) -> dict[str, np.ndarray]:
-        """Initial learnable parameters (empty for parameter-free variants)."""
+        """Initial learnable parameters, seeded NumPy (empty for parameter-free variants).
+
+        Every framework's ``PositionalBias`` starts from these values (cast to
+        float32), so equal seeds give equal modules everywhere. Called once, when
+        a module is built; never on the forward path. The arrays must have the
+        shapes of :meth:`param_shapes`.
+
+        Returns:
+            ``dict[str, numpy.ndarray]`` (float64).
+
+        Example:
+            >>> import posbias
+            >>> posbias.get("t5", num_heads=2).init_params(seed=0)["table"].shape
+            (32, 2)
+        """
         return {}
 
     def score_mod(
@@ -254,14 +288,56 @@ class BiasSpec:
 
     # ------------------------------------------------------- learnable API
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Names and shapes of the learnable parameters (empty if none)."""
-        return {k: tuple(np.shape(v)) for k, v in self.init_params(0).items()}
+        """Names and shapes of the learnable parameters (empty if none).
+
+        Declared from the hyper-parameters alone (no random numbers, no
+        arrays): layers read it on every forward call, also under
+        ``torch.compile`` / ``jax.jit``. A learnable variant must override it.
+
+        Returns:
+            ``dict[str, tuple[int, ...]]``, in the order of :meth:`init_params`.
+
+        Raises:
+            NotImplementedError: a learnable variant that does not declare its shapes.
+
+        Example:
+            >>> import posbias
+            >>> posbias.get("kerple_log", num_heads=4).param_shapes()
+            {'r1': (4,), 'r2': (4,)}
+        """
+        if self.learnable:
+            raise NotImplementedError(
+                f"{type(self).__name__} is learnable and must declare param_shapes() "
+                "from its hyper-parameters, e.g. {'table': (self.num_buckets, self.num_heads)}."
+            )
+        return {}
 
     def check_params(self, params: Mapping[str, Any], *, shapes_of: Any = None) -> None:
-        """Raise one error listing missing, unexpected and mis-shaped parameters."""
+        """Check a parameter dict against :meth:`param_shapes`; NumPy values also by value.
+
+        Names and shapes of every entry are checked (``shapes_of(tensor)`` gives
+        a native tensor's shape; default ``tensor.shape``). Values given as
+        NumPy arrays, lists or numbers must be finite real numbers and pass
+        :meth:`validate_param_values`; native tensors (possibly traced) are not
+        read.
+
+        Raises:
+            InvalidTypeError: ``params`` is not a mapping, or a value is not numeric.
+            InvalidArgumentError: one error listing missing, unexpected and
+                mis-shaped entries; or non-finite values.
+
+        Example:
+            >>> import numpy as np, posbias
+            >>> spec = posbias.get("alibi_learned", num_heads=2)
+            >>> spec.check_params({"log_slopes": np.zeros(3), "extra": 1.0})  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            posbias.errors.InvalidArgumentError: alibi_learned parameters: unexpected ['extra']; ...
+        """
+        label = self.name or type(self).__name__
         if not isinstance(params, Mapping):
-            raise InvalidArgumentError(
-                f"params must be a dict of arrays, got {type(params).__name__}."
+            raise InvalidTypeError(
+                f"{label} params must be a dict of arrays, got {type(params).__name__}."
             )
         expected = self.param_shapes()
         problems = []
@@ -270,27 +346,36 @@ class BiasSpec:
             problems.append(f"missing {missing}")
         if extra:
             problems.append(f"unexpected {extra}")
+        values = {}  # NumPy-side values, checked by value below
         for key in sorted(set(expected) & set(params)):
             value = params[key]
-            shape = (
-                tuple(np.shape(value))
-                if _backends.detect(value) in (None, "numpy")
-                else (tuple(shapes_of(value)) if shapes_of else tuple(value.shape))
-            )
+            if _backends.detect(value) in (None, "numpy"):
+                values[key] = value = real_array(f"{label} parameter {key!r}", value)
+                shape = value.shape
+            else:
+                shape = tuple(shapes_of(value)) if shapes_of else tuple(value.shape)
             if shape != expected[key]:
                 problems.append(f"{key!r} has shape {shape}, expected {expected[key]}")
         if problems:
             raise InvalidArgumentError(
-                f"{self.name or type(self).__name__} parameters: "
+                f"{label} parameters: "
                 + "; ".join(problems)
-                + f". Expected {expected} (see spec.init_params())."
+                + f". Expected {expected} (see spec.param_shapes())."
             )
-        self.validate_param_values(
-            {k: np.asarray(v) for k, v in params.items() if _backends.detect(v) in (None, "numpy")}
-        )
+        bad = sorted(k for k, v in values.items() if not np.isfinite(v).all())
+        if bad:
+            raise InvalidArgumentError(
+                f"{label} parameters {bad} hold NaN or infinite values; parameters must be finite."
+            )
+        self.validate_param_values(values)
 
     def validate_param_values(self, params: Mapping[str, np.ndarray]) -> None:
-        """Check the values of parameters given as NumPy arrays (override per variant)."""
+        """Reject parameter values a variant cannot use (a hook; finiteness is checked already).
+
+        ``params`` holds the entries given as NumPy arrays (float64). A variant
+        overrides it only for states that no training can reach: any state an
+        optimiser can produce must load (constrain values in ``compute``).
+        """
 
     def grid_width(self) -> int:
         """Grid width used to map token indices to (row, col) (2-D variants)."""

@@ -157,6 +157,7 @@ class PositionalBias(_layers.BiasParamsMixin, keras.layers.Layer):
         super().__init__(**kwargs)
         self.spec = _layers.make_spec(bias, num_heads, bias_options or {})
         self.seed = seed
+        initial = self._initial_params(seed)
         self.bias_params = {
             name: self.add_weight(
                 name=name,
@@ -166,10 +167,9 @@ class PositionalBias(_layers.BiasParamsMixin, keras.layers.Layer):
                 trainable=True,
                 autocast=False,
             )
-            for name, value in self.spec.init_params(seed).items()
+            for name, value in initial.items()
         }
-        for name, value in self.spec.init_params(seed).items():
-            self.bias_params[name].assign(value.astype(np.float32))
+        self._write_params(initial)
         self.built = True
 
     def call(
@@ -184,18 +184,8 @@ class PositionalBias(_layers.BiasParamsMixin, keras.layers.Layer):
         heads: Any = None,
         dtype: Any = "float32",
     ) -> tf.Tensor:
-        return self.spec.bias(
-            q_len,
-            k_len,
-            q_pos=q_pos,
-            k_pos=k_pos,
-            q_offset=q_offset,
-            k_offset=k_offset,
-            heads=heads,
-            dtype=dtype,
-            backend="tensorflow",
-            params=self.native_params(),
-        )
+        args = (q_len, k_len, q_pos, k_pos, q_offset, k_offset, heads, dtype)
+        return self._bias("tensorflow", *args)
 
     def _read_param(self, name: str) -> Any:
         return tf.convert_to_tensor(self.bias_params[name])
@@ -211,7 +201,8 @@ class PositionalBias(_layers.BiasParamsMixin, keras.layers.Layer):
 class MultiHeadAttention(_layers.PortableWeightsMixin, keras.layers.Layer):
     """Multi-head self-attention with a positional bias, GQA and a KV cache (Keras 3).
 
-    Arguments as in :class:`posbias.torch.MultiHeadAttention`, plus Keras layer
+    Arguments and ``positional_bias`` attribute (a :class:`PositionalBias` layer
+    or None) as in :class:`posbias.torch.MultiHeadAttention`, plus Keras layer
     keyword arguments (``name``, ``dtype`` policy such as ``"mixed_bfloat16"``).
 
     Call: ``layer(x, key_mask=None, segment_ids=None)``; with ``cache=``
@@ -245,7 +236,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, keras.layers.Layer):
             implementation=implementation,
             block_size=block_size,
         )
-        self.seed = seed
+        self.seed = _layers.check_seed(seed)
         shapes = self.mha_config.shapes()
         self.projections = {
             name: keras.layers.Dense(
@@ -269,7 +260,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, keras.layers.Layer):
         for name, layer in self.projections.items():
             layer.build((None, shapes[f"{name}.kernel"][0]))
         super().build(input_shape)
-        self.load_portable_weights(_layers.init_weights(self.mha_config, self.seed))
+        self._init_projections(self.seed)
 
     def call(
         self,

@@ -49,6 +49,32 @@ def test_explicit_backend_conflicting_with_inputs(framework, alibi12):
         alibi12.bias(q_pos=qp, k_len=2, q_offset=None, backend=other)
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 13, 32), (2, 3, 1, 13, 32), (5, 32), (1, 1, 32)])
+def test_matmul_broadcasts_a_2d_right_operand(backend, shape):
+    """The op MLP biases use (FIRE, Swin V2): a batched (…, K) @ (K, N), against NumPy.
+    TensorFlow's broadcasting matmul returned garbage for (2, 1, 13, 32) @ (32, 4)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=shape), rng.normal(size=(32, 4))
+    xp = backends.load(backend)()
+    for _ in range(3):
+        out = to_np(xp.matmul(xp.constant(a), xp.constant(b)))
+        np.testing.assert_allclose(out, a @ b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["fire", "swin_v2_cpb"])
+def test_mlp_biases_with_one_query_row_per_sequence(backend, name):
+    """Batched positions with one query each (a blockwise kernel's last block)."""
+    spec = posbias.registered()[name].parity_examples(4)[0]
+    qp, kp = np.array([[8], [11]]), np.array([np.arange(-4, 9), np.arange(13)])
+    if spec.position_dims == 2:  # token t at (t // 4, t % 4)
+        kp = np.array([np.arange(2, 15), np.arange(13)])
+        qp, kp = np.stack([qp // 4, qp % 4], -1), np.stack([kp // 4, kp % 4], -1)
+    ref = spec.bias(q_pos=qp, k_pos=kp, dtype="float64")
+    for _ in range(3):
+        out = to_np(spec.bias(q_pos=qp, k_pos=kp, backend=backend))
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_detect_never_imports(backend):
     code = (
         "import sys, posbias.backends as b\n"

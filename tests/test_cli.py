@@ -11,8 +11,34 @@ from posbias.cli import main
 def test_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "alibi " in out and "toeplitz,linear" in out
+    flags = {line.split()[0]: line.split()[1] for line in out.splitlines()}
+    # the flags say what symmetric_slopes() says, not a class attribute
+    assert flags["alibi"] == "toeplitz,symmetric_slopes"
+    assert flags["alibi_scaled"] == "symmetric_slopes"  # its first parity example: scale only
+    assert flags["alibi_learned"] == "toeplitz,learnable"  # learned slopes: none static
+    assert flags["alibi_asymmetric"] == "toeplitz"
     assert main(["list", "nothing*"]) == 1
+
+
+def test_show_reports_symmetric_slopes_per_instance(capsys):
+    assert main(["show", "alibi_scaled", "--heads", "2", "--length", "2"]) == 0
+    assert "symmetric_slopes=True" in capsys.readouterr().out
+    assert main(["show", "alibi_scaled", "--heads", "2", "--param", "train_length=4"]) == 0
+    assert "symmetric_slopes=False" in capsys.readouterr().out
+
+
+def test_module_docstring_lists_every_command():
+    import posbias.cli
+    from posbias.cli import build_parser
+
+    commands = next(
+        a.choices for a in build_parser()._actions if a.dest == "command"
+    )  # the subparsers
+    assert len(commands) == 6
+    first = posbias.cli.__doc__.splitlines()[0]
+    for name in commands:
+        assert f"``{name}``" in first, name
+        assert f"    posbias {name}" in posbias.cli.__doc__, name
 
 
 def test_show(capsys):

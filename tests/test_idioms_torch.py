@@ -50,10 +50,47 @@ def test_compile_fullgraph_forward_and_decode():
     torch.testing.assert_close(torch.cat([y, y2], 1), mha(x), rtol=1e-5, atol=1e-6)
 
 
+def _example(name, heads=4):
+    """A valid spec of a registered variant (some need hyper-parameters, e.g. a grid)."""
+    return posbias.registered()[name].parity_examples(heads)[0]
+
+
+@pytest.mark.parametrize("name", posbias.list_biases())
+def test_compile_fullgraph_positional_bias_every_variant(name):
+    """The bias module alone: learnable parameters are read without NumPy on every call."""
+    torch._dynamo.reset()  # one compiled module per variant: stay under the recompile limit
+    module = PositionalBias(_example(name))
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(6, 6), module(6, 6), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", posbias.list_biases())
+def test_compile_fullgraph_mha_forward_and_decode_every_variant(name):
+    """torch.compile(fullgraph=True) of a causal layer with every registered bias: the
+    forward pass (with gradients) and one KV-cache decode step equal eager mode.
+    (``aot_eager`` traces the whole graph, forward and backward, as Inductor would, but
+    skips code generation: graph breaks are what this test is about.)"""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4, bias=_example(name), causal=True, seed=1)
+    x = torch.randn(2, 5, 16)
+    eager = mha(x)
+    forward = torch.compile(mha, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(forward(x), eager, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        _, cache = mha(x[:, :4], cache=mha.init_cache(2, 6))
+        expected, expected_cache = mha(x[:, 4:], cache=cache)
+        step = torch.compile(lambda t, c: mha(t, cache=c), fullgraph=True, backend="aot_eager")
+        y, new_cache = step(x[:, 4:], cache)
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, eager[:, 4:].detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(new_cache.k, expected_cache.k, rtol=0, atol=0)
+
+
 def test_half_precision_keeps_bias_in_float32():
     mha = MultiHeadAttention(32, 4, causal=True).to(torch.bfloat16)
     assert mha.q_proj.weight.dtype == torch.bfloat16
-    bias = mha.bias(4, 4)
+    bias = mha.positional_bias(4, 4)
     assert bias.dtype == torch.float32
     torch.testing.assert_close(bias, PositionalBias("alibi", 4)(4, 4), rtol=0, atol=0)
     assert mha(torch.randn(1, 4, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16

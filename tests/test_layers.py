@@ -152,6 +152,72 @@ def test_positional_bias_module(fw):
     np.testing.assert_array_equal(xp.to_numpy(out), expected)
 
 
+@pytest.mark.parametrize("backend", ["numpy", *FRAMEWORKS])
+def test_the_layer_bias_is_positional_bias_everywhere(backend):
+    module = lp.framework_module(backend)
+    layer = module.MultiHeadAttention(8, 2, "t5", causal=True, seed=2)
+    assert isinstance(layer.positional_bias, module.PositionalBias)
+    assert layer.positional_bias.spec == posbias.get("t5", num_heads=2)
+    expected = module.PositionalBias("t5", 2, seed=2).export_params()
+    for key, value in layer.positional_bias.export_params().items():
+        np.testing.assert_array_equal(value, expected[key])
+    assert module.MultiHeadAttention(8, 2, None).positional_bias is None
+    if backend == "torch":  # PyTorch's `bias` is the projections' (use_bias=)
+        assert not hasattr(layer, "bias")
+        assert "positional_bias.params.table" in layer.state_dict()
+
+
+@pytest.mark.parametrize("backend", ["numpy", *FRAMEWORKS])
+@pytest.mark.parametrize("name", ["t5", "fire", "kerple_power"])
+def test_forward_runs_no_numpy_initialiser(backend, name, monkeypatch):
+    module, xp = lp.framework_module(backend), load(backend)()
+    layer = module.MultiHeadAttention(8, 2, name, causal=True, seed=1)
+    x = xp.from_numpy(_x(1, 5, 8))
+    expected = xp.to_numpy(layer(x))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("NumPy random code on the forward path")
+
+    monkeypatch.setattr(np.random, "default_rng", forbidden)
+    monkeypatch.setattr(type(layer.positional_bias.spec), "init_params", forbidden)
+    np.testing.assert_array_equal(xp.to_numpy(layer(x)), expected)
+    y, _ = layer(x, cache=layer.init_cache(1, 6))
+    np.testing.assert_allclose(xp.to_numpy(y), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["numpy", *FRAMEWORKS])
+@pytest.mark.parametrize(
+    ("seed", "error", "message"),
+    [
+        (1.5, posbias.InvalidTypeError, "seed must be an integer"),
+        (True, posbias.InvalidTypeError, "seed must be an integer"),
+        (None, posbias.InvalidTypeError, "seed must be an integer"),
+        (-1, posbias.InvalidArgumentError, "seed must be >= 0"),
+    ],
+)
+def test_bad_seeds(backend, seed, error, message):
+    module = lp.framework_module(backend)
+    with pytest.raises(error, match=message):
+        module.PositionalBias("t5", 2, seed=seed)
+    with pytest.raises(error, match=message):
+        module.MultiHeadAttention(8, 2, None, seed=seed)
+
+
+@pytest.mark.parametrize("backend", ["numpy", *FRAMEWORKS])
+def test_bad_bias_parameter_dicts(backend):
+    pb = lp.framework_module(backend).PositionalBias("t5", 2)
+    before = pb.export_params()
+    with pytest.raises(posbias.InvalidTypeError, match="dict"):
+        pb.load_params(np.zeros((32, 2)))
+    with pytest.raises(posbias.InvalidArgumentError, match=r"missing \['table'\]"):
+        pb.load_params({"tabel": np.zeros((32, 2))})
+    with pytest.raises(posbias.InvalidTypeError, match="real numbers"):
+        pb.load_params({"table": np.full((32, 2), "x")})
+    with pytest.raises(posbias.InvalidArgumentError, match="NaN"):
+        pb.load_params({"table": np.full((32, 2), np.nan)})
+    np.testing.assert_array_equal(pb.export_params()["table"], before["table"])
+
+
 def test_portable_weights_move_between_frameworks(fw):
     module, _xp = fw
     source = pnp.MultiHeadAttention(24, 3, causal=True, num_kv_heads=1, seed=11)

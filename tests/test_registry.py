@@ -13,7 +13,6 @@ from posbias import registry
 
 class _Linear(posbias.BiasSpec):
     toeplitz = True
-    linear = True
 
     def compute(self, xp, q_pos, k_pos, heads, params):
         m = xp.constant(np.full(len(heads), 0.5))[:, None, None]
@@ -123,6 +122,23 @@ def test_config_round_trip(spec):
 def test_bad_configs(config, error, message):
     with pytest.raises(error, match=message):
         posbias.from_config(config)
+
+
+@pytest.mark.parametrize(("flag", "advice"), [("exact", "bit_identical"), ("linear", "symmetric")])
+def test_retired_class_flags_are_errors_not_ignored(flag, advice):
+    with pytest.raises(posbias.RegistryError, match=f"retired class flag.*{flag}.*{advice}"):
+        type("Old", (_Linear,), {flag: False})
+
+
+def test_hyper_parameters_may_share_a_retired_flag_name():
+    cls = type("P", (_Linear,), {"__annotations__": {"linear": "bool"}, "linear": True})
+    assert cls(num_heads=1, linear=False).linear is False
+
+
+def test_learnable_variant_must_declare_its_parameter_shapes():
+    cls = type("L", (_Linear,), {"learnable": True, "init_params": lambda self, seed=0: {}})
+    with pytest.raises(NotImplementedError, match="param_shapes"):
+        cls(num_heads=1).param_shapes()
 
 
 def test_unregistered_spec_has_no_config():

@@ -1,6 +1,7 @@
 """The bias zoo: published values, reference formulas, bad input, learnable parameters."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ from hypothesis import strategies as st
 import posbias
 from conftest import BACKENDS, FRAMEWORKS, to_np
 from posbias.variants.t5 import bucket_thresholds
+
+LEARNABLE_ALL = [n for n in posbias.list_biases() if posbias.registered()[n].learnable]
 
 
 def _t5_reference_bucket(relative, bidirectional, num_buckets, max_distance):
@@ -120,10 +123,68 @@ def test_kerple_formulas_init_and_clamp():
     )
 
 
-def test_kerple_rejects_negative_parameters():
-    spec = posbias.get("kerple_log", num_heads=2)
-    with pytest.raises(posbias.InvalidArgumentError, match="positive"):
-        spec.bias(q_len=2, k_len=2, params={"r1": np.array([1.0, -1.0]), "r2": np.ones(2)})
+@pytest.mark.parametrize("name", ["kerple_log", "kerple_power"])
+def test_kerple_parameters_are_raw_and_clamped_in_compute(name):
+    """Any finite state (what training can reach) is valid: compute clamps it."""
+    spec = posbias.get(name, num_heads=2)
+    raw = {"r1": np.array([1.0, -1.0]), "r2": np.array([-3.0, 0.5])}
+    clamped = {"r1": np.array([1.0, 0.01]), "r2": np.array([0.01, 0.5])}
+    kw = dict(q_len=3, k_len=5, dtype="float64")
+    np.testing.assert_array_equal(spec.bias(**kw, params=raw), spec.bias(**kw, params=clamped))
+    with pytest.raises(posbias.InvalidArgumentError, match="NaN or infinite"):
+        spec.bias(q_len=2, k_len=2, params={"r1": np.array([1.0, np.inf]), "r2": np.ones(2)})
+
+
+def _documented_arguments(cls):
+    doc = cls.__doc__ or ""
+    if "Args:" not in doc:
+        return []
+    block = doc.split("Args:", 1)[1].split("\n\n", 1)[0]
+    return re.findall(r"^ {8}(\w+):", block, flags=re.MULTILINE)
+
+
+@pytest.mark.parametrize("name", posbias.list_biases())
+def test_documented_arguments_are_the_fields(name):
+    """A docstring's Args name constructor keywords (``custom_slopes``, not ``slopes``)."""
+    cls = posbias.registered()[name]
+    documented = _documented_arguments(cls)
+    assert set(documented) <= set(cls.parameter_names()), documented
+    if cls is posbias.Alibi:
+        assert set(documented) == set(cls.parameter_names())
+
+
+@pytest.mark.parametrize("name", posbias.list_biases())
+def test_param_shapes_are_declared_not_derived(name, monkeypatch):
+    """param_shapes() comes from the hyper-parameters (no initialiser, no random numbers)
+    and equals the shapes init_params() returns."""
+    for spec in posbias.registered()[name].parity_examples(3):
+        initial = spec.init_params(seed=2)
+        assert spec.learnable == bool(initial)
+        with monkeypatch.context() as patch:
+            patch.setattr(type(spec), "init_params", _forbidden)
+            patch.setattr(np.random, "default_rng", _forbidden)
+            shapes = spec.param_shapes()
+        assert shapes == {k: np.shape(v) for k, v in initial.items()}
+        assert list(shapes) == list(initial)
+
+
+def _forbidden(*args, **kwargs):
+    raise AssertionError("param_shapes() must not run the initialiser")
+
+
+@pytest.mark.parametrize("name", LEARNABLE_ALL)
+def test_non_finite_parameters_are_rejected(name):
+    spec = posbias.registered()[name].parity_examples(2)[0]
+    params = spec.init_params()
+    key = next(iter(params))
+    params[key] = np.full(np.shape(params[key]), np.nan)
+    with pytest.raises(posbias.InvalidArgumentError, match=f"{key}.*NaN or infinite"):
+        spec.check_params(params)
+    params[key] = np.full(np.shape(params[key]), "x")
+    with pytest.raises(posbias.InvalidTypeError, match=f"{key}.*real numbers"):
+        spec.check_params(params)
+    with pytest.raises(posbias.InvalidTypeError, match="dict"):
+        spec.check_params([1.0])
 
 
 def _fire_reference(params, q, k, init_L=512.0, eps=1e-6):
@@ -272,13 +333,12 @@ def _framework_module(backend):
     return _layer_parity.framework_module(backend)
 
 
-@pytest.mark.skipif(not FRAMEWORKS, reason="no framework under test")
 @pytest.mark.parametrize("name", LEARNABLE)
 def test_learnable_parameters_are_framework_parameters_and_portable(name):
     spec = posbias.get(name, num_heads=3)
     shared = {k: v + 0.01 for k, v in spec.init_params(seed=5).items()}
     outputs = {}
-    for backend in FRAMEWORKS:
+    for backend in BACKENDS:
         module = _framework_module(backend).PositionalBias(name, 3, seed=1)
         exported = module.export_params()
         assert set(exported) == set(spec.param_shapes())
@@ -292,9 +352,13 @@ def test_learnable_parameters_are_framework_parameters_and_portable(name):
             from flax import nnx
 
             assert len(nnx.state(module, nnx.Param)) == len(shared)
+        elif backend == "numpy":  # float64 arrays holding the float32 values
+            for k, v in module.params.items():
+                assert v.dtype == np.float64
+                np.testing.assert_array_equal(v, shared[k].astype(np.float32))
         else:
             assert len(module.trainable_weights) == len(shared)
-    reference = outputs[FRAMEWORKS[0]]
+    reference = outputs[BACKENDS[0]]
     for backend, out in outputs.items():
         np.testing.assert_allclose(out, reference, rtol=2e-5, atol=2e-5, err_msg=backend)
 

@@ -90,6 +90,22 @@ def check_float_sequence(
     return items
 
 
+def real_array(name: str, value: object) -> np.ndarray:
+    """``value`` as a float64 NumPy array if it holds real numbers (not bools or strings).
+
+    Accepts NumPy arrays (also ml_dtypes floats such as bfloat16), lists and numbers.
+    """
+    array = np.asarray(value)
+    try:
+        if array.dtype.kind in "bcOSUMm":  # bools, complex, objects, strings, times
+            raise TypeError
+        return array.astype(np.float64)
+    except (TypeError, ValueError):
+        raise InvalidTypeError(
+            f"{name} must hold real numbers, got {value!r:.80} of dtype {array.dtype}."
+        ) from None
+
+
 def check_heads(heads: object, num_heads: int) -> np.ndarray:
     """Validate global head indices and return them as an int64 NumPy array.
 

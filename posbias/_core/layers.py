@@ -8,8 +8,9 @@ serialisation — and calls :func:`mha_forward` with its projections.
 
 Portable weights: ``{"q.kernel": (E, H·D), "q.bias": (H·D,), "k.kernel": (E, H_kv·D),
 "k.bias", "v.kernel", "v.bias", "o.kernel": (H·D, E), "o.bias": (E,)}`` as
-NumPy arrays (kernels in ``x @ kernel`` orientation); ``*.bias`` entries only
-with ``use_bias=True``.
+NumPy arrays (kernels in ``x @ kernel`` orientation; ``*.bias`` entries only
+with ``use_bias=True``), plus ``"positional_bias.<name>"`` for each learnable
+parameter of the layer's positional bias.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .. import backends
 from ..errors import InvalidArgumentError, InvalidTypeError
 from ..spec import BiasSpec
 from . import bias_arg, conventions, dispatch, problem
-from .checks import check_int
+from .checks import check_int, real_array
 
 PROJECTIONS = ("q", "k", "v", "o")
 
@@ -104,11 +105,11 @@ class MHAConfig:
 
 
 def init_weights(cfg: MHAConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded NumPy initial weights (Glorot-uniform kernels, zero biases), float32.
+    """Seeded NumPy initial projection weights (Glorot-uniform kernels, zero biases), float32.
 
     Every framework initialises from this, so equal seeds give equal layers.
     """
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(seed))
     weights = {}
     for name, shape in cfg.shapes().items():
         if name.endswith(".kernel"):
@@ -119,9 +120,25 @@ def init_weights(cfg: MHAConfig, seed: int = 0) -> dict[str, np.ndarray]:
     return weights
 
 
-def check_weights(cfg: MHAConfig, weights: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Validate a portable weight dict: names and shapes; errors list every problem."""
-    expected = cfg.shapes()
+def check_seed(seed: Any) -> int:
+    """A seed of the NumPy initialisation: a non-negative int (not a bool, not None)."""
+    return check_int("seed", seed, minimum=0)
+
+
+def check_weights(
+    expected: Mapping[str, tuple[int, ...]], weights: Any, what: str = "weights"
+) -> dict[str, np.ndarray]:
+    """A portable dict as float64 NumPy arrays, checked against ``expected`` names and shapes.
+
+    Raises:
+        InvalidTypeError: ``weights`` is not a mapping, or an entry is not numeric.
+        InvalidArgumentError: one error listing every missing, unexpected and
+            mis-shaped entry.
+    """
+    if not isinstance(weights, Mapping):
+        raise InvalidTypeError(
+            f"{what} must be a dict of arrays (name -> array), got {type(weights).__name__}."
+        )
     problems = []
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
@@ -131,22 +148,30 @@ def check_weights(cfg: MHAConfig, weights: Mapping[str, Any]) -> dict[str, np.nd
         problems.append(f"unexpected {extra}")
     arrays = {}
     for name in sorted(set(expected) & set(weights)):
-        array = np.asarray(weights[name])
-        if array.shape != expected[name]:
-            problems.append(f"{name} has shape {array.shape}, expected {expected[name]}")
+        value = weights[name]
+        array = real_array(f"{what} entry {name!r}", _to_numpy(value))
+        if array.shape != tuple(expected[name]):
+            problems.append(f"{name} has shape {array.shape}, expected {tuple(expected[name])}")
         arrays[name] = array
     if problems:
-        raise InvalidArgumentError("cannot load weights: " + "; ".join(problems) + ".")
+        raise InvalidArgumentError(f"cannot load {what}: " + "; ".join(problems) + ".")
     return arrays
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    return backends.to_numpy(value)
 
 
 class BiasParamsMixin:
     """Framework-free half of every ``PositionalBias``: its learnable parameters.
 
     A module sets ``self.spec`` and implements ``_read_param(name)`` (native
-    value) and ``_write_param(name, array)``; parameters are created from
-    ``spec.init_params(seed)`` (seeded NumPy), so every framework starts from
-    identical values.
+    value) and ``_write_param(name, array)`` (``array``: float32 NumPy); it
+    creates its parameters from :meth:`_initial_params` (``spec.init_params(seed)``,
+    seeded NumPy, checked and cast to float32), so every framework starts from
+    identical values. On the forward path only :meth:`native_params` runs: it
+    reads the parameters by the names of ``spec.param_shapes()`` (declared, no
+    NumPy).
     """
 
     spec: BiasSpec
@@ -156,6 +181,40 @@ class BiasParamsMixin:
 
     def _write_param(self, name: str, value: np.ndarray) -> None:
         raise NotImplementedError
+
+    def _initial_params(self, seed: Any) -> dict[str, np.ndarray]:
+        """``spec.init_params(seed)`` checked against ``spec.param_shapes()``, as float32."""
+        params = self.spec.init_params(check_seed(seed))
+        self.spec.check_params(params)  # a variant whose init disagrees with its shapes
+        return {name: np.asarray(value, dtype=np.float32) for name, value in params.items()}
+
+    def _bias(
+        self,
+        backend: str,
+        q_len: Any,
+        k_len: Any,
+        q_pos: Any,
+        k_pos: Any,
+        q_offset: Any,
+        k_offset: Any,
+        heads: Any,
+        dtype: Any,
+        device: Any = None,
+    ) -> Any:
+        """The module's call: ``spec.bias(...)`` on ``backend`` with the module's parameters."""
+        return self.spec.bias(
+            q_len,
+            k_len,
+            q_pos=q_pos,
+            k_pos=k_pos,
+            q_offset=q_offset,
+            k_offset=k_offset,
+            heads=heads,
+            dtype=dtype,
+            backend=backend,
+            device=device,
+            params=self.native_params(),
+        )
 
     def native_params(self) -> dict[str, Any] | None:
         """The parameters as this framework's tensors (None for parameter-free biases)."""
@@ -173,27 +232,42 @@ class BiasParamsMixin:
     def load_params(self, params: Mapping[str, Any]) -> None:
         """Load a portable parameter dict (from any framework's ``export_params``).
 
-        Missing, unexpected and mis-shaped entries are listed in one error.
+        Values are stored as float32. Nothing is written unless every entry is valid.
+
+        Raises:
+            InvalidTypeError: ``params`` is not a mapping or holds non-numeric values.
+            InvalidArgumentError: one error listing missing, unexpected and
+                mis-shaped entries; or NaN / infinite values.
         """
-        arrays = {k: np.asarray(_to_numpy(v), dtype=np.float64) for k, v in params.items()}
-        self.spec.check_params(arrays)
+        self._write_params(self._checked_params(params))
+
+    def _checked_params(self, params: Any) -> dict[str, np.ndarray]:
+        label = f"{self.spec.name or type(self.spec).__name__} parameters"
+        arrays = check_weights(self.spec.param_shapes(), params, label)
+        self.spec.check_params(arrays)  # values: finite, and the variant's own rules
+        return arrays
+
+    def _write_params(self, arrays: Mapping[str, np.ndarray]) -> None:
         for name, value in arrays.items():
-            self._write_param(name, value.astype(np.float32))
+            self._write_param(name, np.asarray(value, dtype=np.float32))
 
 
-def _to_numpy(value: Any) -> np.ndarray:
-    return backends.to_numpy(value)
+#: prefix of the positional bias's parameters in portable layer weights
+BIAS_PREFIX = "positional_bias."
 
 
 class PortableWeightsMixin:
     """Framework-free half of every ``MultiHeadAttention``: portable weight I/O.
 
-    A layer sets ``self.mha_config`` and implements ``_read_projection(name)``
-    → ``(kernel, bias or None)`` as NumPy-convertible arrays in ``x @ kernel``
-    orientation, and ``_write_projection(name, kernel, bias)``.
+    A layer sets ``self.mha_config`` and ``self.positional_bias`` (its
+    framework's ``PositionalBias`` or None) and implements
+    ``_read_projection(name)`` → ``(kernel, bias or None)`` as
+    NumPy-convertible arrays in ``x @ kernel`` orientation, and
+    ``_write_projection(name, kernel, bias)``.
     """
 
     mha_config: MHAConfig
+    positional_bias: Any
 
     def _read_projection(self, name: str) -> tuple[Any, Any]:
         raise NotImplementedError
@@ -201,24 +275,80 @@ class PortableWeightsMixin:
     def _write_projection(self, name: str, kernel: np.ndarray, bias: np.ndarray | None) -> None:
         raise NotImplementedError
 
+    def _init_projections(self, seed: Any) -> None:
+        """Write the seeded initial projection weights (:func:`init_weights`)."""
+        self._write_projections(init_weights(self.mha_config, seed))
+
+    def _write_projections(self, arrays: Mapping[str, np.ndarray]) -> None:
+        for name in PROJECTIONS:
+            bias = arrays.get(f"{name}.bias")
+            self._write_projection(
+                name,
+                np.asarray(arrays[f"{name}.kernel"], np.float32),
+                None if bias is None else np.asarray(bias, np.float32),
+            )
+
+    def portable_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of :meth:`portable_weights` (no arrays are built).
+
+        Example:
+            >>> from posbias.numpy import MultiHeadAttention
+            >>> shapes = MultiHeadAttention(8, 2, "t5", use_bias=False).portable_shapes()
+            >>> shapes["q.kernel"], shapes["positional_bias.table"]
+            ((8, 8), (32, 2))
+        """
+        shapes = self.mha_config.shapes()
+        if self.positional_bias is not None:
+            for name, shape in self.positional_bias.spec.param_shapes().items():
+                shapes[BIAS_PREFIX + name] = shape
+        return shapes
+
     def portable_weights(self) -> dict[str, np.ndarray]:
-        """Weights as ``{"q.kernel": (E, H·D), "q.bias": (H·D,), ...}`` float32 NumPy arrays."""
+        """The whole layer as float32 NumPy arrays, loadable by any framework's layer.
+
+        Keys: ``{"q.kernel": (E, H·D), "q.bias": (H·D,), "k.kernel": (E, H_kv·D),
+        "k.bias", "v.kernel", "v.bias", "o.kernel": (H·D, E), "o.bias": (E,)}``
+        (kernels in ``x @ kernel`` orientation; ``*.bias`` only with
+        ``use_bias=True``), plus ``"positional_bias.<name>"`` for each learnable
+        parameter of the positional bias (the arrays of
+        ``layer.positional_bias.export_params()``).
+
+        Returns:
+            ``dict[str, numpy.ndarray]``, float32, shapes of :meth:`portable_shapes`.
+        """
         out = {}
         for name in PROJECTIONS:
             kernel, bias = self._read_projection(name)
             out[f"{name}.kernel"] = np.array(kernel, dtype=np.float32)
             if bias is not None:
                 out[f"{name}.bias"] = np.array(bias, dtype=np.float32)
+        if self.positional_bias is not None:
+            for name, value in self.positional_bias.export_params().items():
+                out[BIAS_PREFIX + name] = value
         return out
 
     def load_portable_weights(self, weights: Mapping[str, Any]) -> None:
-        """Load weights exported by any framework's ``portable_weights()``.
+        """Load weights exported by any framework's :meth:`portable_weights`.
 
-        Missing, unexpected and mis-shaped entries are all listed in one error.
+        Projections and the positional bias's learnable parameters are both
+        loaded; values are stored in the layer's parameter dtype. Nothing is
+        written unless every entry is valid.
+
+        Raises:
+            InvalidTypeError: ``weights`` is not a mapping or holds non-numeric values.
+            InvalidArgumentError: one error listing every missing, unexpected and
+                mis-shaped entry (names as in :meth:`portable_shapes`); or NaN /
+                infinite positional-bias parameters.
         """
-        arrays = check_weights(self.mha_config, weights)
-        for name in PROJECTIONS:
-            self._write_projection(name, arrays[f"{name}.kernel"], arrays.get(f"{name}.bias"))
+        arrays = check_weights(self.portable_shapes(), weights)
+        bias_params = None
+        if self.positional_bias is not None:
+            bias_params = self.positional_bias._checked_params(
+                {k[len(BIAS_PREFIX) :]: v for k, v in arrays.items() if k.startswith(BIAS_PREFIX)}
+            )
+        self._write_projections(arrays)
+        if bias_params is not None:
+            self.positional_bias._write_params(bias_params)
 
 
 def mha_forward(

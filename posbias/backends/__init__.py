@@ -96,12 +96,14 @@ def detect(x: Any) -> str | None:
     Lists, ranges and Python numbers give None: they are neutral and can be
     converted to any backend. NumPy arrays give ``"numpy"``.
     """
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        # first, and without string methods: torch.compile cannot trace
+        # type(x).__module__ of an nn.Parameter (a learnable bias's parameters)
+        return "torch"
     root = type(x).__module__.partition(".")[0]
     if root == "numpy":
         return "numpy" if hasattr(x, "dtype") else None
-    if root == "torch":
-        torch = sys.modules.get("torch")
-        return "torch" if torch is not None and isinstance(x, torch.Tensor) else None
     if root in ("jax", "jaxlib"):
         jax = sys.modules.get("jax")
         return "jax" if jax is not None and isinstance(x, jax.Array) else None

@@ -96,11 +96,11 @@ class TensorflowBackend(Backend):
         return tf.reduce_sum(x, axis=axis)
 
     def matmul(self, a, b):
-        if b.shape.rank == 2 and a.shape.rank != 2:
-            # (..., n, k) @ (k, m) as one 2-D product: TF 2.21's broadcasting matmul
-            # returns garbage for some shapes with a size-1 axis, e.g. (2, 1, 13, 32) @ (32, 4)
-            flat = tf.linalg.matmul(tf.reshape(a, [-1, tf.shape(a)[-1]]), b)
-            return tf.reshape(flat, tf.concat([tf.shape(a)[:-1], tf.shape(b)[-1:]], 0))
+        if len(b.shape) == 2:
+            # tf.linalg.matmul broadcasting a 2-D b over a's batch axes returned
+            # garbage (and corrupted memory) for (2, 1, 13, 32) @ (32, 4) on CPU
+            # (TF 2.21, oneDNN); tensordot is one plain 2-D product
+            return tf.tensordot(a, b, axes=1)
         return tf.linalg.matmul(a, b)
 
     def einsum(self, equation, *operands):

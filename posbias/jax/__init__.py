@@ -149,8 +149,8 @@ class PositionalBias(_layers.BiasParamsMixin, nnx.Module):
         self, bias: Any = "alibi", num_heads: int | None = None, *, seed: int = 0, **hyper: Any
     ) -> None:
         self.spec: BiasSpec = _layers.make_spec(bias, num_heads, hyper)
-        for name, value in self.spec.init_params(seed).items():
-            setattr(self, f"param_{name}", nnx.Param(jnp.asarray(value, jnp.float32)))
+        for name, value in self._initial_params(seed).items():
+            setattr(self, f"param_{name}", nnx.Param(jnp.asarray(value)))
 
     def __call__(
         self,
@@ -164,18 +164,7 @@ class PositionalBias(_layers.BiasParamsMixin, nnx.Module):
         heads: Any = None,
         dtype: Any = jnp.float32,
     ) -> jnp.ndarray:
-        return self.spec.bias(
-            q_len,
-            k_len,
-            q_pos=q_pos,
-            k_pos=k_pos,
-            q_offset=q_offset,
-            k_offset=k_offset,
-            heads=heads,
-            dtype=dtype,
-            backend="jax",
-            params=self.native_params(),
-        )
+        return self._bias("jax", q_len, k_len, q_pos, k_pos, q_offset, k_offset, heads, dtype)
 
     def _read_param(self, name: str) -> jnp.ndarray:
         return getattr(self, f"param_{name}").get_value()
@@ -187,7 +176,8 @@ class PositionalBias(_layers.BiasParamsMixin, nnx.Module):
 class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
     """Multi-head self-attention with a positional bias, GQA and a KV cache (Flax NNX).
 
-    Arguments as in :class:`posbias.torch.MultiHeadAttention`; ``seed`` seeds the
+    Arguments and ``positional_bias`` attribute (a :class:`PositionalBias` or
+    None) as in :class:`posbias.torch.MultiHeadAttention`; ``seed`` seeds the
     NumPy initialisation shared by every framework; ``param_dtype`` is the
     parameters' dtype; ``precision`` is the projections' matmul precision
     (default ``"highest"``: true float32 on GPUs/TPUs, where JAX's default is
@@ -231,7 +221,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
             block_size=block_size,
         )
         shapes = self.mha_config.shapes()
-        rngs = nnx.Rngs(seed)
+        rngs = nnx.Rngs(_layers.check_seed(seed))  # a clear error before Flax sees it
         for name in _layers.PROJECTIONS:
             fan_in, fan_out = shapes[f"{name}.kernel"]
             setattr(
@@ -246,8 +236,8 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
                     rngs=rngs,
                 ),
             )
-        self.bias = None if bias is None else PositionalBias(bias, num_heads, seed=seed)
-        self.load_portable_weights(_layers.init_weights(self.mha_config, seed))
+        self.positional_bias = None if bias is None else PositionalBias(bias, num_heads, seed=seed)
+        self._init_projections(seed)
 
     def __call__(
         self,
@@ -263,7 +253,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
             self.mha_config,
             self._project,
             x,
-            self.bias,
+            self.positional_bias,
             key_mask=key_mask,
             segment_ids=segment_ids,
             cache=cache,

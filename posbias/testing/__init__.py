@@ -13,7 +13,7 @@ offsets, batched positions and offsets, head subsets in any order):
 * **reference**: ``|x - ref| <= atol + rtol·|ref|`` elementwise against the
   NumPy float64 result, with :data:`TOLERANCES` per dtype (float16 references
   are clipped to ±65504 first, as posbias saturates float16 biases);
-* **bitwise**: for closed-form specs (``spec.exact``), the bytes equal the
+* **bitwise**: for closed-form specs (``spec.bit_identical``), the bytes equal the
   NumPy backend's result in the same dtype — float32 ALiBi is bit-identical on
   all four backends;
 * **tiles**: any split of queries, keys and heads, computed separately and
@@ -231,7 +231,7 @@ class CellResult:
     dtype: str
     max_abs_error: float = 0.0
     max_rel_error: float = 0.0
-    bitwise: bool | None = None  # None: not required (non-exact spec or numpy itself)
+    bitwise: bool | None = None  # None: not required (spec not bit_identical, or numpy itself)
     tiles_exact: bool | None = None
     checks: int = 0
     failures: list[str] = dataclasses.field(default_factory=list)
@@ -284,7 +284,7 @@ def check_cell(
                     f"{where}: max abs error {abs_err:.3g} (rel {rel_err:.3g}) exceeds "
                     f"rtol/atol {(rtol, atol)} (shapes {x.shape} vs {ref.shape})"
                 )
-            if spec.exact and backend != "numpy":
+            if spec.bit_identical and backend != "numpy":
                 same = spec.bias(**case.kwargs, backend="numpy", dtype=dtype)
                 equal = x.shape == same.shape and np.array_equal(_bits(x), _bits(same))
                 result.bitwise = equal if result.bitwise is None else result.bitwise and equal
@@ -309,7 +309,9 @@ def check_cell(
         )
         exact_tiles = mismatch == 0.0
         tile_rtol, tile_atol = tolerance(spec, "float32")
-        tolerated = exact_tiles or (not spec.exact and mismatch <= tile_atol + tile_rtol * scale)
+        tolerated = exact_tiles or (
+            not spec.bit_identical and mismatch <= tile_atol + tile_rtol * scale
+        )
         result.tiles_exact = (
             exact_tiles if result.tiles_exact is None else (result.tiles_exact and exact_tiles)
         )

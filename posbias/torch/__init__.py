@@ -141,7 +141,7 @@ class PositionalBias(_layers.BiasParamsMixin, nn.Module):
     Args:
         bias: registered name, ``BiasSpec`` or config dict.
         num_heads: head count when ``bias`` is a name.
-        seed: seed of the NumPy initialisation of learnable parameters.
+        seed: seed of the NumPy initialisation of learnable parameters (an int >= 0).
         **hyper: hyper-parameters of the named bias.
 
     Learnable variants hold their parameters as ``nn.Parameter`` in
@@ -158,10 +158,7 @@ class PositionalBias(_layers.BiasParamsMixin, nn.Module):
         super().__init__()
         self.spec: BiasSpec = _layers.make_spec(bias, num_heads, hyper)
         self.params = nn.ParameterDict(
-            {
-                k: nn.Parameter(torch.as_tensor(v, dtype=torch.float32))
-                for k, v in self.spec.init_params(seed).items()
-            }
+            {k: nn.Parameter(torch.as_tensor(v)) for k, v in self._initial_params(seed).items()}
         )
         # Tracks the module's device (.to / .cuda); not saved in the state dict.
         self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
@@ -179,19 +176,8 @@ class PositionalBias(_layers.BiasParamsMixin, nn.Module):
         dtype: Any = torch.float32,
     ) -> torch.Tensor:
         device = q_pos.device if isinstance(q_pos, torch.Tensor) else self._device_anchor.device
-        return self.spec.bias(
-            q_len,
-            k_len,
-            q_pos=q_pos,
-            k_pos=k_pos,
-            q_offset=q_offset,
-            k_offset=k_offset,
-            heads=heads,
-            dtype=dtype,
-            backend="torch",
-            device=device,
-            params=self.native_params(),
-        )
+        args = (q_len, k_len, q_pos, k_pos, q_offset, k_offset, heads, dtype, device)
+        return self._bias("torch", *args)
 
     def _read_param(self, name: str) -> torch.Tensor:
         return self.params[name]
@@ -222,6 +208,15 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
 
     Call: ``mha(x, key_mask=None, segment_ids=None)`` → ``(B, L, E)``;
     with ``cache=`` it returns ``(out, new_cache)`` (see :meth:`init_cache`).
+
+    Attributes:
+        positional_bias: the :class:`PositionalBias` module (None for
+            ``bias=None``); the same name in every framework. (``bias`` would
+            collide with PyTorch's projection biases, ``use_bias=``.)
+
+    ``portable_weights()`` / ``load_portable_weights(d)`` move the whole layer,
+    the bias's learnable parameters included (``"positional_bias.<name>"``),
+    to and from any framework's layer.
 
     Example:
         >>> import torch
@@ -263,8 +258,8 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
         for name in _layers.PROJECTIONS:
             fan_in, fan_out = shapes[f"{name}.kernel"]
             setattr(self, f"{name}_proj", nn.Linear(fan_in, fan_out, bias=use_bias))
-        self.bias = None if bias is None else PositionalBias(bias, num_heads, seed=seed)
-        self.load_portable_weights(_layers.init_weights(self.mha_config, seed))
+        self.positional_bias = None if bias is None else PositionalBias(bias, num_heads, seed=seed)
+        self._init_projections(seed)
 
     def forward(
         self,
@@ -280,7 +275,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
             self.mha_config,
             self._project,
             x,
-            self.bias,
+            self.positional_bias,
             key_mask=key_mask,
             segment_ids=segment_ids,
             cache=cache,

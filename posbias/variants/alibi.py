@@ -22,11 +22,11 @@ length per query keeps tiles, KV-cache decoding and sequence parallelism
 consistent (a row never depends on which keys are in the tile).
 
 Slopes: :func:`posbias.alibi_slopes` (``schedule="paper"``, the default) or the
-naive ``2^(-max_bias·(h+1)/H)`` (``schedule="geometric"``), times ``scale``;
-or explicit ``slopes``. All are float64 NumPy constants cast once to float32,
-so every backend multiplies the same float32 slope by the same exact float32
-distance: float32 results are bit-identical across NumPy, PyTorch, JAX and
-TensorFlow.
+naive ``2^(-max_bias·(h+1)/H)`` (``schedule="geometric"``), or explicit
+``custom_slopes``; times ``scale``; resolved into ``spec.slopes``. All are
+float64 NumPy constants cast once to float32, so every backend multiplies the
+same float32 slope by the same exact float32 distance: float32 results are
+bit-identical across NumPy, PyTorch, JAX and TensorFlow.
 """
 
 from __future__ import annotations
@@ -65,7 +65,12 @@ class Alibi(BiasSpec):
             ``"geometric"`` (``2^(-B(h+1)/H)``; differs for non-power-of-two ``H``).
         scale: multiplies every slope, e.g. ``train_len / test_len`` for length
             interpolation.
-        slopes: explicit per-head slopes (then ``max_bias``/``schedule`` are unused).
+        custom_slopes: explicit per-head slopes, ``H`` positive numbers (then
+            ``max_bias``/``schedule`` are unused; ``scale`` still multiplies them).
+
+    Attributes:
+        slopes: the resolved per-head slopes ``m_h`` (float64, read-only),
+            whichever way they were given.
 
     Shapes: ``(H, Lq, Lk)``, or ``(B, H, Lq, Lk)`` for batched positions.
 
@@ -77,7 +82,6 @@ class Alibi(BiasSpec):
     """
 
     toeplitz = True
-    linear = True
 
     max_bias: float = 8.0
     schedule: str = "paper"
@@ -228,9 +232,8 @@ class AlibiLearned(BiasSpec):
     """
 
     toeplitz = True
-    linear = True
     learnable = True
-    exact = False  # exp() differs by an ulp between frameworks
+    bit_identical = False  # exp() differs by an ulp between frameworks
 
     max_bias: float = 8.0
     schedule: str = "paper"
@@ -244,6 +247,9 @@ class AlibiLearned(BiasSpec):
     def slopes(self) -> np.ndarray:
         """The *initial* slopes; trained slopes are ``exp(params["log_slopes"])``."""
         return SCHEDULES[self.schedule](self.num_heads, self.max_bias)
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"log_slopes": (self.num_heads,)}
 
     def init_params(self, seed: int = 0) -> dict[str, np.ndarray]:
         return {"log_slopes": np.log(self.slopes)}
@@ -272,7 +278,7 @@ class AlibiScaled(Alibi):
     toeplitz = False  # with train_length, rows depend on the query position
     # The dynamic factor divides; XLA on GPU does not round that division like
     # NumPy (seen on an H100: 1-ulp differences), so no bitwise promise.
-    exact = False
+    bit_identical = False
 
     train_length: int | None = None
 

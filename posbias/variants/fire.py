@@ -47,7 +47,7 @@ class Fire(BiasSpec):
     """
 
     learnable = True
-    exact = False
+    bit_identical = False
     tolerances: ClassVar[dict[str, tuple[float, float]]] = {"float32": (1e-5, 1e-5)}
 
     mlp_width: int = 32
@@ -62,17 +62,21 @@ class Fire(BiasSpec):
         self._set("init_L", check_finite_float("init_L", self.init_L, positive=True))
         self._set("eps", check_finite_float("eps", self.eps, positive=True))
 
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        w, h = self.mlp_width, self.num_heads
+        return {"c": (), "L_multiplier": (), "w1": (w,), "b1": (w,), "w2": (w, h), "b2": (h,)}
+
     def init_params(self, seed: int = 0) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
-        w = self.mlp_width
-        bound2 = 1.0 / np.sqrt(w)
+        shapes = self.param_shapes()
+        bound2 = 1.0 / np.sqrt(self.mlp_width)
         return {
             "c": np.array(self.init_c),
             "L_multiplier": np.array(1.0),
-            "w1": rng.uniform(-1.0, 1.0, size=w),
-            "b1": rng.uniform(-1.0, 1.0, size=w),
-            "w2": rng.uniform(-bound2, bound2, size=(w, self.num_heads)),
-            "b2": rng.uniform(-bound2, bound2, size=self.num_heads),
+            "w1": rng.uniform(-1.0, 1.0, size=shapes["w1"]),
+            "b1": rng.uniform(-1.0, 1.0, size=shapes["b1"]),
+            "w2": rng.uniform(-bound2, bound2, size=shapes["w2"]),
+            "b2": rng.uniform(-bound2, bound2, size=shapes["b2"]),
         }
 
     def compute(self, xp, q_pos, k_pos, heads, params):

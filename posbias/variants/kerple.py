@@ -7,9 +7,17 @@ https://arxiv.org/abs/2205.09921
 
 Per-head learnable ``r1``, ``r2``. Initialisation as in the authors'
 GPT-NeoX implementation: ``r1 ~ U(0, 2)``, ``r2 ~ U(0, 1)`` (log) or
-``U(0, 2)`` (power), seeded NumPy. Before use both are clamped to ``>= 0.01``
-(and the power exponent to ``<= 2``), as the reference does after every step.
-Explicit parameters must be positive.
+``U(0, 2)`` (power), seeded NumPy.
+
+**Parameters are stored raw; ``compute`` constrains them.** The bias uses
+``max(r1, 0.01)`` and ``max(r2, 0.01)`` (and ``min(r2, 2)`` for the power
+exponent) — the clamp the reference applies to the stored values after every
+optimiser step, applied in the forward pass instead. So any finite values are
+valid parameters: whatever state training reaches (an optimiser step may take
+``r1`` or ``r2`` below 0.01, even below 0) exports, reloads and gives the same
+bias in every framework. Only NaN and infinities are rejected. A raw value below
+the bound gets no gradient from the bias (only weight decay moves it), as a
+clamped value in the reference does.
 """
 
 from __future__ import annotations
@@ -18,7 +26,6 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..errors import InvalidArgumentError
 from ..registry import register
 from ..spec import BiasSpec
 
@@ -28,11 +35,14 @@ EPS = 0.01
 class _Kerple(BiasSpec):
     toeplitz = True
     learnable = True
-    exact = False  # log / pow differ by an ulp between frameworks
+    bit_identical = False  # log / pow differ by an ulp between frameworks
     tolerances: ClassVar[dict[str, tuple[float, float]]] = {"float32": (2e-6, 1e-6)}
 
     _r2_scale: ClassVar[float] = 1.0
     _r2_max: ClassVar[float | None] = None
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"r1": (self.num_heads,), "r2": (self.num_heads,)}
 
     def init_params(self, seed: int = 0) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
@@ -41,15 +51,8 @@ class _Kerple(BiasSpec):
             "r2": rng.uniform(0.0, self._r2_scale, size=self.num_heads),
         }
 
-    def validate_param_values(self, params):
-        bad = {k: v for k, v in params.items() if np.any(np.asarray(v) <= 0)}
-        if bad:
-            raise InvalidArgumentError(
-                f"{self.name} parameters must be positive; got non-positive values in "
-                f"{sorted(bad)}. (Training clamps them at {EPS}.)"
-            )
-
     def _params(self, xp, params, heads):
+        """``r1``, ``r2`` of ``heads`` as used: the raw values clamped to ``[EPS, r2_max]``."""
         r1 = xp.maximum(xp.take_axis(params["r1"], heads, 0), EPS)[:, None, None]
         r2 = xp.maximum(xp.take_axis(params["r2"], heads, 0), EPS)
         if self._r2_max is not None:
@@ -60,6 +63,9 @@ class _Kerple(BiasSpec):
 @register("kerple_log")
 class KerpleLog(_Kerple):
     """KERPLE logarithmic kernel, ``-r1·log(1 + r2·|i-j|)`` (Chi et al. 2022).
+
+    Parameters ``r1``, ``r2`` of shape ``(H,)``, stored raw: the bias uses
+    ``max(r, 0.01)``, so any finite values load (module docstring).
 
     Example:
         >>> import numpy as np, posbias
@@ -78,6 +84,9 @@ class KerpleLog(_Kerple):
 @register("kerple_power")
 class KerplePower(_Kerple):
     """KERPLE power kernel, ``-r1·|i-j|^r2`` with ``r2 ∈ (0, 2]`` (Chi et al. 2022).
+
+    Parameters ``r1``, ``r2`` of shape ``(H,)``, stored raw: the bias uses
+    ``max(r1, 0.01)`` and ``min(max(r2, 0.01), 2)``, so any finite values load.
 
     Example:
         >>> import numpy as np, posbias

@@ -122,9 +122,12 @@ class T5(BiasSpec):
             thresholds=self._thresholds,
         )
 
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"table": (self.num_buckets, self.num_heads)}
+
     def init_params(self, seed: int = 0) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
-        return {"table": rng.normal(0.0, 0.1, size=(self.num_buckets, self.num_heads))}
+        return {"table": rng.normal(0.0, 0.1, size=self.param_shapes()["table"])}
 
     def compute(self, xp, q_pos, k_pos, heads, params):
         table = xp.take_axis(params["table"], heads, 1)  # (num_buckets, h)

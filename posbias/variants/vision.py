@@ -76,10 +76,14 @@ class Swin(_Windowed):
         (3, 4, 4)
     """
 
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        rows = (2 * self.window[0] - 1) * (2 * self.window[1] - 1)
+        return {"table": (rows, self.num_heads)}
+
     def init_params(self, seed: int = 0) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
-        rows = (2 * self.window[0] - 1) * (2 * self.window[1] - 1)
-        return {"table": np.clip(rng.normal(0, 0.02, (rows, self.num_heads)), -0.04, 0.04)}
+        table = rng.normal(0, 0.02, self.param_shapes()["table"])
+        return {"table": np.clip(table, -0.04, 0.04)}
 
     def compute(self, xp, q_pos, k_pos, heads, params):
         wh, ww = self.window
@@ -110,7 +114,7 @@ class SwinV2CPB(_Windowed):
         True
     """
 
-    exact = False
+    bit_identical = False
     tolerances: ClassVar[dict[str, tuple[float, float]]] = {"float32": (1e-5, 1e-5)}
 
     window: tuple[int, int] = (8, 8)
@@ -120,13 +124,17 @@ class SwinV2CPB(_Windowed):
         super().__post_init__()
         self._set("hidden", check_int("hidden", self.hidden, minimum=1))
 
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"w1": (2, self.hidden), "b1": (self.hidden,), "w2": (self.hidden, self.num_heads)}
+
     def init_params(self, seed: int = 0) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
+        shapes = self.param_shapes()
         b1, b2 = 1 / np.sqrt(2), 1 / np.sqrt(self.hidden)
         return {
-            "w1": rng.uniform(-b1, b1, (2, self.hidden)),
-            "b1": rng.uniform(-b1, b1, self.hidden),
-            "w2": rng.uniform(-b2, b2, (self.hidden, self.num_heads)),
+            "w1": rng.uniform(-b1, b1, shapes["w1"]),
+            "b1": rng.uniform(-b1, b1, shapes["b1"]),
+            "w2": rng.uniform(-b2, b2, shapes["w2"]),
         }
 
     def compute(self, xp, q_pos, k_pos, heads, params):
@@ -159,7 +167,7 @@ class Alibi2D(BiasSpec):
     """
 
     position_dims = 2
-    exact = False  # sqrt is exact, but XLA may fuse the product differently
+    bit_identical = False  # sqrt is exact, but XLA may fuse the product differently
     tolerances: ClassVar[dict[str, tuple[float, float]]] = {"float32": (1e-6, 1e-12)}
 
     max_bias: float = 8.0
