@@ -51,7 +51,9 @@ def evaluate(
     params: Mapping[str, Any] | None = None,
 ) -> Any:
     """``spec``'s bias as a native tensor; see :meth:`posbias.BiasSpec.bias`."""
-    name = _resolve_backend(backend, q_pos, k_pos, q_offset, k_offset, params)
+    name = _resolve_backend(
+        backend, q_pos=q_pos, k_pos=k_pos, q_offset=q_offset, k_offset=k_offset, params=params
+    )
     backend_cls = _backends.load(name)
     if device is None:
         for value in (q_pos, k_pos, q_offset, k_offset):
@@ -95,8 +97,35 @@ def evaluate(
         diagonals = _compute(spec, xp, d[:1] * 0, d, head_index, native_params)
         values = xp.toeplitz(xp.float(diagonals)[..., 0, :], q_len, k_len)
     else:
-        values = _compute(spec, xp, q, k, head_index, native_params)
+        values = _compute_in_chunks(spec, xp, q, k, head_index, native_params)
     return xp.cast_output(xp.float(values), out_dtype)
+
+
+#: bytes of temporaries one chunk of ``compute`` may hold (MLP hidden layers, angles, ...)
+CHUNK_BYTES = 256 << 20
+
+
+def _compute_in_chunks(spec: BiasSpec, xp: Any, q: Any, k: Any, heads: Any, params: Any) -> Any:
+    """``compute`` over blocks of query rows, so that its temporaries stay bounded.
+
+    A variant declares how many floats of temporaries it holds per bias entry
+    (:meth:`BiasSpec.temporaries_per_entry`: FIRE's MLP, Swin V2's CPB, Sandwich's
+    angles); the rows are split so that a block needs at most :data:`CHUNK_BYTES`.
+    Tiles concatenate exactly, so the result is the same as one call.
+    """
+    q_len, k_len = xp.shape(q)[-1], xp.shape(k)[-1]
+    batch = max([s[0] for s in (xp.shape(q), xp.shape(k)) if len(s) == 2] or [1])
+    if q_len is None or k_len is None or batch is None:  # unknown while tracing
+        return _compute(spec, xp, q, k, heads, params)
+    per_row = 4 * max(1, spec.temporaries_per_entry()) * len(heads) * k_len * batch
+    _check_memory(per_row, f"one query row of {spec.name or type(spec).__name__}")
+    rows = max(1, CHUNK_BYTES // per_row)
+    if q_len <= rows:
+        return _compute(spec, xp, q, k, heads, params)
+    parts = [
+        _compute(spec, xp, q[..., r : r + rows], k, heads, params) for r in range(0, q_len, rows)
+    ]
+    return xp.concat(parts, -2)
 
 
 def _compute(spec: BiasSpec, xp: Any, q: Any, k: Any, heads: Any, params: Any) -> Any:
@@ -136,30 +165,33 @@ def _toeplitz_applies(spec: BiasSpec, xp, q, k, explicit, q_offset, k_offset) ->
 
 
 # ---------------------------------------------------------- internals
-def _resolve_backend(backend: str | None, *arrays: Any) -> str:
-    found = set()
-    for value in arrays:
-        items = value.values() if isinstance(value, Mapping) else (value,)
-        for item in items:
+def _resolve_backend(backend: str | None, **arrays: Any) -> str:
+    """The backend asked for, or the one framework of the given arrays (NumPy: any)."""
+    found: dict[str, list[str]] = {}  # framework -> the arguments holding its tensors
+    for name, value in arrays.items():
+        items = value.items() if isinstance(value, Mapping) else ((None, value),)
+        for key, item in items:
             kind = _backends.detect(item) if item is not None else None
-            if kind is not None:
-                found.add(kind)
+            if kind is not None and kind != "numpy":
+                found.setdefault(kind, []).append(name if key is None else f"{name}[{key!r}]")
     if backend is not None:
         backend = _backends.canonical_name(backend)
-        foreign = found - {backend, "numpy"}
+        foreign = {k: v for k, v in found.items() if k != backend}
         if foreign:
+            which = "; ".join(f"{', '.join(v)} ({k})" for k, v in sorted(foreign.items()))
             raise BackendError(
-                f"backend={backend!r} was asked for but some inputs are "
-                f"{sorted(foreign)} arrays; pass inputs of one framework "
-                "(NumPy arrays and lists convert to any backend)."
+                f"backend={backend!r} was asked for but some inputs are tensors of another "
+                f"framework: {which}. Pass inputs of one framework (NumPy arrays and lists "
+                "convert to any backend)."
             )
         return backend
     if len(found) > 1:
+        which = "; ".join(f"{', '.join(v)} ({k})" for k, v in sorted(found.items()))
         raise BackendError(
-            f"inputs mix arrays of {sorted(found)}; pass positions, offsets and "
-            "params from one framework, or convert them first."
+            f"inputs mix frameworks: {which}; pass positions, offsets and params from one "
+            "framework, or convert them first."
         )
-    return found.pop() if found else "numpy"
+    return next(iter(found)) if found else "numpy"
 
 
 def _resolve_dtype(xp: Any, dtype: Any) -> str:
@@ -203,6 +235,15 @@ def _check_size(xp: Any, q: Any, k: Any, heads: int, dtype: str) -> None:
             f"{needed / 2**30:.1f} GiB, more than this machine's "
             f"{limit / 2**30:.1f} GiB; ask for fewer heads, shorter blocks of "
             "queries/keys (tiles concatenate exactly), or use a blockwise attention."
+        )
+
+
+def _check_memory(needed: int, what: str) -> None:
+    limit = _MEMORY_LIMIT
+    if limit is not None and needed > limit:
+        raise ResourceError(
+            f"{what} needs about {needed / 2**30:.1f} GiB of temporaries, more than this "
+            f"machine's {limit / 2**30:.1f} GiB; ask for fewer heads or keys at once."
         )
 
 

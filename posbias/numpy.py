@@ -237,7 +237,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
             self.weights[f"{name}.bias"] = bias
 
     def _project(self, name: str, x: np.ndarray) -> np.ndarray:
-        out = x @ self.weights[f"{name}.kernel"].astype(np.float64)
+        out = x.astype(np.float64) @ self.weights[f"{name}.kernel"].astype(np.float64)
         if self.mha_config.use_bias:
             out = out + self.weights[f"{name}.bias"].astype(np.float64)
         return out
@@ -258,7 +258,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
             NumpyBackend(),
             self.mha_config,
             self._project,
-            np.asarray(x, dtype=np.float64),
+            x,
             self.positional_bias,
             key_mask=key_mask,
             segment_ids=segment_ids,

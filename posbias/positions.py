@@ -20,17 +20,24 @@ import numpy as np
 
 from ._core import conventions
 from ._core.checks import check_int, is_int
-from .backends import Backend
+from .backends import Backend, check_framework
 from .errors import InvalidArgumentError, InvalidTypeError
 
 
 def integer_array(xp: Backend, name: str, value: Any, max_ndim: int) -> Any:
-    """Convert ``value`` to a native integer tensor of ndim <= ``max_ndim``, checked."""
-    if isinstance(value, (list, tuple, range)):
-        value = np.asarray(value)
-        if value.size == 0:
+    """Convert ``value`` to a native integer tensor of ndim <= ``max_ndim``, checked.
+
+    NumPy arrays, lists and scalars are converted (and range-checked); tensors of this
+    framework must hold integers and sit on its device; another framework's is an error.
+    """
+    kind = check_framework(xp, name, value)
+    if kind in (None, "numpy"):
+        try:
+            value = np.asarray(value)
+        except ValueError as exc:  # ragged nested lists
+            raise InvalidTypeError(f"{name} must be a rectangular integer array: {exc}") from exc
+        if value.size == 0 and value.dtype.kind == "f":  # an empty list
             value = value.astype(np.int64)
-    if isinstance(value, np.ndarray):
         if not np.issubdtype(value.dtype, np.integer):
             raise InvalidTypeError(
                 f"{name} must hold integers, got dtype {value.dtype}; positions are "

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._core.checks import check_finite_float, check_num_heads
+from ._core.checks import MAX_POSITION, check_finite_float, check_num_heads
 from .errors import InvalidArgumentError
 
 __all__ = ["SCHEDULES", "alibi_slopes", "geometric_slopes", "resolve_slopes"]
@@ -32,6 +32,21 @@ __all__ = ["SCHEDULES", "alibi_slopes", "geometric_slopes", "resolve_slopes"]
 def _power_of_two_slopes(n: int, max_bias: float) -> np.ndarray:
     exponents = np.arange(1, n + 1, dtype=np.float64) * (max_bias / n)
     return np.exp2(-exponents)
+
+
+#: the smallest slope is 2^-max_bias; below 2^-126 it is no longer a normal float32
+MAX_MAX_BIAS = 126.0
+
+
+def _check_max_bias(max_bias: object) -> float:
+    max_bias = check_finite_float("max_bias", max_bias, positive=True)
+    if max_bias > MAX_MAX_BIAS:
+        raise InvalidArgumentError(
+            f"max_bias={max_bias} makes the smallest slope 2^-{max_bias:g}, below float32's "
+            f"smallest normal number 2^-126 (it would be 0 or lose its digits); use "
+            f"max_bias <= {MAX_MAX_BIAS:g} (the paper uses 8)."
+        )
+    return max_bias
 
 
 def alibi_slopes(num_heads: int, max_bias: float = 8.0) -> np.ndarray:
@@ -53,7 +68,7 @@ def alibi_slopes(num_heads: int, max_bias: float = 8.0) -> np.ndarray:
         [0.70710678, 0.35355339, 0.1767767, 0.08838835]
     """
     num_heads = check_num_heads(num_heads)
-    max_bias = check_finite_float("max_bias", max_bias, positive=True)
+    max_bias = _check_max_bias(max_bias)
     closest = 1 << (num_heads.bit_length() - 1)  # largest power of two <= num_heads
     slopes = _power_of_two_slopes(closest, max_bias)
     if closest == num_heads:
@@ -74,7 +89,7 @@ def geometric_slopes(num_heads: int, max_bias: float = 8.0) -> np.ndarray:
         [0.25, 0.0625, 0.015625, 0.00390625]
     """
     num_heads = check_num_heads(num_heads)
-    max_bias = check_finite_float("max_bias", max_bias, positive=True)
+    max_bias = _check_max_bias(max_bias)
     return _power_of_two_slopes(num_heads, max_bias)
 
 
@@ -111,4 +126,31 @@ def resolve_slopes(
                 f"unknown slope schedule {schedule!r}; expected one of {sorted(SCHEDULES)}."
             )
         values = SCHEDULES[schedule](num_heads, max_bias)
-    return values * scale
+    values = values * scale
+    source = "custom_slopes × scale" if slopes is not None else "the schedule's slopes × scale"
+    check_float32_slopes(values, source)
+    return values
+
+
+#: the largest slope whose bias ``-m·|i - j|`` stays finite in float32 for every position
+#: posbias accepts (|i - j| <= 2^40)
+MAX_SLOPE = float(np.finfo(np.float32).max) / MAX_POSITION
+
+
+def check_float32_slopes(values: np.ndarray, source: str) -> None:
+    """Slopes are used in float32: none may overflow there, and none but 0 may vanish.
+
+    Raises:
+        InvalidArgumentError: a slope above :data:`MAX_SLOPE` (its bias overflows float32
+            to -inf, NaN after a softmax), or a nonzero slope that is 0 in float32.
+    """
+    big = np.abs(values) > MAX_SLOPE
+    with np.errstate(over="ignore"):
+        vanished = (values != 0) & (values.astype(np.float32) == 0)
+    if big.any() or vanished.any():
+        which = np.flatnonzero(big | vanished).tolist()
+        raise InvalidArgumentError(
+            f"{source} give slopes {values[which].tolist()} for heads {which}: posbias computes "
+            f"biases in float32, where a slope must lie in (1.4e-45, {MAX_SLOPE:.3g}] (or be "
+            "exactly 0, a head without bias) so that -m·|i - j| is neither 0 nor infinite."
+        )

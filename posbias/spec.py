@@ -180,6 +180,15 @@ class BiasSpec:
         """
         return [cls(num_heads=num_heads)]
 
+    def temporaries_per_entry(self) -> int:
+        """Floats of temporaries ``compute`` holds per bias entry (default 4).
+
+        :meth:`bias` computes blocks of query rows small enough that these
+        temporaries stay within a fixed budget; a variant with an inner axis
+        (an MLP's hidden layer, a sum over frequencies) declares its width.
+        """
+        return 4
+
     def init_params(self, seed: int = 0) -> dict[str, np.ndarray]:
         """Initial learnable parameters, seeded NumPy (empty for parameter-free variants).
 

@@ -24,7 +24,7 @@ from ._core import dispatch as _dispatch
 from ._core import layers as _layers
 from ._core import problem as _problem
 from .backends.tensorflow import TensorflowBackend
-from .errors import BackendError
+from .errors import BackendError, InvalidTypeError
 
 __all__ = ["KVCache", "MultiHeadAttention", "PositionalBias", "attention"]
 
@@ -261,6 +261,14 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, keras.layers.Layer):
             layer.build((None, shapes[f"{name}.kernel"][0]))
         super().build(input_shape)
         self._init_projections(self.seed)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        x = args[0] if args else kwargs.get("x")
+        if not (hasattr(x, "shape") and hasattr(x, "dtype")):  # Keras would raise its own
+            raise InvalidTypeError(
+                f"input must be a (B, L, embed_dim) tensor or array, got {type(x).__name__}."
+            )
+        return super().__call__(*args, **kwargs)
 
     def call(
         self,

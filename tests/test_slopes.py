@@ -138,10 +138,32 @@ def test_bad_schedule_arguments(kwargs, error, message):
         (dict(scale=0.0), "> 0"),
         (dict(custom_slopes=[0.5, 0.25]), "4 entries"),
         (dict(custom_slopes=[0.5, 0.25, float("nan"), 1.0]), "finite"),
-        (dict(custom_slopes=[0.5, -0.25, 0.1, 1.0]), "> 0"),
+        (dict(custom_slopes=[0.5, -0.25, 0.1, 1.0]), ">= 0"),
         (dict(custom_slopes="0.5"), "sequence"),
     ],
 )
 def test_bad_spec_arguments(kwargs, message):
     with pytest.raises(posbias.PosBiasError, match=message):
         posbias.get("alibi", num_heads=4, **kwargs)
+
+
+def test_zero_slopes_are_heads_without_a_bias():
+    """x-transformers' partial ALiBi (docs/migration.md) gives some heads slope 0."""
+    slopes = [0.25, 0.0625, 0.015625, 0.00390625, 0, 0, 0, 0]
+    bias = posbias.get("alibi", num_heads=8, custom_slopes=slopes).bias(q_len=3, k_len=3)
+    assert not bias[4:].any() and not np.signbit(bias).any(axis=(1, 2))[4:].any()
+    np.testing.assert_array_equal(bias[0, 2], [-0.5, -0.25, 0.0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(custom_slopes=[1e300]), "float32"),
+        (dict(scale=1e300), "float32"),
+        (dict(custom_slopes=[1e-50]), "float32"),
+        (dict(max_bias=2000.0), "max_bias <= 126"),
+    ],
+)
+def test_slopes_that_overflow_or_vanish_in_float32_are_errors(kwargs, match):
+    with pytest.raises(posbias.InvalidArgumentError, match=match):
+        posbias.get("alibi", num_heads=1, **kwargs)

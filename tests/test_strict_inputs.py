@@ -270,3 +270,101 @@ def test_first_lookups_from_several_threads_all_find_the_plugin():
         for t in threads:
             t.join()
         assert not errors, errors
+
+
+# ------------------------------------------------------------------- NaN and inf
+@pytest.mark.parametrize("bias", ["alibi", "t5", "fire", None])
+def test_no_nan_or_inf_anywhere_with_fully_masked_rows_and_large_scores(bias):
+    """jax_debug_nans / jax_debug_infs and torch.autograd.detect_anomaly stay quiet:
+    1/max(sum, tiny)² overflowed in the backward pass of rows that see no key."""
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(2, 6, 4, 8)).astype(np.float32) * 30
+    mask = np.ones((2, 6), bool)
+    mask[0, :3] = False
+    mask[1, :] = False  # a sequence with no real key at all
+    if "jax" in BACKENDS:
+        import jax
+        import jax.numpy as jnp
+
+        import posbias.jax as pj
+
+        def loss(x):
+            return pj.attention(x, x, x, bias, causal=True, key_mask=mask).sum()
+
+        with jax.debug_nans(True), jax.debug_infs(True):
+            grads = [jax.grad(loss)(jnp.asarray(q)), jax.jit(jax.grad(loss))(jnp.asarray(q))]
+        assert all(bool(jnp.isfinite(g).all()) for g in grads)
+    if "torch" in BACKENDS:
+        import torch
+
+        import posbias.torch as pt
+
+        x = torch.tensor(np.swapaxes(q, 1, 2), requires_grad=True)
+        with torch.autograd.detect_anomaly(check_nan=True):
+            out = pt.attention(x, x, x, bias, causal=True, key_mask=torch.tensor(mask))
+            out.sum().backward()
+        assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+        assert not out[1].any()  # rows that see no key output zeros
+
+
+# ----------------------------------------------------------------------- KV cache
+def test_a_cache_with_a_negative_length_is_an_error(backend):
+    module = lp.framework_module(backend)
+    layer = module.MultiHeadAttention(16, 2, causal=True)
+    cache = layer.init_cache(batch_size=1, capacity=4)
+    bad = cache._replace(length=cache.length - 2)
+    x = native(backend, np.ones((1, 1, 16), np.float32))
+    with pytest.raises(posbias.InvalidArgumentError, match="negative length"):
+        layer(x, cache=bad)
+
+
+def test_decoding_past_the_capacity_under_compilation_sets_overflow(framework):
+    """Eagerly an error; compiled, the returned cache says which sequences overflowed."""
+    module = lp.framework_module(framework)
+    layer = module.MultiHeadAttention(16, 2, causal=True)
+    cache = layer.init_cache(batch_size=2, capacity=3)
+    x = native(framework, np.ones((2, 2, 16), np.float32))
+    if framework == "jax":
+        from flax import nnx
+
+        step = nnx.jit(lambda m, x, c: m(x, cache=c))
+        _, cache = step(layer, x, cache)
+        _, cache = step(layer, x, cache)  # 4 tokens > capacity 3
+    elif framework == "tensorflow":
+        import tensorflow as tf
+
+        step = tf.function(lambda x, c: layer(x, cache=c))
+        _, cache = step(x, cache)
+        _, cache = step(x, cache)
+    else:
+        import torch
+
+        step = torch.compile(lambda x, c: layer(x, cache=c), fullgraph=True, backend="eager")
+        _, cache = step(x, cache)
+        _, cache = step(x, cache)
+    assert to_np(cache.overflow).tolist() == [True, True]
+    with pytest.raises(posbias.InvalidArgumentError, match="past the cache capacity"):
+        layer(x, cache=cache)
+
+
+def test_bias_temporaries_are_bounded_by_computing_blocks_of_rows():
+    """FIRE with mlp_width=256 at L=512 held ~0.55 GB of MLP activations at once (2-4 GiB
+    at the issue's sizes); blocks of query rows keep them under the chunk budget, and the
+    blocks concatenate to the same values."""
+    import tracemalloc
+
+    from posbias import _evaluate
+
+    spec = posbias.get("fire", num_heads=1, mlp_width=256)
+    tracemalloc.start()
+    try:
+        values = spec.bias(512, 512)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    full = 512 * 512 * spec.temporaries_per_entry() * 4
+    assert full > 2 * _evaluate.CHUNK_BYTES
+    assert peak < _evaluate.CHUNK_BYTES + (64 << 20), peak / 2**20
+    rows = posbias.get("fire", num_heads=1, mlp_width=256).bias(q_pos=np.arange(500, 512),
+                                                                k_pos=np.arange(512))  # fmt: skip
+    np.testing.assert_array_equal(values[:, 500:], rows)

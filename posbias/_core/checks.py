@@ -20,6 +20,8 @@ MAX_HEADS = 1 << 20
 #: Upper bound on a sequence length or offset (positions must stay exact in int64
 #: and distances exact enough in float32 for every backend).
 MAX_POSITION = 1 << 40
+#: Upper bound on a hidden width or head dimension of a bias (MLP widths, Sandwich's d).
+MAX_WIDTH = 1 << 16
 
 
 def is_int(value: object) -> bool:
@@ -54,8 +56,10 @@ def check_num_heads(value: object) -> int:
     return check_int("num_heads", value, minimum=1, maximum=MAX_HEADS)
 
 
-def check_finite_float(name: str, value: object, *, positive: bool = False) -> float:
-    """Return ``value`` as a float if it is a finite real number (``> 0`` if asked)."""
+def check_finite_float(
+    name: str, value: object, *, positive: bool = False, nonnegative: bool = False
+) -> float:
+    """Return ``value`` as a float if it is a finite real number (``> 0`` / ``>= 0`` if asked)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise InvalidTypeError(
             f"{name} must be a real number, got {value!r} of type {type(value).__name__}."
@@ -65,11 +69,18 @@ def check_finite_float(name: str, value: object, *, positive: bool = False) -> f
         raise InvalidArgumentError(f"{name} must be finite, got {value}.")
     if positive and value <= 0:
         raise InvalidArgumentError(f"{name} must be > 0, got {value}.")
+    if nonnegative and value < 0:
+        raise InvalidArgumentError(f"{name} must be >= 0, got {value}.")
     return value
 
 
 def check_float_sequence(
-    name: str, values: object, *, length: int | None = None, positive: bool = False
+    name: str,
+    values: object,
+    *,
+    length: int | None = None,
+    positive: bool = False,
+    nonnegative: bool = False,
 ) -> tuple[float, ...]:
     """Validate a 1-D sequence of finite floats and return it as a tuple."""
     if isinstance(values, (str, bytes)) or not isinstance(values, (Iterable, np.ndarray)):
@@ -80,7 +91,12 @@ def check_float_sequence(
     if array.ndim != 1:
         raise InvalidArgumentError(f"{name} must be 1-D, got shape {array.shape}.")
     items = tuple(
-        check_finite_float(f"{name}[{i}]", v.item() if hasattr(v, "item") else v, positive=positive)
+        check_finite_float(
+            f"{name}[{i}]",
+            v.item() if hasattr(v, "item") else v,
+            positive=positive,
+            nonnegative=nonnegative,
+        )
         for i, v in enumerate(array)
     )
     if length is not None and len(items) != length:
@@ -132,10 +148,22 @@ def check_heads(heads: object, num_heads: int) -> np.ndarray:
     bad = [h for h in items if not 0 <= h < num_heads]
     if bad:
         raise InvalidArgumentError(
-            f"head indices {bad} are out of range for num_heads={num_heads}; "
+            f"heads holds indices {bad}, out of range for num_heads={num_heads}; "
             f"global head indices run from 0 to {num_heads - 1}."
         )
     if len(set(items)) != len(items):
         dupes = sorted({h for h in items if items.count(h) > 1})
         raise InvalidArgumentError(f"heads holds duplicates {dupes}; each head may appear once.")
     return np.asarray(items, dtype=np.int64)
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` if it is a bool (Python or NumPy), else an error naming ``name``.
+
+    Truthiness is not validation: ``"false"`` and ``"no"`` are truthy strings.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise InvalidTypeError(
+        f"{name} must be a bool (True or False), got {value!r} of type {type(value).__name__}."
+    )

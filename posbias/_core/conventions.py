@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidArgumentError, InvalidTypeError
+from .checks import check_bool  # noqa: F401  (the strict bool reader, re-exported)
 
 
 def default_q_offset(q_len: int, k_len: int, k_offset: Any = 0) -> Any:
@@ -122,18 +123,6 @@ def resolve_scale(scale: Any, head_dim: int) -> float:
             f"scale must be finite and > 0, got {value}; leave it None for 1/sqrt(D)."
         )
     return value
-
-
-def check_bool(name: str, value: Any) -> bool:
-    """``value`` if it is a bool (Python or NumPy), else an error naming ``name``.
-
-    Truthiness is not validation: ``"false"`` and ``"no"`` are truthy strings.
-    """
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise InvalidTypeError(
-        f"{name} must be a bool (True or False), got {value!r} of type {type(value).__name__}."
-    )
 
 
 def both_or_neither(q_pos: Any, k_pos: Any) -> None:

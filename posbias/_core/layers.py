@@ -362,11 +362,14 @@ def mha_forward(
     segment_ids: Any = None,
     cache: problem.KVCache | None = None,
     removed: Mapping[str, Any] | None = None,
+    weight_dtype: str | None = None,
 ) -> Any:
     """Self-attention forward pass; returns ``out`` or ``(out, new_cache)``.
 
     ``removed``: keyword arguments the layer's call does not name (an error
     that explains each, e.g. ``key_padding_mask`` → ``key_mask``).
+    ``weight_dtype``: the projections' dtype, which the input must have (PyTorch
+    layers: an input of another dtype is an error, not a raw matmul failure).
     """
     conventions.reject_unknown(
         "MultiHeadAttention", removed or {}, ("key_mask", "segment_ids", "cache")
@@ -376,10 +379,22 @@ def mha_forward(
             f"cache must be the KVCache that layer.init_cache() returns (or the cache a "
             f"previous call returned), got {type(cache).__name__}."
         )
+    x = problem.native(xp, "input", x)
     shape = xp.shape(x)
     if len(shape) != 3 or shape[-1] != cfg.embed_dim:
         raise InvalidArgumentError(
             f"input must have shape (B, L, embed_dim={cfg.embed_dim}), got {shape}."
+        )
+    dtype = xp.dtype_name(x.dtype)
+    if dtype not in problem.FLOATS or (weight_dtype is not None and dtype != weight_dtype):
+        expected = (
+            f"of dtype {weight_dtype} (the layer's weights)"
+            if weight_dtype is not None
+            else f"({', '.join(problem.FLOATS)})"
+        )
+        raise InvalidTypeError(
+            f"input must be a floating tensor {expected}, got {dtype or x.dtype}; cast the "
+            "input (or the layer) first."
         )
     q, k, v = (
         einops.rearrange(project(n, x), "b l (h d) -> b h l d", d=cfg.head_dim)
@@ -432,6 +447,7 @@ def init_cache(xp, cfg: MHAConfig, batch_size: int, capacity: int, dtype: str) -
         v=xp.zeros(shape, dtype),
         valid=xp.zeros((batch_size, capacity), "bool"),
         length=xp.as_int(xp.zeros((batch_size,), "int32")),
+        overflow=xp.zeros((batch_size,), "bool"),
     )
 
 
@@ -449,12 +465,20 @@ def cache_write(xp, cache: problem.KVCache, k: Any, v: Any, valid: Any) -> probl
             f"the cache holds {heads} heads of dim {dim}, the layer produced {new_heads} of "
             f"dim {new_dim}; was the cache made by another layer?"
         )
+    overflow = (cache.length < 0) | (cache.length + steps > capacity)
+    if cache.overflow is not None:
+        overflow = overflow | cache.overflow
     if xp.is_concrete(cache.length):
-        filled = int(np.max(xp.to_numpy(cache.length)))
-        if filled + steps > capacity:
+        lengths = xp.to_numpy(cache.length)
+        if lengths.min() < 0:
             raise InvalidArgumentError(
-                f"decoding past the cache capacity: {filled} slots used + {steps} new tokens "
-                f"> capacity {capacity}; create the cache with a larger capacity."
+                f"the cache has a negative length {int(lengths.min())}; use the cache that "
+                "init_cache() or a previous call returned."
+            )
+        if lengths.max() + steps > capacity:
+            raise InvalidArgumentError(
+                f"decoding past the cache capacity: {int(lengths.max())} slots used + {steps} "
+                f"new tokens > capacity {capacity}; create the cache with a larger capacity."
             )
     if valid is None:
         valid = xp.zeros((batch, steps), "int32") == 0
@@ -474,4 +498,5 @@ def cache_write(xp, cache: problem.KVCache, k: Any, v: Any, valid: Any) -> probl
         v=xp.where(where_heads, new_v, cache.v),
         valid=xp.where(writing, hit_valid, cache.valid),
         length=cache.length + steps,
+        overflow=overflow,
     )

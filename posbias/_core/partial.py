@@ -67,10 +67,13 @@ def softmax_rows(xp, scores: Any, visible: Any, v: Any, compute: str) -> Partial
     shifted = xp.exp(scores - top)
     if visible is not None:
         shifted = xp.where(visible, shifted, 0.0)
-    denom = xp.maximum(xp.sum_keepdims(shifted, -1), xp.finfo_tiny(compute))
+    total = xp.sum_keepdims(shifted, -1)  # >= 1 on a row that sees a key (its max gives 1)
+    # a row that sees no key has total 0: divide by 1 instead (its probabilities stay 0 and
+    # its lse is top = lowest). Not max(total, tiny): 1/tiny² overflows in the backward
+    # pass, and a max would split the gradient at a tie.
+    denom = xp.where(total > 0, total, 1.0)
     out = xp.einsum("bhqk,bhkd->bhqd", shifted / denom, v)
-    # rows with no visible key: top = lowest and log(tiny) rounds away -> lse = lowest
-    lse = xp.maximum(top + xp.log(denom), lowest)
+    lse = top + xp.log(denom)
     return out, lse[..., 0]
 
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from .. import backends as _backends
 from .. import positions as _positions
-from ..errors import BackendError, InvalidArgumentError, InvalidTypeError
+from ..errors import InvalidArgumentError, InvalidTypeError
 from . import conventions
 from .bias_arg import BiasArg, read_bias
 from .checks import check_int, is_int
@@ -54,36 +54,33 @@ class KVCache(NamedTuple):
         k, v: ``(B, H_kv, capacity, D)`` cached keys and values.
         valid: ``(B, capacity)`` bool, True for slots holding a real token.
         length: ``(B,)`` int, slots filled so far per sequence.
+        overflow: ``(B,)`` bool, True once a sequence was decoded past the capacity
+            (or had a negative length): that step's and every later output of the
+            sequence is invalid. Eagerly this is an error; under ``jax.jit`` /
+            ``nnx.jit``, ``tf.function`` or ``torch.compile`` values cannot raise,
+            so check ``cache.overflow`` (docs/layers.md).
     """
 
     k: Any
     v: Any
     valid: Any
     length: Any
+    overflow: Any = None
 
 
 def native(xp, name: str, x: Any) -> Any:
     """``x`` as a tensor of ``xp``'s framework (NumPy arrays and lists convert; others: error)."""
-    kind = _backends.detect(x)
-    if kind == xp.name:
-        elsewhere = xp.on_other_device(x)
-        if elsewhere is not None:
-            raise BackendError(
-                f"{name} is on {elsewhere} but the queries are on {xp.device}; move it "
-                f"first (e.g. {name}.to(q.device))."
-            )
+    if _backends.check_framework(xp, name, x) == xp.name:
         return x
-    if kind in (None, "numpy"):
+    try:
         array = np.asarray(x)
-        if array.dtype == object or array.dtype.kind in "USV":
-            raise InvalidTypeError(
-                f"{name} must be a numeric array, got {type(x).__name__} of dtype {array.dtype}."
-            )
-        return xp.from_numpy(array)
-    raise BackendError(
-        f"{name} is a {kind} tensor, but this is posbias.{xp.name}: pass {xp.name} tensors "
-        f"(or NumPy arrays), or use posbias.{kind}."
-    )
+    except ValueError as exc:  # ragged nested lists
+        raise InvalidTypeError(f"{name} must be a rectangular numeric array: {exc}") from exc
+    if array.dtype == object or array.dtype.kind in "USV":
+        raise InvalidTypeError(
+            f"{name} must be a numeric array, got {type(x).__name__} of dtype {array.dtype}."
+        )
+    return xp.from_numpy(array)
 
 
 def _shape4(xp, name: str, x: Any) -> tuple[int, ...]:
@@ -157,7 +154,7 @@ def read_q_offset(xp, q_offset: Any, batch: int) -> Any:
         return check_int(
             "q_offset", q_offset, minimum=-limit, maximum=limit, hint=hint[0].upper() + hint[1:]
         )
-    offset = _positions.integer_array(xp, "q_offset", native(xp, "q_offset", q_offset), 1)
+    offset = _positions.integer_array(xp, "q_offset", q_offset, 1)
     shape = xp.shape(offset)
     if shape not in ((), (batch,)):
         raise InvalidArgumentError(
@@ -169,7 +166,7 @@ def read_q_offset(xp, q_offset: Any, batch: int) -> Any:
 
 def read_positions(xp, name: str, pos: Any, batch: int, length: int, points: bool) -> Any:
     """Explicit bias positions: ``(L,)``/``(B, L)`` integers, or ``(L, 2)``/``(B, L, 2)`` points."""
-    pos = _positions.integer_array(xp, name, native(xp, name, pos), 3 if points else 2)
+    pos = _positions.integer_array(xp, name, pos, 3 if points else 2)
     shape = xp.shape(pos)
     tail = (length, 2) if points else (length,)
     if shape not in (tail, (batch, *tail)):

@@ -17,7 +17,16 @@ from typing import Any
 from ..errors import BackendError, BackendUnavailableError
 from ._base import FLOAT_DTYPES, Backend
 
-__all__ = ["BACKENDS", "FLOAT_DTYPES", "Backend", "available", "detect", "load", "to_numpy"]
+__all__ = [
+    "BACKENDS",
+    "FLOAT_DTYPES",
+    "Backend",
+    "available",
+    "check_framework",
+    "detect",
+    "load",
+    "to_numpy",
+]
 
 #: name -> (framework import name, human name, pip extra)
 BACKENDS: dict[str, tuple[str, str, str]] = {
@@ -121,3 +130,22 @@ def to_numpy(x: Any) -> Any:
     if kind is None:
         return np.asarray(x)
     return load(kind)().to_numpy(x)
+
+
+def check_framework(xp: Backend, name: str, value: Any) -> str | None:
+    """The framework of ``value`` (None for lists, scalars and other Python objects), or a
+    BackendError when it is another framework's tensor or lives on another device."""
+    kind = detect(value)
+    if kind not in (None, "numpy", xp.name):
+        raise BackendError(
+            f"{name} is a {kind} tensor, but this is posbias.{xp.name}: pass {xp.name} "
+            f"tensors (or NumPy arrays), or use posbias.{kind}."
+        )
+    if kind == xp.name and kind != "numpy":
+        elsewhere = xp.on_other_device(value)
+        if elsewhere is not None:
+            raise BackendError(
+                f"{name} is on {elsewhere} but the computation is on {xp.device}; move it "
+                f"first (e.g. {name}.to(q.device))."
+            )
+    return kind

@@ -270,8 +270,9 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
         cache: KVCache | None = None,
         **removed: Any,
     ) -> Any:
+        weight = self.q_proj.weight
         return _layers.mha_forward(
-            TorchBackend(x.device),
+            TorchBackend(weight.device),
             self.mha_config,
             self._project,
             x,
@@ -280,6 +281,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
             segment_ids=segment_ids,
             cache=cache,
             removed=removed,
+            weight_dtype=TorchBackend().dtype_name(weight.dtype),
         )
 
     def _project(self, name: str, x: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.checks import check_finite_float, check_float_sequence, check_int
+from .._core.checks import MAX_POSITION, check_finite_float, check_float_sequence, check_int
 from ..errors import InvalidArgumentError
 from ..registry import register
 from ..slopes import SCHEDULES, resolve_slopes
@@ -97,7 +97,7 @@ class Alibi(BiasSpec):
             self._set(
                 "custom_slopes",
                 check_float_sequence(
-                    "custom_slopes", self.custom_slopes, length=self.num_heads, positive=True
+                    "custom_slopes", self.custom_slopes, length=self.num_heads, nonnegative=True
                 ),
             )
         # derived once here (not a cached_property: torch.compile cannot trace its lock)
@@ -132,9 +132,10 @@ class Alibi(BiasSpec):
 
     def compute(self, xp, q_pos, k_pos, heads, params):
         m = xp.constant(self.slopes[heads])[:, None, None]
-        # negate the integer distance, not the product: exact, and 0 stays +0.0
-        distance = xp.float(-xp.abs(k_pos - q_pos))[..., None, :, :]
-        return m * distance
+        # 0 - m·|d|: exact (as m·(-|d|) is), and a zero product stays +0.0 (also for a
+        # zero slope, a head without bias, where m·(-|d|) would give -0.0)
+        distance = xp.float(xp.abs(k_pos - q_pos))[..., None, :, :]
+        return 0.0 - m * distance
 
 
 @register("alibi_asymmetric")
@@ -171,7 +172,7 @@ class AlibiAsymmetric(Alibi):
                     "future_custom_slopes",
                     self.future_custom_slopes,
                     length=self.num_heads,
-                    positive=True,
+                    nonnegative=True,
                 ),
             )
         future_max_bias = self.max_bias if self.future_max_bias is None else self.future_max_bias
@@ -212,7 +213,7 @@ class AlibiAsymmetric(Alibi):
         future = xp.constant(self.future_slopes[heads])[:, None, None]
         rel = (k_pos - q_pos)[..., None, :, :]
         slope = xp.where(rel > 0, future, past)  # pick the slope, then one exact product
-        return slope * xp.float(-xp.abs(rel))
+        return 0.0 - slope * xp.float(xp.abs(rel))
 
 
 @register("alibi_learned")
@@ -256,7 +257,7 @@ class AlibiLearned(BiasSpec):
 
     def compute(self, xp, q_pos, k_pos, heads, params):
         m = xp.exp(xp.take_axis(params["log_slopes"], heads, 0))[:, None, None]
-        return m * xp.float(-xp.abs(k_pos - q_pos))[..., None, :, :]
+        return 0.0 - m * xp.float(xp.abs(k_pos - q_pos))[..., None, :, :]
 
 
 @register("alibi_scaled")
@@ -285,7 +286,10 @@ class AlibiScaled(Alibi):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.train_length is not None:
-            self._set("train_length", check_int("train_length", self.train_length, minimum=1))
+            self._set(
+                "train_length",
+                check_int("train_length", self.train_length, minimum=1, maximum=MAX_POSITION),
+            )
 
     @classmethod
     def parity_examples(cls, num_heads: int) -> list[BiasSpec]:

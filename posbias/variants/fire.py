@@ -18,7 +18,7 @@ from typing import ClassVar
 import einops
 import numpy as np
 
-from .._core.checks import check_finite_float, check_int
+from .._core.checks import MAX_WIDTH, check_finite_float, check_int
 from ..registry import register
 from ..spec import BiasSpec
 
@@ -57,7 +57,7 @@ class Fire(BiasSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._set("mlp_width", check_int("mlp_width", self.mlp_width, minimum=1))
+        self._set("mlp_width", check_int("mlp_width", self.mlp_width, minimum=1, maximum=MAX_WIDTH))
         self._set("init_c", check_finite_float("init_c", self.init_c, positive=True))
         self._set("init_L", check_finite_float("init_L", self.init_L, positive=True))
         self._set("eps", check_finite_float("eps", self.eps, positive=True))
@@ -78,6 +78,9 @@ class Fire(BiasSpec):
             "w2": rng.uniform(-bound2, bound2, size=shapes["w2"]),
             "b2": rng.uniform(-bound2, bound2, size=shapes["b2"]),
         }
+
+    def temporaries_per_entry(self) -> int:
+        return 2 * self.mlp_width + 8  # the hidden layer and its ReLU, per (query, key)
 
     def compute(self, xp, q_pos, k_pos, heads, params):
         i = xp.float(q_pos)  # (..., Lq, 1)

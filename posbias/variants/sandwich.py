@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .._core.checks import check_int
+from .._core.checks import MAX_WIDTH, check_bool, check_int
 from ..errors import InvalidArgumentError
 from ..registry import register
 from ..spec import BiasSpec
@@ -50,14 +50,17 @@ class Sandwich(BiasSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._set("head_dim", check_int("head_dim", self.head_dim, minimum=2))
+        self._set("head_dim", check_int("head_dim", self.head_dim, minimum=2, maximum=MAX_WIDTH))
         if self.head_dim % 2:
             raise InvalidArgumentError(f"head_dim must be even, got {self.head_dim}.")
-        self._set("causal", bool(self.causal))
+        self._set("causal", check_bool("causal", self.causal))
         k = np.arange(1, self.head_dim // 2 + 1, dtype=np.float64)
         self._set("_inv_freq", 10000.0 ** (-2.0 * k / self.head_dim))
         h = np.arange(self.num_heads, dtype=np.float64)
         self._set("_inv_divisor", self.num_heads / (8.0 * (h + 1)))
+
+    def temporaries_per_entry(self) -> int:
+        return self.head_dim + 4  # d/2 angles and their cosines per (query, key)
 
     def compute(self, xp, q_pos, k_pos, heads, params):
         n = q_pos - k_pos  # i - j

@@ -21,7 +21,7 @@ from __future__ import annotations
 import einops
 import numpy as np
 
-from .._core.checks import check_int
+from .._core.checks import MAX_POSITION, MAX_WIDTH, check_bool, check_int
 from ..errors import InvalidArgumentError
 from ..registry import register
 from ..spec import BiasSpec
@@ -91,9 +91,14 @@ class T5(BiasSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._set("bidirectional", bool(self.bidirectional))
-        self._set("num_buckets", check_int("num_buckets", self.num_buckets, minimum=2))
-        self._set("max_distance", check_int("max_distance", self.max_distance, minimum=1))
+        self._set("bidirectional", check_bool("bidirectional", self.bidirectional))
+        self._set(
+            "num_buckets", check_int("num_buckets", self.num_buckets, minimum=2, maximum=MAX_WIDTH)
+        )
+        self._set(
+            "max_distance",
+            check_int("max_distance", self.max_distance, minimum=1, maximum=MAX_POSITION),
+        )
         if self.bidirectional and self.num_buckets % 2:
             raise InvalidArgumentError(
                 f"num_buckets={self.num_buckets} must be even in bidirectional mode "

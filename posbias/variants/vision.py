@@ -20,7 +20,7 @@ from typing import ClassVar
 import einops
 import numpy as np
 
-from .._core.checks import check_finite_float, check_int
+from .._core.checks import MAX_WIDTH, check_finite_float, check_int
 from ..errors import InvalidArgumentError
 from ..positions import decode_points
 from ..registry import register
@@ -33,7 +33,9 @@ def _pair(name: str, value: object) -> tuple[int, int]:
         value = (value, value)
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise InvalidArgumentError(f"{name} must be (rows, cols), got {value!r}.")
-    return tuple(check_int(f"{name}[{i}]", v, minimum=1) for i, v in enumerate(value))
+    return tuple(
+        check_int(f"{name}[{i}]", v, minimum=1, maximum=MAX_WIDTH) for i, v in enumerate(value)
+    )
 
 
 def _offsets(q_pos, k_pos):
@@ -122,7 +124,7 @@ class SwinV2CPB(_Windowed):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._set("hidden", check_int("hidden", self.hidden, minimum=1))
+        self._set("hidden", check_int("hidden", self.hidden, minimum=1, maximum=MAX_WIDTH))
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"w1": (2, self.hidden), "b1": (self.hidden,), "w2": (self.hidden, self.num_heads)}
@@ -136,6 +138,9 @@ class SwinV2CPB(_Windowed):
             "b1": rng.uniform(-b1, b1, shapes["b1"]),
             "w2": rng.uniform(-b2, b2, shapes["w2"]),
         }
+
+    def temporaries_per_entry(self) -> int:
+        return 2 * self.hidden + 8  # the MLP's hidden layer and its ReLU, per (query, key)
 
     def compute(self, xp, q_pos, k_pos, heads, params):
         coords = []
