@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import sys
 from collections.abc import Sequence
@@ -39,12 +40,37 @@ import numpy as np
 from . import __version__, registry
 from . import backends as _backends
 from . import testing as _testing
-from .errors import PosBiasError
+from .errors import InvalidArgumentError, PosBiasError
 from .testing import _layers as _lp
 
 
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _positive(value: str) -> int:
+    """An argparse type: an integer >= 1 (a bad one exits with status 2 and says so)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {number}")
+    return number
+
+
+def _positive_csv(value: str) -> list[int]:
+    return [_positive(v) for v in _csv(value)]
+
+
+def _dtypes(value: str) -> list[str]:
+    names = _csv(value)
+    unknown = [n for n in names if n not in _testing.TOLERANCES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown dtypes {unknown or value!r}; choose from {list(_testing.TOLERANCES)}"
+        )
+    return names
 
 
 def _param(value: str) -> tuple[str, Any]:
@@ -58,7 +84,10 @@ def _param(value: str) -> tuple[str, Any]:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    names = registry.list_biases(args.pattern)
+    pattern = args.pattern
+    if not any(ch in pattern for ch in "*?["):  # a bare word: a substring
+        pattern = f"*{pattern}*"
+    names = registry.list_biases(pattern)
     if not names:
         print(f"no bias matches {args.pattern!r}", file=sys.stderr)
         return 1
@@ -92,14 +121,16 @@ def _cmd_show(args: argparse.Namespace) -> int:
     )
     if hasattr(spec, "slopes"):
         print("slopes:", np.array2string(np.asarray(spec.slopes), precision=8, max_line_width=100))
-    values = np.asarray(spec.bias(q_len=args.length, k_len=args.length, dtype="float64"))
+    from .plot import bias_matrix, describe_positions
+
+    values = bias_matrix(spec, args.length)
     heads = (
         range(spec.num_heads)
         if args.all_heads
         else sorted({0, spec.num_heads // 2, spec.num_heads - 1})
     )
     for h in heads:
-        print(f"\nhead {h}: bias[i, j] for i, j in 0..{args.length - 1} (rows: queries)")
+        print(f"\nhead {h}: bias[i, j] for {describe_positions(spec, args.length)} (rows: queries)")
         print(np.array2string(values[h], precision=4, suppress_small=True, max_line_width=120))
     return 0
 
@@ -109,6 +140,11 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
     spec = registry.get(args.name, num_heads=args.heads, **dict(args.param or []))
     output = args.output or f"{args.name.replace('/', '_')}.png"
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise InvalidArgumentError(
+            f"cannot write {output!r}: the folder {folder!r} does not exist."
+        )
     plot_bias(spec, length=args.length, path=output)
     print(f"wrote {output}")
     return 0
@@ -128,6 +164,8 @@ def _versions(backend_names: Sequence[str]) -> dict[str, str]:
 
 
 def _cmd_parity(args: argparse.Namespace) -> int:
+    for name in args.variants or []:  # before any framework is imported
+        registry._lookup(name)
     backend_names = args.backends or _testing.backends_under_test()
     backend_names = [_backends.canonical_name(b) for b in backend_names]
     for name in backend_names:
@@ -290,13 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dtypes",
-        type=_csv,
+        type=_dtypes,
         default=list(_testing.DEFAULT_DTYPES),
         help="comma list (default: float32,float16,bfloat16)",
     )
     p.add_argument(
         "--head-counts",
-        type=lambda v: [int(x) for x in _csv(v)],
+        type=_positive_csv,
         default=list(_testing.HEAD_COUNTS),
         help="default 1,3,8,12,16,20",
     )
@@ -318,12 +356,17 @@ def build_parser() -> argparse.ArgumentParser:
         "comm",
         help="bytes sent by distributed attention vs all-gathering the bias (docs/distributed.md)",
     )
-    p.add_argument("--devices", type=int, default=4, help="sequence shards (default 4)")
-    p.add_argument("--lengths", default="4096,16384,65536", help="comma-separated sequence lengths")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--devices", type=_positive, default=4, help="sequence shards (default 4)")
+    p.add_argument(
+        "--lengths",
+        type=_positive_csv,
+        default=[4096, 16384, 65536],
+        help="comma-separated sequence lengths, each a multiple of 2 x devices (zigzag)",
+    )
+    p.add_argument("--batch", type=_positive, default=1)
+    p.add_argument("--heads", type=_positive, default=32)
+    p.add_argument("--kv-heads", type=_positive, default=8)
+    p.add_argument("--dim", type=_positive, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument(
         "--no-measure", action="store_true", help="closed forms only (no JAX compilation)"
@@ -336,9 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_bias_arguments(p: argparse.ArgumentParser, *, heads: int, length: int) -> None:
     """NAME, --heads, --length and --param: how `show` and `plot` pick a bias."""
     p.add_argument("name")
-    p.add_argument("--heads", type=int, default=heads, help=f"number of heads (default {heads})")
     p.add_argument(
-        "--length", type=int, default=length, help=f"query/key length (default {length})"
+        "--heads", type=_positive, default=heads, help=f"number of heads (default {heads})"
+    )
+    p.add_argument(
+        "--length", type=_positive, default=length, help=f"query/key length (default {length})"
     )
     p.add_argument(
         "--param",
@@ -352,7 +397,15 @@ def _add_bias_arguments(p: argparse.ArgumentParser, *, heads: int, length: int) 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
-    only = args.only.split(",") if args.only else None
+    only = _csv(args.only) if args.only else None
+    known = [key for key, _ in bench.targets(args.smoke)]
+    unknown = [
+        o for o in only or [] if o not in known and o not in {k.rstrip("abm") for k in known}
+    ]
+    if unknown or only == []:
+        raise InvalidArgumentError(
+            f"--only {args.only!r}: unknown targets {unknown}; known: {known}."
+        )
     results = bench.run(smoke=args.smoke, only=only, progress=lambda m: print(m, file=sys.stderr))
     print(bench.format_table(results, args.smoke))
     if args.json:
@@ -375,9 +428,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_comm(args: argparse.Namespace) -> int:
     from . import comm
 
+    pieces = 2 * args.devices  # zigzag: two chunks per device
+    bad = [n for n in args.lengths if n % pieces]
+    if bad:
+        raise InvalidArgumentError(
+            f"--lengths {bad} do not split into {pieces} equal chunks ({args.devices} devices, "
+            "zigzag); pick multiples of 2 x devices."
+        )
+    if args.heads % args.kv_heads:
+        raise InvalidArgumentError(
+            f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}."
+        )
     comm.ensure_devices(args.devices)
     rows = comm.report(
-        [int(n) for n in args.lengths.split(",")],
+        args.lengths,
         args.devices,
         batch=args.batch,
         heads=args.heads,

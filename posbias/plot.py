@@ -33,6 +33,19 @@ def _pyplot():
     return plt
 
 
+def grid_side(length: int) -> int:
+    """The side of the square grid that holds ``length`` patches: ``ceil(sqrt(L))``."""
+    return math.isqrt(length - 1) + 1
+
+
+def describe_positions(spec: BiasSpec, length: int) -> str:
+    """What the rows and columns of :func:`bias_matrix` are, in words."""
+    if spec.position_dims == 2:
+        side = grid_side(length)
+        return f"patches 0..{side * side - 1} of a {side}x{side} grid, row-major"
+    return f"positions i, j in 0..{length - 1}"
+
+
 def bias_matrix(spec: BiasSpec, length: int) -> np.ndarray:
     """The float64 bias ``(H, L, L)`` that :func:`plot_bias` draws.
 
@@ -40,7 +53,7 @@ def bias_matrix(spec: BiasSpec, length: int) -> np.ndarray:
     ``ceil(sqrt(L))²`` patches in row-major order.
     """
     if spec.position_dims == 2:
-        side = math.isqrt(length - 1) + 1
+        side = grid_side(length)
         points = np.array([[r, c] for r in range(side) for c in range(side)])
         return np.asarray(spec.bias(q_pos=points, k_pos=points, dtype="float64"))
     return np.asarray(spec.bias(q_len=length, k_len=length, dtype="float64"))
@@ -74,7 +87,8 @@ def plot_bias(
         ax.set_ylabel("query i", fontsize=8)
         ax.tick_params(labelsize=7)
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    fig.suptitle(f"{spec.name or type(spec).__name__}: {spec.num_heads} heads, L={length}")
+    what = describe_positions(spec, length)
+    fig.suptitle(f"{spec.name or type(spec).__name__}: {spec.num_heads} heads, {what}")
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=80)

@@ -112,7 +112,22 @@ class BiasSpec:
         object.__setattr__(self, field, value)
 
     def replace(self, **changes: Any) -> BiasSpec:
-        """A copy with some hyper-parameters changed (validated again)."""
+        """A copy with some hyper-parameters changed (validated again).
+
+        Raises:
+            InvalidTypeError: a name that is not a hyper-parameter of this variant.
+
+        Example:
+            >>> import posbias
+            >>> posbias.get("alibi", num_heads=4).replace(max_bias=4.0).max_bias
+            4.0
+        """
+        unknown = sorted(set(changes) - set(self.parameter_names()))
+        if unknown:
+            raise InvalidTypeError(
+                f"{self.name or type(self).__name__} has no hyper-parameters {unknown}; its "
+                f"hyper-parameters are {list(self.parameter_names())}."
+            )
         return dataclasses.replace(self, **changes)
 
     @classmethod

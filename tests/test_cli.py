@@ -67,12 +67,16 @@ def test_show(capsys):
     ("argv", "message"),
     [
         (["show", "alibii"], "Did you mean 'alibi'"),
-        (["show", "alibi", "--heads", "0"], "num_heads must be >= 1"),
+        (["show", "alibi", "--heads", "0"], "expected a positive integer, got 0"),
         (["parity", "--backends", "mxnet"], "unknown backend"),
     ],
 )
 def test_errors_are_one_line(capsys, argv, message):
-    assert main(argv) == 2
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
@@ -165,3 +169,52 @@ def test_comm_closed_forms(tmp_path, capsys):
     # ring: 3 steps x 2 (K, V) x B·H_kv·(L/4)·D x 2 bytes; naive: 3/4 of the float32 bias
     assert [r["ring"] for r in rows] == [3 * 2 * 2 * 16 * 8 * 2, 3 * 2 * 2 * 32 * 8 * 2]
     assert rows[0]["naive_bias"] == 4 * 64 * 64 * 4 * 3 // 4
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["parity", "--dtypes", "float8"], "unknown dtypes ['float8']"),
+        (["comm", "--devices", "0"], "expected a positive integer, got 0"),
+        (["plot", "alibi", "-o", "/nonexistent/dir/x.png"], "does not exist"),
+        (["bench", "--only", "99"], "unknown targets ['99']"),
+        (["comm", "--lengths", "1001", "--no-measure"], "do not split into 8 equal chunks"),
+        (["show", "alibi", "--length", "-2"], "expected a positive integer, got -2"),
+        (["show", "alibi", "--length", "0"], "expected a positive integer, got 0"),
+        (["parity", "--variants", "alibbi"], "Did you mean 'alibi'"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message_and_nothing_else(argv, message, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert message in err, err
+    assert out == ""  # no header printed before the error
+
+
+def test_parity_rejects_an_unknown_variant_before_importing_frameworks():
+    code = (
+        "import sys; from posbias.cli import main; rc = main(['parity', '--variants', 'alibbi']);"
+        "print(rc, sorted(m for m in ('jax', 'tensorflow', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.stdout.strip() == "2 []", out.stdout + out.stderr
+
+
+def test_list_treats_a_bare_word_as_a_substring(capsys):
+    assert main(["list", "kerple"]) == 0
+    out = capsys.readouterr().out
+    assert "kerple_log" in out and "kerple_power" in out
+
+
+def test_show_and_plot_agree_on_2d_biases(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert main(["show", "alibi_2d", "--length", "4", "--heads", "2"]) == 0
+    assert "2x2 grid" in capsys.readouterr().out
+    from posbias.plot import plot_bias
+
+    fig = plot_bias(posbias.get("alibi_2d", num_heads=1), length=32, path=tmp_path / "a.png")
+    assert "6x6 grid" in fig._suptitle.get_text()

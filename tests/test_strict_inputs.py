@@ -368,3 +368,8 @@ def test_bias_temporaries_are_bounded_by_computing_blocks_of_rows():
     rows = posbias.get("fire", num_heads=1, mlp_width=256).bias(q_pos=np.arange(500, 512),
                                                                 k_pos=np.arange(512))  # fmt: skip
     np.testing.assert_array_equal(values[:, 500:], rows)
+
+
+def test_replace_with_an_unknown_hyper_parameter_is_a_posbias_error():
+    with pytest.raises(posbias.InvalidTypeError, match=r"no hyper-parameters \['bogus'\]"):
+        posbias.get("alibi", num_heads=1).replace(bogus=1)
