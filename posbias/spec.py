@@ -229,6 +229,7 @@ class BiasSpec:
         *,
         q_offset: int | None = None,
         k_offset: int = 0,
+        key_mask: Any = None,
         params: Mapping[str, Any] | None = None,
         device: Any = None,
     ) -> Any:
@@ -236,8 +237,10 @@ class BiasSpec:
 
         ``score + bias(q_offset + q_idx, k_offset + kv_idx)`` for head ``h``
         (global heads ``0..H-1``); ``q_offset`` defaults to ``k_len - q_len``
-        (bottom-right). Symmetric ALiBi is closed-form; other Toeplitz biases
-        read an ``(H, Lq + Lk - 1)`` table. Pair it with
+        (bottom-right). With ``key_mask`` ``(B, Lk)`` (True for a real key) the
+        positions are ``cumsum(key_mask) - 1`` per sequence, as in
+        :func:`posbias.torch.attention`. Symmetric ALiBi is closed-form; other
+        Toeplitz biases read an ``(H, Lq + Lk - 1)`` table. Pair it with
         :func:`posbias.torch.mask_mod` for causal, padding and segment masks
         (example: :mod:`posbias.torch._flex`, docs/performance.md).
         """
@@ -245,7 +248,14 @@ class BiasSpec:
         from .torch import _flex
 
         return _flex.score_mod(
-            self, q_len, k_len, q_offset=q_offset, k_offset=k_offset, params=params, device=device
+            self,
+            q_len,
+            k_len,
+            q_offset=q_offset,
+            k_offset=k_offset,
+            key_mask=key_mask,
+            params=params,
+            device=device,
         )
 
     def symmetric_slopes(self) -> np.ndarray | None:

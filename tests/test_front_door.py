@@ -222,3 +222,28 @@ def test_mlp_biases_with_one_query_row_per_sequence(backend):
     ref = spec.bias(q_pos=q_pos, k_pos=k_pos, dtype="float64")
     got = to_np(spec.bias(q_pos=q_pos, k_pos=k_pos, backend=backend))
     np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["alibi", "t5"])
+def test_flex_score_mod_takes_key_mask_positions_like_attention(name):
+    """FlexAttention with padding (holes included) gets posbias's cumsum(key_mask) - 1."""
+    if "torch" not in FRAMEWORKS:
+        pytest.skip("PyTorch is not under test")
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    import posbias.torch as pt
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, B, H, 8, 16)
+    mask = torch.ones(B, 8, dtype=torch.bool)
+    mask[0, :3] = False
+    mask[1, 4:6] = False
+    spec = posbias.get(name, num_heads=H)
+    blocks = create_block_mask(
+        pt.mask_mod(causal=True, q_len=8, k_len=8, key_mask=mask), B, None, 8, 8, device="cpu"
+    )
+    out = flex_attention(q, k, v, score_mod=spec.score_mod(8, 8, key_mask=mask), block_mask=blocks)
+    ref = pt.attention(q, k, v, spec, causal=True, key_mask=mask)
+    seen = mask.cumsum(-1) > 0  # rows that see at least one key (flex leaves the others)
+    torch.testing.assert_close(out * seen[:, None, :, None], ref, rtol=0, atol=2e-6)

@@ -47,12 +47,15 @@ def score_mod(
     *,
     q_offset: int | None = None,
     k_offset: int = 0,
+    key_mask: torch.Tensor | None = None,
     params: Any = None,
     device: Any = None,
 ) -> Any:
     """The ``score_mod`` adding ``spec``'s bias (see :meth:`posbias.BiasSpec.score_mod`)."""
     q_len, k_len, q_offset = _read_lengths(q_len, k_len, q_offset)
     k_offset = check_int("k_offset", k_offset)
+    if key_mask is not None:
+        return _padded_score_mod(spec, q_len, k_len, q_offset, key_mask, params)
     slopes = spec.symmetric_slopes() if not spec.learnable else None
     if q_offset is None:
         if q_len is None or k_len is None:
@@ -75,6 +78,34 @@ def score_mod(
     return posbias_score_mod
 
 
+def _padded_score_mod(spec, q_len, k_len, q_offset, key_mask, params) -> Any:
+    """Bias positions of a padded batch, as posbias attention derives them: ``cumsum - 1``."""
+    if q_len is None or k_len is None:
+        raise InvalidArgumentError("a score_mod with key_mask needs q_len and k_len.")
+    _check_mask("key_mask", key_mask, boolean=True)
+    if tuple(key_mask.shape[1:]) != (k_len,):
+        raise InvalidArgumentError(
+            f"key_mask must have shape (B, k_len={k_len}), got {tuple(key_mask.shape)}."
+        )
+    if q_offset is None:
+        q_offset = conventions.default_q_offset(q_len, k_len)
+    from ..backends.torch import TorchBackend
+
+    xp = TorchBackend(key_mask.device)
+    k_pos = conventions.positions_from_mask(xp, key_mask)  # (B, Lk)
+    slots = (torch.arange(q_len, device=key_mask.device) + q_offset).clamp(0, k_len - 1)
+    q_pos = k_pos[:, slots]  # the position of each query's slot (as posbias attention)
+    return positions_score_mod(spec, q_pos, k_pos, params=params)
+
+
+def _check_mask(name: str, mask: Any, *, boolean: bool) -> None:
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
+        raise InvalidTypeError(f"{name} must be a 2-D (B, Lk) torch tensor, got {mask!r}.")
+    if boolean != (mask.dtype == torch.bool) or mask.is_floating_point():
+        expected = "bool (True for a real key)" if boolean else "integer"
+        raise InvalidTypeError(f"{name} must be {expected}, got dtype {mask.dtype}.")
+
+
 def _read_lengths(q_len: Any, k_len: Any, q_offset: Any) -> tuple[Any, Any, Any]:
     """Strictly read the lengths (None or >= 1) and offset (None or an int) of a hook."""
     q_len, k_len = (
@@ -91,13 +122,20 @@ def positions_score_mod(
 ) -> Any:
     """A ``score_mod`` for indices into position tables: bias at ``(q_pos[q_idx], k_pos[kv_idx])``.
 
-    For shards whose tokens are not contiguous (zigzag, packed documents): the
-    difference ``k_pos[kv_idx] - q_pos[q_idx]`` indexes the per-difference table.
+    For shards whose tokens are not contiguous (zigzag, packed documents) and
+    padded batches: the difference ``k_pos[kv_idx] - q_pos[q_idx]`` indexes the
+    per-difference table. Tables are ``(L,)``, or ``(B, L)`` per sequence.
     """
     slopes = spec.symmetric_slopes() if not spec.learnable else None
     lo = int(k_pos.min()) - int(q_pos.max())
     hi = int(k_pos.max()) - int(q_pos.min())
     diff = _difference_mod(spec, slopes, lo, hi, params, q_pos.device)
+    if q_pos.ndim == 2:
+
+        def batched_score_mod(score, b, h, q_idx, kv_idx):
+            return score + diff(h, k_pos[b, kv_idx] - q_pos[b, q_idx])
+
+        return batched_score_mod
 
     def posbias_score_mod(score, b, h, q_idx, kv_idx):
         return score + diff(h, k_pos[kv_idx] - q_pos[q_idx])
@@ -161,13 +199,8 @@ def mask_mod(
     causal = conventions.check_bool("causal", causal)
     q_len, k_len, q_offset = _read_lengths(q_len, k_len, q_offset)
     for name, mask, boolean in (("key_mask", key_mask, True), ("segment_ids", segment_ids, False)):
-        if mask is None:
-            continue
-        if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
-            raise InvalidTypeError(f"{name} must be a 2-D (B, Lk) torch tensor, got {mask!r}.")
-        if boolean != (mask.dtype == torch.bool) or mask.is_floating_point():
-            expected = "bool (True for a real key)" if boolean else "integer"
-            raise InvalidTypeError(f"{name} must be {expected}, got dtype {mask.dtype}.")
+        if mask is not None:
+            _check_mask(name, mask, boolean=boolean)
     if q_offset is None:
         if causal and (q_len is None or k_len is None):
             raise InvalidArgumentError("a causal mask_mod needs q_len and k_len (or q_offset).")
