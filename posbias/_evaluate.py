@@ -55,7 +55,9 @@ def evaluate(
         backend, q_pos=q_pos, k_pos=k_pos, q_offset=q_offset, k_offset=k_offset, params=params
     )
     backend_cls = _backends.load(name)
-    if device is None:
+    if device is not None:
+        device = backend_cls.check_device(device)
+    else:
         for value in (q_pos, k_pos, q_offset, k_offset):
             if value is not None and _backends.detect(value) == name:
                 device = backend_cls().device_of(value)
@@ -118,6 +120,8 @@ def _compute_in_chunks(spec: BiasSpec, xp: Any, q: Any, k: Any, heads: Any, para
     if q_len is None or k_len is None or batch is None:  # unknown while tracing
         return _compute(spec, xp, q, k, heads, params)
     per_row = 4 * max(1, spec.temporaries_per_entry()) * len(heads) * k_len * batch
+    if per_row == 0:  # no keys or no rows: nothing to bound
+        return _compute(spec, xp, q, k, heads, params)
     _check_memory(per_row, f"one query row of {spec.name or type(spec).__name__}")
     rows = max(1, CHUNK_BYTES // per_row)
     if q_len <= rows:

@@ -84,7 +84,7 @@ def _param(value: str) -> tuple[str, Any]:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    pattern = args.pattern
+    pattern = args.pattern.lower()  # names are lower case
     if not any(ch in pattern for ch in "*?["):  # a bare word: a substring
         pattern = f"*{pattern}*"
     names = registry.list_biases(pattern)
@@ -141,6 +141,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     spec = registry.get(args.name, num_heads=args.heads, **dict(args.param or []))
     output = args.output or f"{args.name.replace('/', '_')}.png"
     folder = os.path.dirname(os.path.abspath(output))
+    if os.path.isdir(output) or not output.lower().endswith((".png", ".pdf", ".svg")):
+        raise InvalidArgumentError(f"-o {output!r}: give a file name ending in .png, .pdf or .svg.")
     if not os.path.isdir(folder):
         raise InvalidArgumentError(
             f"cannot write {output!r}: the folder {folder!r} does not exist."

@@ -224,7 +224,9 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
             implementation=implementation,
             block_size=block_size,
         )
-        self.positional_bias = None if bias is None else PositionalBias(bias, num_heads, seed=seed)
+        self.positional_bias = _layers.layer_bias(
+            bias, num_heads, PositionalBias, lambda: PositionalBias(bias, num_heads, seed=seed)
+        )
         self.weights: dict[str, np.ndarray] = {}
         self._init_projections(seed)
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from . import backends
 from .errors import BackendUnavailableError, InvalidArgumentError, InvalidTypeError
 
 
@@ -55,12 +56,16 @@ def _arrays(params: Any) -> dict[str, np.ndarray]:
     for key, value in params.items():
         if not isinstance(key, str):
             raise InvalidTypeError(f"parameter names must be strings, got {key!r}.")
+        if backends.detect(value) not in (None, "numpy"):  # a tensor: detached, on the host
+            value = backends.to_numpy(value)
         try:
             array = np.array(value, order="C")  # np.ascontiguousarray would make 0-d 1-d
         except ValueError as exc:  # ragged nested lists
             raise InvalidArgumentError(
                 f"parameter {key!r} is not a rectangular array: {exc}."
             ) from exc
+        if array.dtype.name == "bfloat16":  # ml_dtypes: not every file format holds it
+            array = array.astype(np.float32)
         if array.dtype.kind not in "biuf":
             raise InvalidTypeError(
                 f"parameter {key!r} must be a numeric array, got dtype {array.dtype}."

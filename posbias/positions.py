@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ._core import conventions
-from ._core.checks import check_int, is_int
+from ._core.checks import MAX_POSITION, check_int, is_int
 from .backends import Backend, check_framework
 from .errors import InvalidArgumentError, InvalidTypeError
 
@@ -50,6 +50,8 @@ def integer_array(xp: Backend, name: str, value: Any, max_ndim: int) -> Any:
             f"{name} must hold integers, got a {xp.name} tensor of dtype {value.dtype}; "
             f"positions are integer token indices (cast with .long()/astype(int))."
         )
+    elif xp.max_position < MAX_POSITION and xp.is_concrete(value):
+        check_range(xp, name, xp.to_numpy(value))  # 32-bit integers wrap near 2^31
     ndim = len(xp.shape(value))
     if ndim > max_ndim or (name.endswith("_pos") and ndim == 0):
         allowed = "(L,) or (B, L)" if max_ndim == 2 else "() or (B,)"

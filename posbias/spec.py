@@ -17,6 +17,7 @@ declare hyper-parameters as annotated class attributes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -25,7 +26,7 @@ import numpy as np
 
 from . import _evaluate
 from . import backends as _backends
-from ._core.checks import check_num_heads, real_array
+from ._core.checks import check_int, check_num_heads, real_array
 from .errors import ConfigError, InvalidArgumentError, InvalidTypeError, RegistryError
 
 __all__ = ["BiasSpec"]
@@ -44,6 +45,16 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def _checked_seed(init_params: Any) -> Any:
+    """Wrap a variant's ``init_params`` so that ``seed`` is read strictly (an int >= 0)."""
+
+    @functools.wraps(init_params)
+    def init(self: Any, seed: int = 0) -> dict[str, np.ndarray]:
+        return init_params(self, check_int("seed", seed, minimum=0, maximum=2**63 - 1))
+
+    return init
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -101,6 +112,8 @@ class BiasSpec:
                 + "; ".join(f"{flag}: {_RETIRED_FLAGS[flag]}" for flag in retired)
                 + "."
             )
+        if "init_params" in cls.__dict__:  # the seed is read strictly for every variant
+            cls.init_params = _checked_seed(cls.__dict__["init_params"])
         dataclasses.dataclass(frozen=True, kw_only=True)(cls)
 
     def __post_init__(self) -> None:
@@ -208,9 +221,11 @@ class BiasSpec:
         """Initial learnable parameters, seeded NumPy (empty for parameter-free variants).
 
         Every framework's ``PositionalBias`` starts from these values (cast to
-        float32), so equal seeds give equal modules everywhere. Called once, when
-        a module is built; never on the forward path. The arrays must have the
-        shapes of :meth:`param_shapes`.
+        float32), so equal seeds give equal modules everywhere. Called when a
+        module is built (and once per spec when a learnable bias is given by
+        name or spec to ``bias()``/``attention()`` without parameters: those use
+        these initial, seed-0 values); never on every forward call. The arrays
+        must have the shapes of :meth:`param_shapes`. ``seed`` is an int >= 0.
 
         Returns:
             ``dict[str, numpy.ndarray]`` (float64).
@@ -396,10 +411,14 @@ class BiasSpec:
                 + "; ".join(problems)
                 + f". Expected {expected} (see spec.param_shapes())."
             )
-        bad = sorted(k for k, v in values.items() if not np.isfinite(v).all())
+        with np.errstate(over="ignore"):  # frameworks hold parameters in float32
+            bad = sorted(
+                k for k, v in values.items() if not np.isfinite(np.asarray(v, np.float32)).all()
+            )
         if bad:
             raise InvalidArgumentError(
-                f"{label} parameters {bad} hold NaN or infinite values; parameters must be finite."
+                f"{label} parameters {bad} hold NaN, infinite or beyond-float32 values; "
+                "parameters must be finite in float32."
             )
         self.validate_param_values(values)
 

@@ -20,11 +20,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from . import registry as posbias_registry
 from ._core import dispatch as _dispatch
 from ._core import layers as _layers
 from ._core import problem as _problem
 from .backends.tensorflow import TensorflowBackend
-from .errors import BackendError, InvalidTypeError
+from .errors import BackendError, InvalidTypeError, PosBiasError
 
 __all__ = ["KVCache", "MultiHeadAttention", "PositionalBias", "attention"]
 
@@ -129,8 +130,23 @@ def _check_keras_backend() -> None:
         )
 
 
+class _PosbiasErrorsFromConfig:
+    """Keras wraps every exception of ``from_config`` in a TypeError; posbias's errors
+    (a bad config value) surface as themselves."""
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Any:
+        try:
+            return super().from_config(config)
+        except TypeError as exc:
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, PosBiasError):
+                raise cause from None
+            raise
+
+
 @keras.saving.register_keras_serializable(package="posbias")
-class PositionalBias(_layers.BiasParamsMixin, keras.layers.Layer):
+class PositionalBias(_PosbiasErrorsFromConfig, _layers.BiasParamsMixin, keras.layers.Layer):
     """The bias as a Keras layer: ``layer(q_pos, k_pos)`` → ``(H, Lq, Lk)`` float32.
 
     Args:
@@ -138,7 +154,9 @@ class PositionalBias(_layers.BiasParamsMixin, keras.layers.Layer):
         num_heads: head count when ``bias`` is a name.
         bias_options: hyper-parameters of the named bias (a dict).
         seed: seed of the NumPy initialisation of learnable parameters.
-        **kwargs: ``keras.layers.Layer`` arguments (``name``, ...).
+        **kwargs: hyper-parameters of the named bias (as in the PyTorch and JAX
+            modules, e.g. ``bidirectional=False``) and ``keras.layers.Layer``
+            arguments (``name``, ``dtype``, ...).
 
     Learnable variants hold their parameters as float32 Keras weights
     (``export_params()`` / ``load_params()`` move them to and from a portable
@@ -154,8 +172,16 @@ class PositionalBias(_layers.BiasParamsMixin, keras.layers.Layer):
         **kwargs: Any,
     ) -> None:
         _check_keras_backend()
+        hyper = dict(bias_options or {})
+        if isinstance(bias, str):  # the named bias's hyper-parameters may come as keywords
+            names = (
+                set(posbias_registry.registered()[bias].parameter_names())
+                if (bias in posbias_registry.registered())
+                else set()
+            )
+            hyper.update({k: kwargs.pop(k) for k in list(kwargs) if k in names})
         super().__init__(**kwargs)
-        self.spec = _layers.make_spec(bias, num_heads, bias_options or {})
+        self.spec = _layers.make_spec(bias, num_heads, hyper)
         self.seed = seed
         initial = self._initial_params(seed)
         self.bias_params = {
@@ -198,7 +224,9 @@ class PositionalBias(_layers.BiasParamsMixin, keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="posbias")
-class MultiHeadAttention(_layers.PortableWeightsMixin, keras.layers.Layer):
+class MultiHeadAttention(
+    _PosbiasErrorsFromConfig, _layers.PortableWeightsMixin, keras.layers.Layer
+):
     """Multi-head self-attention with a positional bias, GQA and a KV cache (Keras 3).
 
     Arguments and ``positional_bias`` attribute (a :class:`PositionalBias` layer
@@ -249,10 +277,11 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, keras.layers.Layer):
         }
         for name, layer in self.projections.items():
             setattr(self, f"{name}_proj", layer)
-        self.positional_bias = (
-            None
-            if bias is None
-            else PositionalBias(bias, num_heads, seed=seed, name="positional_bias")
+        self.positional_bias = _layers.layer_bias(
+            bias,
+            num_heads,
+            PositionalBias,
+            lambda: PositionalBias(bias, num_heads, seed=seed, name="positional_bias"),
         )
 
     def build(self, input_shape: Any) -> None:

@@ -88,8 +88,20 @@ def _checks(rank: int, world: int, results: dict) -> None:
     pos = layout_positions(L, world, "zigzag")[rank * (L // world) : (rank + 1) * (L // world)]
     ref = pt.attention(q, k, v, "alibi", causal=True)
     local = [shard(t, rank, world, "zigzag") for t in (q, k, v)]
-    out = ring_attention(*local, "alibi", causal=True, q_pos=pos, k_pos=pos)
+    out = ring_attention(*local, "alibi", causal=True, order="zigzag", q_pos=pos, k_pos=pos)
     results["positions/ring/zigzag"] = err(out, shard(ref, rank, world, "zigzag"))
+    # explicit positions are bias positions only, as on one device: shuffled positions
+    # (and restarting ones) with causal masking by sequence order give the same answer
+    for name, positions in (
+        ("shuffled", np.random.default_rng(3).permutation(L)),
+        ("restarting", np.concatenate([np.arange(L // 2)] * 2)),
+    ):
+        ref = pt.attention(q, k, v, "t5", causal=True, q_pos=positions, k_pos=positions)
+        local = [shard(t, rank, world) for t in (q, k, v)]
+        mine = shard(torch.as_tensor(positions), rank, world, dim=0)
+        for fname, fn in fns.items():
+            out = fn(*local, "t5", causal=True, q_pos=mine, k_pos=mine)
+            results[f"positions/{fname}/{name}"] = err(out, shard(ref, rank, world))
 
     # explicit bias positions in head-parallel (positions shifted by 100: Toeplitz-invariant
     # for alibi, so compare with FIRE, which depends on the absolute query position)

@@ -218,3 +218,15 @@ def test_show_and_plot_agree_on_2d_biases(tmp_path, capsys):
 
     fig = plot_bias(posbias.get("alibi_2d", num_heads=1), length=32, path=tmp_path / "a.png")
     assert "6x6 grid" in fig._suptitle.get_text()
+
+
+@pytest.mark.parametrize("output", ["x.txt", "folder/"])
+def test_plot_needs_an_image_file_name(tmp_path, output, capsys):
+    (tmp_path / "folder").mkdir()
+    assert main(["plot", "alibi", "-o", str(tmp_path / output)]) == 2
+    assert ".png, .pdf or .svg" in capsys.readouterr().err
+
+
+def test_list_is_case_insensitive(capsys):
+    assert main(["list", "KERPLE"]) == 0
+    assert "kerple_log" in capsys.readouterr().out

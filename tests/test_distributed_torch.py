@@ -95,6 +95,7 @@ def test_gradients_equal_single_device(ranks, key):
 @pytest.mark.parametrize(
     "key",
     ["float64/ring", "positions/ring/zigzag", "positions/heads/fire", "packed/ring"]
+    + [f"positions/{f}/{n}" for f in ("ring", "heads") for n in ("shuffled", "restarting")]
     + ["padding/ring/contiguous", "padding/ring/zigzag", "padding/decode"]
     + [
         f"decode/{n}/{b}/{o}"

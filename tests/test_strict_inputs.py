@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import posbias
-from conftest import BACKENDS, native, to_np
+from conftest import BACKENDS, FRAMEWORKS, native, to_np
 from posbias.params_io import load_params, save_params
 from posbias.testing import _layers as lp
 
@@ -373,3 +373,160 @@ def test_bias_temporaries_are_bounded_by_computing_blocks_of_rows():
 def test_replace_with_an_unknown_hyper_parameter_is_a_posbias_error():
     with pytest.raises(posbias.InvalidTypeError, match=r"no hyper-parameters \['bogus'\]"):
         posbias.get("alibi", num_heads=1).replace(bogus=1)
+
+
+def test_positions_without_a_bias_are_an_error(backend):
+    """They set the bias positions only (visibility follows the slots on every path)."""
+    q = native(backend, np.ones((1, 2, 3, 4), np.float32))
+    with pytest.raises(posbias.InvalidArgumentError, match="but bias=None"):
+        lp.framework_module(backend).attention(
+            q, q, q, None, q_pos=np.arange(2), k_pos=np.arange(2)
+        )
+
+
+@pytest.mark.parametrize("scale", [1e40, float("inf")])
+def test_a_scale_beyond_float32_is_an_error_not_nan(backend, scale):
+    q = native(backend, np.ones((1, 2, 3, 4), np.float32))
+    with pytest.raises(posbias.InvalidArgumentError, match="scale must be finite"):
+        lp.framework_module(backend).attention(q, q, q, "alibi", scale=scale)
+
+
+# ---------------------------------------------- findings of a fresh-eyes review
+def test_concrete_jax_int32_positions_near_the_limit_are_refused():
+    _needs("jax")
+    import jax.numpy as jnp
+
+    spec = posbias.get("alibi", num_heads=1)
+    with pytest.raises(posbias.InvalidArgumentError, match="jax_enable_x64"):
+        spec.bias(2, 2, q_offset=jnp.array([2**31 - 1], jnp.int32))
+    with pytest.raises(posbias.InvalidArgumentError, match="jax_enable_x64"):
+        spec.bias(q_pos=jnp.array([2**31 - 1], jnp.int32), k_pos=jnp.array([0], jnp.int32))
+
+
+def test_weights_beyond_float32_are_refused(backend):
+    module = lp.framework_module(backend)
+    layer = module.MultiHeadAttention(16, 2, bias="t5")
+    weights = layer.portable_weights()
+    for bad in (np.nan, np.inf, 1e39):
+        with pytest.raises(posbias.InvalidArgumentError, match=r"q\.kernel holds NaN"):
+            layer.load_portable_weights({**weights, "q.kernel": np.full((16, 16), bad)})
+    with pytest.raises(posbias.InvalidArgumentError, match="beyond-float32"):
+        layer.positional_bias.load_params({"table": np.full((32, 2), -1e40)})
+
+
+@pytest.mark.parametrize("name", ["alibi", "t5", "swin", "fire", "sandwich", "swin_v2_cpb"])
+def test_empty_biases_are_empty_not_a_division_by_zero(name):
+    spec = posbias.registered()[name].parity_examples(2)[0]
+    assert spec.bias(0, 0).shape == (2, 0, 0)
+    assert spec.bias(3, 0).shape == (2, 3, 0)
+
+
+def test_a_cache_is_checked_field_by_field(framework):
+    module = lp.framework_module(framework)
+    layer = module.MultiHeadAttention(16, 2, causal=True)
+    cache = layer.init_cache(batch_size=2, capacity=6)
+    x = native(framework, np.ones((2, 1, 16), np.float32))
+    bad = [
+        cache._replace(length=native(framework, np.zeros(3, np.int32))),
+        cache._replace(valid=native(framework, np.zeros((2, 5), bool))),
+        cache._replace(v=native(framework, np.zeros((2, 2, 7, 8), np.float32))),
+        cache._replace(length=native(framework, np.zeros(2, np.float32))),
+    ]
+    for c in bad:
+        with pytest.raises(posbias.InvalidArgumentError, match="cache"):
+            layer(x, cache=c)
+    other = _other(framework)
+    if other is not None and framework != "tensorflow":  # Keras converts call arguments
+        foreign = lp.framework_module(other).MultiHeadAttention(16, 2, causal=True)
+        with pytest.raises(posbias.BackendError, match=r"cache\.k is a"):
+            layer(x, cache=foreign.init_cache(batch_size=2, capacity=6))
+
+
+def _other(framework):
+    return next((f for f in FRAMEWORKS if f != framework), None)
+
+
+def test_a_bias_callable_is_checked_and_converted(framework):
+    attention = lp.framework_module(framework).attention
+    q = native(framework, np.ones((2, 4, 6, 8), np.float32))  # (B, 4, 6, D) either layout
+
+    if framework == "torch":  # (B, H=4, L=6, D)
+        assert attention(q, q, q, lambda q_pos, k_pos, dtype: np.zeros((4, 6, 6))).shape == q.shape
+        with pytest.raises(posbias.InvalidArgumentError, match=r"\(3, 4, 6, 6\)"):
+            attention(q, q, q, lambda q_pos, k_pos, dtype: np.zeros((3, 4, 6, 6)))
+    with pytest.raises(posbias.InvalidTypeError, match="must accept keyword arguments"):
+        attention(q, q, q, lambda a: a)
+
+
+def test_devices_are_checked(backend):
+    spec = posbias.get("alibi", num_heads=1)
+    with pytest.raises(posbias.BackendError, match="device="):
+        spec.bias(2, 2, backend=backend, device="nonexistent-device")
+
+
+def test_init_params_reads_its_seed_strictly():
+    spec = posbias.get("t5", num_heads=2)
+    for seed, error in (("1", posbias.InvalidTypeError), (1.5, posbias.InvalidTypeError),
+                        (-1, posbias.InvalidArgumentError)):  # fmt: skip
+        with pytest.raises(error, match="seed"):
+            spec.init_params(seed=seed)
+
+
+def test_q_k_v_must_share_a_dtype(framework):
+    attention = lp.framework_module(framework).attention
+    q = native(framework, np.ones((1, 2, 3, 4), np.float32))
+    k = native(framework, np.ones((1, 2, 3, 4), np.float16))
+    with pytest.raises(posbias.InvalidTypeError, match="must share one dtype"):
+        attention(q, k, k, "alibi")
+
+
+def test_keras_bias_layers_take_hyper_parameters_and_report_config_errors():
+    _needs("tensorflow")
+    import posbias.tensorflow as ptf
+
+    assert ptf.PositionalBias("t5", 2, bidirectional=False).spec.bidirectional is False
+    config = ptf.MultiHeadAttention(16, 2, causal=True).get_config()
+    with pytest.raises(posbias.InvalidTypeError, match="causal must be a bool"):
+        ptf.MultiHeadAttention.from_config({**config, "causal": "false"})
+
+
+def test_layers_share_a_bias_module_and_check_2d_biases_when_built(backend):
+    module = lp.framework_module(backend)
+    shared = module.PositionalBias("t5", 4)
+    a, b = (module.MultiHeadAttention(16, 4, bias=shared) for _ in range(2))
+    assert a.positional_bias is shared and b.positional_bias is shared
+    with pytest.raises(posbias.InvalidArgumentError, match="has 2 heads"):
+        module.MultiHeadAttention(16, 4, bias=module.PositionalBias("t5", 2))
+    with pytest.raises(posbias.InvalidArgumentError, match="grid="):
+        module.MultiHeadAttention(16, 4, bias="alibi_2d")
+
+
+def test_subnormal_slopes_are_refused():
+    """JAX and TF flush float32 subnormals to zero, NumPy and torch keep them."""
+    with pytest.raises(posbias.InvalidArgumentError, match="float32"):
+        posbias.get("alibi", num_heads=1, custom_slopes=[1e-40])
+
+
+def test_save_params_takes_framework_tensors(tmp_path):
+    _needs("torch")
+    import torch
+
+    save_params(
+        {"a": torch.ones(3, requires_grad=True), "b": torch.ones(2, dtype=torch.bfloat16)},
+        tmp_path / "p.npz",
+    )
+    loaded = load_params(tmp_path / "p.npz")
+    assert loaded["a"].shape == (3,) and loaded["b"].dtype == np.float32
+
+
+def test_zigzag_reads_its_arguments_strictly():
+    _needs("jax")
+    from posbias.jax import zigzag
+
+    x = np.arange(8)[None]
+    with pytest.raises(posbias.InvalidArgumentError, match="shards must be >= 1"):
+        zigzag(x, 0)
+    with pytest.raises(posbias.InvalidTypeError, match="shards must be an integer"):
+        zigzag(x, "2")
+    with pytest.raises(posbias.InvalidArgumentError, match="axis=5"):
+        zigzag(x, 2, axis=5)

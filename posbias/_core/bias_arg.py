@@ -30,9 +30,13 @@ Toeplitz (Hankel table) and FlashAttention fast paths still apply.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
+from .. import backends
 from ..errors import InvalidArgumentError, InvalidTypeError
 from ..registry import from_config, get
 from ..spec import BiasSpec
@@ -122,23 +126,17 @@ class BiasArg:
         return None
 
     # ---------------------------------------------------------------- values
-    def tile(self, xp: Any, q_pos: Any, k_pos: Any, dtype: str) -> Any:
+    def tile(self, xp: Any, q_pos: Any, k_pos: Any, dtype: str, batch: int | None = None) -> Any:
         """The bias of queries at ``q_pos`` and keys at ``k_pos``: ``(h, Lq, Lk)`` or batched.
 
         Raises:
-            InvalidArgumentError: a callable returned a tensor whose heads axis is not
-                :attr:`width` (it is never broadcast across heads).
+            InvalidTypeError: a callable that does not take ``(q_pos=, k_pos=, dtype=)`` or
+                returns something that is not a floating array of this framework.
+            InvalidArgumentError: a callable's output of another shape than
+                ``(h, Lq, Lk)`` / ``(B, h, Lq, Lk)`` (it is never broadcast across heads).
         """
         if self.fn is not None:
-            values = self.fn(q_pos=q_pos, k_pos=k_pos, dtype=dtype)
-            shape = xp.shape(values)
-            if len(shape) not in (3, 4) or shape[-3] != self.width:
-                raise InvalidArgumentError(
-                    f"the bias callable returned shape {shape}; expected ({self.width}, Lq, Lk) "
-                    f"or (B, {self.width}, Lq, Lk): one bias per query head ({self.width} "
-                    "heads), never broadcast."
-                )
-            return values
+            return self._call(xp, q_pos, k_pos, dtype, batch)
         return self.spec.bias(
             q_pos=q_pos,
             k_pos=k_pos,
@@ -147,6 +145,30 @@ class BiasArg:
             params=self.current_params(),
             backend=xp.name,
         )
+
+    def _call(self, xp: Any, q_pos: Any, k_pos: Any, dtype: str, batch: int | None) -> Any:
+        try:
+            inspect.signature(self.fn).bind(q_pos=q_pos, k_pos=k_pos, dtype=dtype)
+        except (TypeError, ValueError):
+            raise InvalidTypeError(
+                "a bias callable must accept keyword arguments bias(q_pos=, k_pos=, dtype=) "
+                f"and return (h, Lq, Lk) or (B, h, Lq, Lk) values; {self.fn!r} does not."
+            ) from None
+        values = self.fn(q_pos=q_pos, k_pos=k_pos, dtype=dtype)
+        if backends.check_framework(xp, "the bias callable's output", values) != xp.name:
+            values = xp.from_numpy(np.asarray(values))
+        shape, kind = xp.shape(values), xp.dtype_name(values.dtype)
+        q_len, k_len = xp.shape(q_pos)[-1], xp.shape(k_pos)[-1]
+        wanted = [(self.width, q_len, k_len)]
+        if batch is not None:
+            wanted.append((batch, self.width, q_len, k_len))
+        if shape not in wanted or kind not in ("float16", "bfloat16", "float32", "float64"):
+            raise InvalidArgumentError(
+                f"the bias callable returned shape {shape} and dtype {kind}; expected "
+                f"{' or '.join(map(str, wanted))}, floating: one bias per query head "
+                f"({self.width} heads), query and key, never broadcast."
+            )
+        return xp.cast(values, dtype)
 
     def diagonals(self, xp: Any, d_min: int, d_max: int, dtype: str) -> Any:
         """``(h, n)``: the values ``F(d)`` of a Toeplitz bias for ``d = d_min .. d_max``."""
@@ -168,7 +190,7 @@ def read_bias(bias: Any, num_heads: int | None) -> BiasArg | None:
     if bias is None:
         return None
     if isinstance(bias, BiasArg):
-        _check_count(bias.width, num_heads)
+        check_count(bias.width, num_heads)
         return bias
     if isinstance(bias, str):
         if num_heads is None:
@@ -177,11 +199,11 @@ def read_bias(bias: Any, num_heads: int | None) -> BiasArg | None:
     if isinstance(bias, Mapping):
         bias = from_config(bias)
     if isinstance(bias, BiasSpec):
-        _check_count(bias.num_heads, num_heads)
+        check_count(bias.num_heads, num_heads)
         return BiasArg(bias, width=bias.num_heads)
     spec = getattr(bias, "spec", None)
     if isinstance(spec, BiasSpec) and callable(getattr(bias, "native_params", None)):
-        _check_count(spec.num_heads, num_heads)
+        check_count(spec.num_heads, num_heads)
         return BiasArg(spec, width=spec.num_heads, module=bias)
     if callable(bias) and num_heads is not None:
         return BiasArg(None, width=num_heads, fn=bias)
@@ -203,14 +225,14 @@ def spec_from(bias: Any, num_heads: int | None, hyper: Mapping[str, Any]) -> Bia
     if isinstance(bias, Mapping):
         bias = from_config(bias)
     if isinstance(bias, BiasSpec):
-        _check_count(bias.num_heads, num_heads)
+        check_count(bias.num_heads, num_heads)
         return bias
     raise InvalidTypeError(
         f"bias must be a registered name, a BiasSpec or its config dict, got {type(bias).__name__}."
     )
 
 
-def _check_count(bias_heads: int, num_heads: int | None) -> None:
+def check_count(bias_heads: int, num_heads: int | None) -> None:
     if num_heads is not None and bias_heads != num_heads:
         raise InvalidArgumentError(
             f"the bias has {bias_heads} head{'s' * (bias_heads != 1)} but the queries have "

@@ -118,15 +118,26 @@ def resolve_scale(scale: Any, head_dim: int) -> float:
             f"{type(scale).__name__}; pass e.g. scale=0.125 or leave it None for 1/sqrt(D)."
         )
     value = float(scale)
-    if not math.isfinite(value) or value <= 0:
+    if not math.isfinite(value) or value <= 0 or value > _FLOAT32_MAX:
         raise InvalidArgumentError(
-            f"scale must be finite and > 0, got {value}; leave it None for 1/sqrt(D)."
+            f"scale must be finite and > 0 (and at most {_FLOAT32_MAX:.3g}: scores are "
+            f"float32), got {value}; leave it None for 1/sqrt(D)."
         )
     return value
 
 
-def both_or_neither(q_pos: Any, k_pos: Any) -> None:
-    """Explicit positions come in pairs: query and key positions, or neither."""
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def both_or_neither(q_pos: Any, k_pos: Any, bias: Any = True) -> None:
+    """Explicit positions come in pairs, and only with a bias (they set its positions only:
+    causal visibility follows the slots on every path)."""
+    if q_pos is not None and k_pos is not None and bias is None:
+        raise InvalidArgumentError(
+            "q_pos/k_pos set the bias positions, but bias=None: they would have no effect. "
+            "Drop them, or pass the bias they are meant for (causal visibility follows the "
+            "slots, not these positions)."
+        )
     if (q_pos is None) != (k_pos is None):
         given = "q_pos" if q_pos is not None else "k_pos"
         raise InvalidArgumentError(

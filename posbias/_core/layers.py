@@ -120,6 +120,24 @@ def init_weights(cfg: MHAConfig, seed: int = 0) -> dict[str, np.ndarray]:
     return weights
 
 
+def layer_bias(bias: Any, num_heads: int, module_class: type, make: Callable[[], Any]) -> Any:
+    """A layer's ``positional_bias``: None, a shared ``PositionalBias`` of this framework
+    (checked against ``num_heads``), or a new one from a name, spec or config (``make``).
+
+    A 2-D bias must say how token slots map to its grid here, not at the first call.
+    """
+    if bias is None:
+        return None
+    if isinstance(bias, module_class):
+        bias_arg.check_count(bias.spec.num_heads, num_heads)
+        module = bias
+    else:
+        module = make()
+    if module.spec.position_dims == 2:
+        module.spec.grid_width()  # raises when the variant needs grid=
+    return module
+
+
 def check_seed(seed: Any) -> int:
     """A seed of the NumPy initialisation: a non-negative int (not a bool, not None)."""
     return check_int("seed", seed, minimum=0)
@@ -152,6 +170,9 @@ def check_weights(
         array = real_array(f"{what} entry {name!r}", _to_numpy(value))
         if array.shape != tuple(expected[name]):
             problems.append(f"{name} has shape {array.shape}, expected {tuple(expected[name])}")
+        with np.errstate(over="ignore"):  # layers hold weights in float32
+            if not np.isfinite(array.astype(np.float32)).all():
+                problems.append(f"{name} holds NaN, infinite or beyond-float32 values")
         arrays[name] = array
     if problems:
         raise InvalidArgumentError(f"cannot load {what}: " + "; ".join(problems) + ".")
@@ -421,11 +442,12 @@ def mha_forward(
             raise InvalidArgumentError("segment_ids are not supported with a KV cache.")
         offset = cache.length
         new_cache = cache_write(xp, cache, k, v, key_mask)
+        q_dtype = xp.dtype_name(q.dtype)  # a cache may hold another dtype (init_cache(dtype=))
         out = dispatch.attend(
             xp,
             q,
-            new_cache.k,
-            new_cache.v,
+            xp.cast(new_cache.k, q_dtype),
+            xp.cast(new_cache.v, q_dtype),
             bias,
             causal=True,
             q_offset=offset,
@@ -451,8 +473,42 @@ def init_cache(xp, cfg: MHAConfig, batch_size: int, capacity: int, dtype: str) -
     )
 
 
+def check_cache(xp, cache: problem.KVCache) -> None:
+    """Every field of a ``KVCache`` is this framework's tensor of the right shape and dtype."""
+    for name in problem.KVCache._fields:
+        value = getattr(cache, name)
+        if value is None and name == "overflow":
+            continue
+        if backends.check_framework(xp, f"cache.{name}", value) != xp.name:
+            raise InvalidTypeError(
+                f"cache.{name} must be a {xp.name} tensor (use the cache that init_cache() or "
+                f"a previous call returned), got {type(value).__name__}."
+            )
+    shape = xp.shape(cache.k)
+    batch = shape[0] if len(shape) == 4 else None
+    expected = {
+        "k": (4, problem.FLOATS, shape),
+        "v": (4, problem.FLOATS, shape),
+        "valid": (2, ("bool",), (batch, shape[2] if len(shape) == 4 else None)),
+        "length": (1, ("int32", "int64"), (batch,)),
+        "overflow": (1, ("bool",), (batch,)),
+    }
+    for name, (ndim, dtypes, want) in expected.items():
+        value = getattr(cache, name)
+        if value is None:
+            continue
+        got, dtype = xp.shape(value), xp.dtype_name(value.dtype)
+        if len(got) != ndim or got != want or dtype not in dtypes:
+            raise InvalidArgumentError(
+                f"cache.{name} has shape {got} and dtype {dtype}; a cache of {batch} sequences "
+                f"needs shape {want} and dtype {' or '.join(dtypes)} (use the cache that "
+                "init_cache() or a previous call returned)."
+            )
+
+
 def cache_write(xp, cache: problem.KVCache, k: Any, v: Any, valid: Any) -> problem.KVCache:
     """Write ``T`` new keys/values ``(B, H_kv, T, D)`` at each sequence's next slots."""
+    check_cache(xp, cache)
     batch, heads, capacity, dim = xp.shape(cache.k)
     new_batch, new_heads, steps, new_dim = xp.shape(k)
     if new_batch != batch:

@@ -100,6 +100,12 @@ def _shape4(xp, name: str, x: Any) -> tuple[int, ...]:
 def check_qkv(xp, q, k, v, layout: str) -> tuple[int, int, int, int, int]:
     """``(B, H, H_kv, Lq, Lk)`` of floating ``q``, ``k``, ``v`` in ``layout``, checked."""
     qs, ks, vs = _shape4(xp, "q", q), _shape4(xp, "k", k), _shape4(xp, "v", v)
+    dtypes = [xp.dtype_name(t.dtype) for t in (q, k, v)]
+    if len(set(dtypes)) > 1:
+        raise InvalidTypeError(
+            f"q, k, v must share one dtype, got {dtypes[0]}, {dtypes[1]}, {dtypes[2]}; cast them "
+            "to one (the output has q's dtype, scores are float32 or float64)."
+        )
     names = "(B, H, L, D)" if layout == "bhld" else "(B, L, H, D)"
     if layout == "blhd":
         qs, ks, vs = ((s[0], s[2], s[1], s[3]) for s in (qs, ks, vs))
@@ -256,7 +262,7 @@ class Problem:
         if self.bias.points and not self.points:  # token indices of a row-major grid
             width = self.bias.spec.grid_width()
             q_pos, k_pos = (_positions.index_points(self.xp, t, width) for t in (q_pos, k_pos))
-        return self.bias.tile(self.xp, q_pos, k_pos, self.compute)
+        return self.bias.tile(self.xp, q_pos, k_pos, self.compute, batch=self.batch)
 
 
 def prepare(
@@ -294,10 +300,10 @@ def prepare(
             f"causal=True with a query longer than the keys ({q_len} > {k_len}): the first "
             "queries would see no key. Pass q_offset= to place the queries explicitly."
         )
-    conventions.both_or_neither(q_pos, k_pos)
+    conventions.both_or_neither(q_pos, k_pos, arg)
     points = arg is not None and arg.points
     explicit = q_pos is not None
-    if explicit:  # checked even with bias=None, where they have no effect
+    if explicit:
         q_pos = read_positions(xp, "q_pos", q_pos, batch, q_len, points)
         k_pos = read_positions(xp, "k_pos", k_pos, batch, k_len, points)
     if layout != "bhld":

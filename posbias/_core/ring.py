@@ -195,23 +195,22 @@ def attend_on_ring(
         causal: hide keys at later slots.
         order: the layout of the shards (:mod:`posbias._core.layouts`).
         compute: the compute dtype.
-        q_pos: explicit global positions of the queries (slots *and* bias
-            positions), or None: from the layout.
+        q_pos: explicit bias positions of the queries, or None (from ``key_mask``, else
+            the slots). As on one device they set the bias only: causal
+            visibility follows the slots (the layout; bottom-right when decoding).
         k_pos: the same for the keys.
         segment_ids: ``(B, L_local)`` ids of packed documents, or None.
         key_mask: ``(B, L_local)`` bool, True for a real key, or None.
     """
     xp = ring.xp
     q_len, k_len = xp.shape(q)[2], xp.shape(k)[2]
+    k_slot = local_slots(ring, order, k_len)
     if q_len != k_len:  # decoding: replicated queries, bottom-right of the whole cache
-        k_slot = local_slots(ring, order, k_len) if k_pos is None else k_pos
-        if q_pos is None:
-            offset = conventions.default_q_offset(q_len, k_len * ring.n)
-            q_slot = xp.arange(q_len) + offset
-        else:
-            q_slot = q_pos
+        q_slot = xp.arange(q_len) + conventions.default_q_offset(q_len, k_len * ring.n)
         q_bias, k_bias = q_slot, k_slot
-        if key_mask is not None and k_pos is None:
+        if q_pos is not None:
+            q_bias, k_bias = q_pos, k_pos
+        elif key_mask is not None:
             k_bias = mask_positions(ring, key_mask, order)
             q_bias = query_positions(ring, key_mask, k_slot, q_slot)
         visible = _partial.key_visibility(None, None, key_mask)
@@ -219,10 +218,10 @@ def attend_on_ring(
         return _merge_over_ring(ring, part)
     if q_pos is None and segment_ids is None and key_mask is None:
         return _layout_ring(ring, tile, q, k, v, causal=causal, order=order, compute=compute)
+    q_slot = k_slot
     if q_pos is not None:
-        q_slot, k_slot, q_bias, k_bias = q_pos, k_pos, q_pos, k_pos
+        q_bias, k_bias = q_pos, k_pos
     else:
-        q_slot = k_slot = local_slots(ring, order, k_len)
         q_bias = k_bias = k_slot if key_mask is None else mask_positions(ring, key_mask, order)
     return _explicit_ring(
         ring, tile, q, k, v, causal, compute, q_slot, k_slot, q_bias, k_bias, segment_ids, key_mask

@@ -128,6 +128,16 @@ class Backend:
         """The device ``x`` lives on, in a form :meth:`__init__` accepts."""
         return None
 
+    @classmethod
+    def check_device(cls, device: Any) -> Any:
+        """``device`` as this framework accepts it, or a BackendError saying what is valid."""
+        if device in (None, "cpu"):
+            return None
+        raise BackendError(
+            f"device={device!r} is not a {cls.name} device; {cls.name} arrays live on the CPU "
+            "(leave device=None)."
+        )
+
     def on_other_device(self, x: Any) -> Any:
         """The device of a native ``x`` when it is not this backend's device, else None."""
         return None

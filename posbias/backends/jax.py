@@ -57,6 +57,20 @@ class JaxBackend(Backend):
             "2^30; enable jax.config.update('jax_enable_x64', True) for up to 2^40"
         )
 
+    @classmethod
+    def check_device(cls, device: Any) -> Any:
+        if isinstance(device, jax.Device):
+            return device
+        if isinstance(device, str):
+            try:
+                return jax.devices(device)[0]  # a platform name: "cpu", "gpu", "tpu"
+            except RuntimeError:
+                pass
+        raise BackendError(
+            f"device={device!r} is not a JAX device here; pass one of jax.devices() "
+            f"({', '.join(str(d) for d in jax.devices())}) or a platform name such as 'cpu'."
+        )
+
     def supports(self, name: str) -> bool:
         return name != "float64" or _x64()
 

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from ..errors import BackendError
 from ._base import Backend, check_dtype_name
 
 _DTYPES = {
@@ -32,6 +33,25 @@ class TensorflowBackend(Backend):
         if isinstance(dtype, tf.DType):
             return dtype.name
         return None
+
+    @classmethod
+    def check_device(cls, device: Any) -> Any:
+        if not isinstance(device, str):
+            raise BackendError(
+                f"device={device!r}: TensorFlow devices are strings such as '/CPU:0'."
+            )
+        try:
+            spec = tf.DeviceSpec.from_string(device)
+        except ValueError:
+            spec = None
+        known = {d.name for d in tf.config.list_logical_devices()}
+        matches = spec is not None and any(
+            tf.DeviceSpec.from_string(name).device_type == (spec.device_type or "").upper()
+            for name in known
+        )
+        if not matches:
+            raise BackendError(f"device={device!r} is not one of this machine's {sorted(known)}.")
+        return device
 
     def _placed(self):
         return tf.device(self.device) if self.device else contextlib.nullcontext()

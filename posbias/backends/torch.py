@@ -8,6 +8,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
+from ..errors import BackendError
 from ._base import Backend, check_dtype_name
 
 _DTYPES = {
@@ -53,6 +54,25 @@ class TorchBackend(Backend):
 
     def device_of(self, x: Any) -> Any:
         return x.device
+
+    @classmethod
+    def check_device(cls, device: Any) -> Any:
+        try:
+            parsed = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise BackendError(
+                f"device={device!r} is not a torch device; pass e.g. 'cpu', 'cuda:0' or a "
+                "torch.device."
+            ) from None
+        available = {
+            "cpu": True,
+            "meta": True,
+            "cuda": torch.cuda.is_available(),
+            "mps": torch.backends.mps.is_available(),
+        }
+        if not available.get(parsed.type, False):
+            raise BackendError(f"device={device!r}: {parsed.type} is not available here.")
+        return parsed
 
     def on_other_device(self, x: Any) -> Any:
         if self.device is None:

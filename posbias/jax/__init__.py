@@ -236,7 +236,9 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
                     rngs=rngs,
                 ),
             )
-        self.positional_bias = None if bias is None else PositionalBias(bias, num_heads, seed=seed)
+        self.positional_bias = _layers.layer_bias(
+            bias, num_heads, PositionalBias, lambda: PositionalBias(bias, num_heads, seed=seed)
+        )
         self._init_projections(seed)
 
     def __call__(

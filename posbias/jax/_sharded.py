@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 from .._core import conventions, layouts
 from .._core import problem as _problem
 from .._core.bias_arg import read_bias
+from .._core.checks import check_int
 from .._core.ring import Ring, attend_on_ring, check_segment_bias, make_tile
 from ..backends.jax import JaxBackend
 from ..errors import BackendUnavailableError, InvalidArgumentError, InvalidTypeError
@@ -82,9 +83,11 @@ def sharded_attention(
             (device ``d`` holds chunks ``d`` and ``2n-1-d`` of ``2n``: equal causal
             work per device). The arrays must already be in that order
             (:func:`zigzag`); the output comes back in it.
-        q_pos: ``(Lq,)`` or ``(B, Lq)`` explicit global query positions in array
-            order (packed documents, custom layouts); with ``causal`` a key is
-            visible when its position is ``<=`` the query's. Default: from ``order``.
+        q_pos: ``(Lq,)`` or ``(B, Lq)`` explicit bias positions of the queries, in
+            array order (packed documents restarting at 0, shifted positions), as
+            in :func:`posbias.jax.attention`: they set the bias only; causal
+            visibility follows the sequence order given by ``order``. Default:
+            ``cumsum(key_mask) - 1``, else the positions of ``order``.
         k_pos: ``(Lk,)`` or ``(B, Lk)`` explicit key positions (with ``q_pos``).
         segment_ids: ``(B, L)`` integer document ids of packed sequences
             (sharded like the sequence; documents are contiguous runs): queries
@@ -154,12 +157,8 @@ def sharded_attention(
     if kv_heads % head_n:  # fewer key/value heads than devices: replicate them (GQA)
         k, v = (jnp.repeat(t, heads // kv_heads, axis=2) for t in (k, v))
         kv_heads = heads
-    conventions.both_or_neither(q_pos, k_pos)
+    conventions.both_or_neither(q_pos, k_pos, arg)
     decode = q_len != k_len
-    if q_pos is not None and order != "contiguous":
-        raise InvalidArgumentError(
-            "explicit q_pos/k_pos already say where every token sits; leave order='contiguous'."
-        )
     if not decode:
         layouts.check_divisible(q_len, seq_n, order, "the queries")
     layouts.check_divisible(k_len, seq_n, order, "the keys")
@@ -396,12 +395,21 @@ def zigzag(x: Any, shards: int, axis: int = 1) -> jax.Array:
         >>> unzigzag(zigzag(x, 2), 2).tolist()
         [[0, 1, 2, 3, 4, 5, 6, 7]]
     """
+    x, shards, axis = _zigzag_arguments(x, shards, axis)
     return _take(x, layouts.layout_positions(x.shape[axis], shards, "zigzag"), axis)
 
 
 def unzigzag(x: Any, shards: int, axis: int = 1) -> jax.Array:
     """Undo :func:`zigzag` (back to the natural token order)."""
+    x, shards, axis = _zigzag_arguments(x, shards, axis)
     return _take(x, np.argsort(layouts.layout_positions(x.shape[axis], shards, "zigzag")), axis)
+
+
+def _zigzag_arguments(x: Any, shards: Any, axis: Any) -> tuple[jax.Array, int, int]:
+    x = _problem.native(JaxBackend(), "x", x)
+    shards = check_int("shards", shards, minimum=1)
+    axis = check_int("axis", axis, minimum=-x.ndim, maximum=x.ndim - 1) % max(x.ndim, 1)
+    return x, shards, axis
 
 
 def _take(x: Any, index: np.ndarray, axis: int) -> jax.Array:
@@ -411,7 +419,6 @@ def _take(x: Any, index: np.ndarray, axis: int) -> jax.Array:
     explicit mode (``ShardingTypeError`` under ``jit``): replicate, gather,
     and reshard back to the input's sharding — eagerly and under ``jit`` alike.
     """
-    x = jnp.asarray(x)
     sharding = getattr(jax.typeof(x), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
     if mesh is None or not _explicit(mesh):

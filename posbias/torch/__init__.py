@@ -258,7 +258,9 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
         for name in _layers.PROJECTIONS:
             fan_in, fan_out = shapes[f"{name}.kernel"]
             setattr(self, f"{name}_proj", nn.Linear(fan_in, fan_out, bias=use_bias))
-        self.positional_bias = None if bias is None else PositionalBias(bias, num_heads, seed=seed)
+        self.positional_bias = _layers.layer_bias(
+            bias, num_heads, PositionalBias, lambda: PositionalBias(bias, num_heads, seed=seed)
+        )
         self._init_projections(seed)
 
     def forward(

@@ -174,8 +174,14 @@ class TorchRing(Ring):
 _DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
-def _agree(group: Any, what: str, facts: dict[str, Any], device: Any, mine: str) -> None:
-    """Raise the same DistributedError on every rank unless all ranks pass equal ``facts``."""
+def _agree(
+    group: Any, what: str, facts: dict[str, Any], device: Any, shown: dict[str, Any]
+) -> None:
+    """Raise the same DistributedError on every rank unless all ranks pass equal ``facts``.
+
+    ``shown`` gives a readable form of facts that travel as numbers (a float's bits, a
+    fingerprint): floats are decoded for the message, others are said for this rank.
+    """
     _, world = _group_info(group)
     values = torch.tensor([int(v) for v in facts.values()], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(values) for _ in range(world)]
@@ -184,11 +190,20 @@ def _agree(group: Any, what: str, facts: dict[str, Any], device: Any, mine: str)
     table = torch.stack(gathered).cpu()
     for name, column in zip(facts, table.T, strict=True):
         if bool((column != column[0]).any()):
+            values_by_rank = column.tolist()
+            if name == "scale":
+                values_by_rank = [_from_bits(v) for v in values_by_rank]
+            detail = f"{values_by_rank} (by rank)"
+            if name in shown and name != "scale":
+                detail = f"they differ; this rank has {shown[name]!r}"
             raise DistributedError(
-                f"{what}: the ranks disagree on {name}: {column.tolist()} (by rank). Every "
-                "rank must pass shards of the same shape and the same options"
-                f"{'' if not mine else f' (this rank: {mine})'}."
+                f"{what}: the ranks disagree on {name}: {detail}. Every rank must pass shards "
+                "of the same shape and the same options."
             )
+
+
+def _from_bits(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
 
 
 def _fingerprint(value: Any) -> int:
@@ -272,7 +287,7 @@ def read_call(
     try:
         conventions.reject_unknown(f"posbias.torch.distributed.{what}", removed or {}, keywords)
         layouts.check_order(order)
-        conventions.both_or_neither(q_pos, k_pos)
+        conventions.both_or_neither(q_pos, k_pos, None if bias is None else True)
         xp = TorchBackend(q.device if isinstance(q, torch.Tensor) else None)
         q, k, v = (_problem.native(xp, n, t) for n, t in (("q", q), ("k", k), ("v", v)))
         batch, heads, kv_heads, q_len, k_len = _problem.check_qkv(xp, q, k, v, "bhld")
@@ -327,11 +342,12 @@ def read_call(
     device = q.device if isinstance(q, torch.Tensor) else None
     facts = _facts(error is None, q, k, v, causal, order, q_pos, segment_ids, key_mask)
     described = None if call is None else _describe_bias(call.bias)
-    facts["bias (config, parameter shapes, heads; fingerprint)"] = _fingerprint(described)
-    facts["scale (float64 bits)"] = _float_bits(None if call is None else call.scale)
+    facts["bias (config, parameter shapes, heads)"] = _fingerprint(described)
+    facts["scale"] = _float_bits(None if call is None else call.scale)
     facts["implementation"] = _fingerprint(implementation)
+    shown = {"bias (config, parameter shapes, heads)": described, "implementation": implementation}
     try:
-        _agree(group, what, facts, device, "" if call is None else f"bias {described}")
+        _agree(group, what, facts, device, shown)
     except DistributedError as mismatch:
         if error is not None:
             raise error from mismatch

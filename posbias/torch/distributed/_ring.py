@@ -61,13 +61,14 @@ def ring_attention(
             rank must pass the same bias (config, parameter shapes), ``scale``
             and ``causal``: the ranks check that before exchanging anything.
         group: the process group (default: the world).
-        causal: key visible iff its position is ``<=`` the query's.
+        causal: key visible iff it comes no later than the query in sequence order.
         order: how the sequence is split: ``"contiguous"`` (rank ``r`` holds block
             ``r``) or ``"zigzag"`` (rank ``r`` holds chunks ``r`` and ``2·world-1-r``
             of ``2·world``; equal causal work). See :func:`shard`.
-        q_pos: ``(L_local,)`` or ``(B, L_local)`` explicit global positions of this
-            rank's queries (non-contiguous shards, packed documents); they
-            override ``order`` and every tile is then computed and masked.
+        q_pos: ``(L_local,)`` or ``(B, L_local)`` explicit bias positions of this
+            rank's queries (packed documents, shifted positions), as in
+            :func:`posbias.torch.attention`: they set the bias only; causal
+            visibility follows the sequence order given by ``order``.
         k_pos: the same for this rank's keys (travels with them around the ring).
         segment_ids: ``(B, L_local)`` document ids of this rank's tokens
             (documents are contiguous runs): queries see keys of their own

@@ -67,8 +67,7 @@ def head_parallel_attention(
             tokens; zigzag shards are put back in order first).
         order: ``"contiguous"`` or ``"zigzag"``: how the sequence is split (:func:`shard`).
         q_pos: ``(L_local,)`` or ``(B, L_local)`` explicit bias positions of this
-            rank's queries, gathered over the ranks in rank order (``order``
-            must then be ``"contiguous"``). Causal masking follows the
+            rank's queries, gathered with the tokens. Causal masking follows the
             sequence order, as in :func:`posbias.torch.attention`.
         k_pos: the same for the keys.
         segment_ids: ``(B, L_local)`` document ids of this rank's tokens
@@ -95,10 +94,6 @@ def head_parallel_attention(
                     f"there are {count} {what}; use ring_attention, or a head count divisible "
                     f"by {call.world}."
                 )
-        if q_pos is not None and order != "contiguous":
-            raise InvalidArgumentError(
-                "explicit q_pos/k_pos are gathered in rank order; leave order='contiguous'."
-            )
         _dispatch.check_implementation(implementation)
 
     call = read_call(
