@@ -8,7 +8,7 @@ message names that argument. Never a framework stack trace, never NaN, never a
 coerced guess.
 
 ``derandomize=True`` keeps CI deterministic; ``POSBIAS_BAD_INPUT_EXAMPLES``
-(default 12) bounds the examples per argument so that the suite stays well
+(default 25) bounds the examples per argument so that the suite stays well
 inside its CI budget. With ``POSBIAS_BAD_INPUT_REPORT=path.json`` the number of
 generated cases per family is written at the end of the session.
 """
@@ -29,7 +29,7 @@ import posbias
 from conftest import BACKENDS, FRAMEWORKS, native
 from posbias.testing import _layers as lp
 
-EXAMPLES = int(os.environ.get("POSBIAS_BAD_INPUT_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("POSBIAS_BAD_INPUT_EXAMPLES", "25"))
 SETTINGS = settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -230,8 +230,12 @@ def test_attention_rejects_non_finite_scales_and_queries_without_nan(backend):
 def _bias_bad(backend: str, argument: str) -> st.SearchStrategy:
     if argument in ("q_len", "k_len"):
         return st.one_of(NOT_INT, st.integers(max_value=-1), st.just(2**45))
-    if argument in ("q_offset", "k_offset"):
-        return st.one_of(NOT_INT, st.integers(max_value=-1), st.just(2**45))
+    if argument in ("q_offset", "k_offset"):  # a list is a (B,) array of per-sequence offsets
+        return st.one_of(
+            NOT_INT.filter(lambda x: not isinstance(x, list)),
+            st.integers(max_value=-1),
+            st.just(2**45),
+        )
     if argument in ("q_pos", "k_pos"):  # spec.bias takes any lengths and (B, L) batches
         return st.one_of(
             _bad_tensors(backend, (L,), integer=True).filter(
@@ -474,5 +478,109 @@ def test_sharded_attention_rejects_every_bad_argument(argument):
         kwargs[argument] = bad
         _expect_error(f"distributed:{_family(argument)}", argument,
                       lambda: sharded_attention(q, q, q, "alibi", **kwargs))  # fmt: skip
+
+    check()
+
+
+# ----------------------------------------------------------------------- files
+@SETTINGS
+@given(content=st.binary(max_size=300), suffix=st.sampled_from([".npz", ".safetensors"]))
+def test_load_params_rejects_any_bytes_that_are_not_a_parameter_file(
+    tmp_path_factory, content, suffix
+):
+    if suffix == ".safetensors":
+        pytest.importorskip("safetensors")
+    from posbias.params_io import load_params
+
+    path = tmp_path_factory.mktemp("files") / f"p{suffix}"
+    path.write_bytes(content)
+    _expect_error("files", ("parameter file", "parameters"), lambda: load_params(path))
+
+
+# ------------------------------------------------------------------------- CLI
+def _testing_dtypes() -> tuple[str, ...]:
+    from posbias import testing
+
+    return tuple(testing.TOLERANCES)
+
+
+@SETTINGS
+@given(
+    argv=st.one_of(
+        st.tuples(
+            st.just("show"),
+            st.just("alibi"),
+            st.just("--length"),
+            st.integers(max_value=0).map(str),
+        ),
+        st.tuples(
+            st.just("show"),
+            st.just("alibi"),
+            st.just("--heads"),
+            st.sampled_from(["-1", "x", "1.5", "0"]),
+        ),
+        st.tuples(st.just("comm"), st.just("--devices"), st.sampled_from(["0", "-2", "two"])),
+        st.tuples(
+            st.just("parity"),
+            st.just("--dtypes"),
+            st.text(min_size=1, max_size=6).filter(
+                lambda s: (
+                    s not in ("float32", "float16", "bfloat16", "float64")
+                    and "," not in s
+                    and not s.startswith("-")
+                )
+            ),
+        ),
+        st.tuples(st.just("bench"), st.just("--only"), st.sampled_from(["99", "0", "x", "10a"])),
+    )
+)
+def test_the_command_line_exits_2_with_one_line(argv, capsys):
+    from posbias.cli import main
+
+    COUNTS["cli"][0] += 1
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    _, err = capsys.readouterr()
+    if code != 2 or "Traceback" in err or "error" not in err:
+        COUNTS["cli"][1] += 1
+        raise AssertionError(f"{argv}: exit {code}, stderr {err!r}")
+
+
+# ---------------------------------------------------------------------- caches
+@pytest.mark.parametrize("field", ["k", "v", "valid", "length", "overflow"])
+def test_a_corrupted_kv_cache_is_a_posbias_error(backend, field):
+    layer = lp.framework_module(backend).MultiHeadAttention(16, H, causal=True)
+    cache = layer.init_cache(batch_size=B, capacity=6)
+    x = native(backend, np.ones((B, 1, 16), np.float32))
+    shapes = {
+        "k": (B, H, 6, 4),
+        "v": (B, H, 6, 4),
+        "valid": (B, 6),
+        "length": (B,),
+        "overflow": (B,),
+    }
+
+    kinds = ["rank", "length", "dtype"] + (["python"] if backend != "tensorflow" else [])
+
+    @SETTINGS  # (Keras validates nested call arguments itself: a list in a cache of tensors)
+    @given(kind=st.sampled_from(kinds))
+    def check(kind):
+        shape = shapes[field]
+        dtype = {"valid": bool, "overflow": bool, "length": np.int32}.get(field, np.float32)
+        bad = {
+            "rank": lambda: native(backend, np.zeros((*shape, 1), dtype)),
+            "length": lambda: native(backend, np.zeros((*shape[:-1], shape[-1] + 1), dtype)),
+            "dtype": lambda: native(
+                backend, np.zeros(shape, np.float32 if dtype is not np.float32 else np.int32)
+            ),
+            "python": lambda: [0] * shape[0],
+        }[kind]()
+        _expect_error(
+            "cache",
+            ("cache", f"cache.{field}"),
+            lambda: layer(x, cache=cache._replace(**{field: bad})),
+        )
 
     check()
