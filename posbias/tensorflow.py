@@ -31,6 +31,7 @@ __all__ = ["KVCache", "MultiHeadAttention", "PositionalBias", "attention"]
 KVCache = _problem.KVCache
 
 attention = _dispatch.functional("tensorflow", "blhd")
+attention.__module__ = __name__  # documented here (API reference)
 attention.__doc__ = """Attention with an additive positional bias, layout ``(B, L, H, D)``.
 
 Same arguments and rules as :func:`posbias.torch.attention` (see there).

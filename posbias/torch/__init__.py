@@ -30,6 +30,7 @@ __all__ = ["KVCache", "MultiHeadAttention", "PositionalBias", "attention", "mask
 KVCache = _problem.KVCache
 
 attention = _dispatch.functional("torch", "bhld")
+attention.__module__ = __name__  # documented here (API reference)
 attention.__doc__ = """Attention with an additive positional bias, layout ``(B, H, L, D)``.
 
 ``softmax(q·kᵀ·scale + bias + mask)·v`` with the bias added after scaling,
@@ -47,7 +48,8 @@ Args:
     segment_ids: ``(B, Lk)`` ints for packed sequences: no attention across
         segments, positions restart per segment.
     scale: default ``1/sqrt(D)``.
-    q_pos, k_pos: explicit bias positions (override the derived ones).
+    q_pos: explicit query bias positions (override the derived ones).
+    k_pos: explicit key bias positions (override the derived ones).
 
 Rows with no visible key return zeros.
 """

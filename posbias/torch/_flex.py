@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import InvalidArgumentError
@@ -106,7 +107,8 @@ def _difference_mod(spec: BiasSpec, slopes: Any, lo: int, hi: int, params: Any, 
     ``(H, hi - lo + 1)`` table of the bias per difference, built once by ``spec.bias``.
     """
     if slopes is not None:
-        m = torch.as_tensor(slopes, dtype=torch.float32, device=device)
+        # a writable float32 copy: spec.slopes is read-only, which torch warns about
+        m = torch.as_tensor(np.array(slopes, dtype=np.float32), device=device)
         return lambda h, d: m[h] * (-d.abs()).to(torch.float32)
     _check_toeplitz(spec)
     differences = torch.arange(lo, hi + 1, device=device)
