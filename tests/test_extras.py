@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import posbias
-from conftest import BACKENDS, FRAMEWORKS, to_np
+from conftest import BACKENDS, to_np
 from posbias import testing as pt
 from posbias.cli import main
 
@@ -29,9 +29,9 @@ def test_frameworks_not_under_test_fail_with_the_extra_to_install():
             posbias.get("alibi", num_heads=2).bias(q_len=2, k_len=2, backend=name)
 
 
-@pytest.mark.parametrize("name", ["alibi", "t5", "fire", "swin"])
+@pytest.mark.parametrize("name", ["alibi", "t5"])  # closed form; learnable table (gather)
 def test_parity_on_the_installed_backends(name):
-    cells = pt.run_parity([name], BACKENDS, head_counts=[3], jobs=2)
+    cells = pt.run_parity([name], BACKENDS, ["float32", "bfloat16"], head_counts=[3], jobs=2)
     assert cells and all(c.passed for c in cells), [f for c in cells for f in c.failures]
 
 
@@ -49,9 +49,8 @@ def test_attention_and_layers(framework):
 
 
 def test_parity_command(capsys):
+    """The command runs; its attention cells are test_attention_and_layers' job here."""
     argv = ["parity", "--variants", "alibi", "--head-counts", "3", "--dtypes", "float32"]
-    assert main([*argv, "--backends", ",".join(BACKENDS), "--quiet"]) == 0
+    assert main([*argv, "--backends", ",".join(BACKENDS), "--no-layers", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "bias cells:" in out and "FAIL" not in out
-    if FRAMEWORKS:
-        assert "attention cells:" in out
+    assert "bias cells:" in out and "summary (" in out and "FAIL" not in out
