@@ -151,7 +151,7 @@ def _cmd_parity(args: argparse.Namespace) -> int:
             args.dtypes,
             head_counts=args.head_counts,
             progress=progress,
-            compiled=not args.eager,
+            compiled=args.jit,
             jobs=args.jobs,
             attention=not args.no_layers,
         )
@@ -196,7 +196,7 @@ def _cmd_parity(args: argparse.Namespace) -> int:
         for failure in cell.failures[:10]:
             print("  " + failure)
     elapsed = time.perf_counter() - started
-    mode = "eager" if args.eager else "jitted"
+    mode = "jitted" if args.jit else "op by op"
     print(f"\nsummary ({elapsed:.0f} s, {args.jobs} job(s), JAX {mode}):")
     _print_summary(backend_names, cells, layer_cells)
     print(
@@ -335,9 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep JAX's compiled programs in DIR, so that a rerun skips compilation",
     )
     p.add_argument(
-        "--eager",
+        "--jit",
         action="store_true",
-        help="run JAX op by op instead of one jitted program per variant",
+        help="run each variant's JAX cells as one jitted program (default: op by op)",
     )
     p.add_argument(
         "--no-layers", action="store_true", help="skip the attention function / layer parity"

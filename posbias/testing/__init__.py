@@ -341,7 +341,8 @@ def _evaluate_jax(requests: Sequence[_Request]) -> list[Any]:
 def _evaluate(backend: str, requests: Sequence[_Request], *, compiled: bool) -> list[Any]:
     """NumPy arrays (or errors) for ``requests`` on ``backend``.
 
-    ``compiled``: JAX evaluates the batch as one jitted program; the other
+    ``compiled``: JAX evaluates the batch as one jitted program (else op by
+    op, eagerly, sharing compiled ops with every other batch); the other
     backends run eagerly either way (PyTorch's and TensorFlow's eager kernels
     are what their users run, and cost no compilation; a ``tf.function`` over
     one variant's requests takes ~40× longer to build than to run them eagerly).
@@ -378,7 +379,7 @@ def _check_cells(
     *,
     variant: str | None = None,
     cases: Callable[..., list[Case]] = default_cases,
-    compiled: bool = True,
+    compiled: bool = False,
     references: _References | None = None,
 ) -> list[CellResult]:
     """One cell per dtype: every case and the tile split of every spec on ``backend``.
@@ -485,12 +486,12 @@ def check_cell(
     *,
     variant: str | None = None,
     cases: Callable[..., list[Case]] = default_cases,
-    compiled: bool = True,
+    compiled: bool = False,
 ) -> CellResult:
     """Run every case for every spec on one backend and dtype against the reference.
 
-    ``compiled=False`` evaluates JAX op by op (eagerly) instead of as one
-    jitted program; the checks are the same.
+    ``compiled=True`` evaluates the JAX requests as one jitted program instead
+    of op by op; the checks are the same.
     """
     return _check_cells(specs, backend, [dtype], variant=variant, cases=cases, compiled=compiled)[0]
 
@@ -512,7 +513,7 @@ def run_parity(
     *,
     head_counts: Iterable[int] = HEAD_COUNTS,
     progress: Callable[[int, int, CellResult], None] | None = None,
-    compiled: bool = True,
+    compiled: bool = False,
     jobs: int = 1,
 ) -> list[CellResult]:
     """The parity matrix: registered variants × backends × dtypes.
@@ -524,7 +525,9 @@ def run_parity(
         head_counts: head counts to instantiate each variant with.
         progress: called after each cell with ``(done, total, cell)``.
         compiled: evaluate each variant's JAX cells as one jitted program (one
-            XLA compilation) instead of op by op.
+            XLA compilation) instead of op by op. Off by default: on XLA CPU
+            the op-by-op compilations are shared by every variant and cost
+            less in total (docs/parity.md).
         jobs: with more than 1, the JAX cells run on that many worker threads
             while the other backends' cells run (XLA compiles without the GIL).
 
