@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -168,30 +169,43 @@ def _versions(backend_names: Sequence[str]) -> dict[str, str]:
 def _cmd_parity(args: argparse.Namespace) -> int:
     for name in args.variants or []:  # before any framework is imported
         registry._lookup(name)
+    from tqdm import tqdm
+
+    started = time.perf_counter()
     backend_names = args.backends or _testing.backends_under_test()
     backend_names = [_backends.canonical_name(b) for b in backend_names]
     for name in backend_names:
         _backends.load(name)
-    interactive = sys.stderr.isatty()
-
-    def progress(done: int, total: int, cell: _testing.CellResult) -> None:
-        if args.quiet:
-            return
-        status = "ok" if cell.passed else "FAIL"
-        line = (
-            f"[{done}/{total}] {cell.variant} / {cell.backend} / {cell.dtype}: "
-            f"{status} ({cell.seconds:.1f}s)"
-        )
-        end = "\r" if interactive and done < total else "\n"
-        print(f"{line:<79}", end=end, file=sys.stderr, flush=True)
-
-    cells = _testing.run_parity(
-        args.variants,
-        backend_names,
-        args.dtypes,
-        progress=progress,
-        head_counts=args.head_counts,
+    if args.compile_cache and "jax" in backend_names:
+        _use_compile_cache(args.compile_cache)
+    bar = tqdm(
+        total=1,
+        unit="cell",
+        desc="posbias parity",
+        file=sys.stderr,
+        disable=args.quiet,
+        mininterval=0.5 if sys.stderr.isatty() else 15.0,
+        dynamic_ncols=True,
     )
+
+    def progress(done: int, total: int, cell: Any) -> None:
+        bar.total = total
+        status = "ok" if cell.passed else "FAIL"
+        what = getattr(cell, "variant", "attention")
+        bar.set_postfix_str(f"{what} / {cell.backend} / {cell.dtype}: {status}", refresh=False)
+        bar.update(done - bar.n)
+
+    with bar:
+        cells, layer_cells = _testing._run_matrix(
+            args.variants,
+            backend_names,
+            args.dtypes,
+            head_counts=args.head_counts,
+            progress=progress,
+            compiled=args.jit,
+            jobs=args.jobs,
+            attention=not args.no_layers,
+        )
     versions = _versions(backend_names)
     print("posbias parity: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     header = (
@@ -220,7 +234,8 @@ def _cmd_parity(args: argparse.Namespace) -> int:
         for c in cells
     ]
     _print_table(header, rows)
-    layer_cells = [] if args.no_layers else _layer_parity_table(backend_names, args)
+    if layer_cells:
+        _print_layer_table(layer_cells)
     failed = [c for c in cells if not c.passed]
     for cell in failed:
         print(f"\n{cell.variant} / {cell.backend} / {cell.dtype} failed:")
@@ -231,6 +246,10 @@ def _cmd_parity(args: argparse.Namespace) -> int:
         print(f"\nattention / {cell.backend} / {cell.dtype} failed:")
         for failure in cell.failures[:10]:
             print("  " + failure)
+    elapsed = time.perf_counter() - started
+    mode = "jitted" if args.jit else "op by op"
+    print(f"\nsummary ({elapsed:.0f} s, {args.jobs} job(s), JAX {mode}):")
+    _print_summary(backend_names, cells, layer_cells)
     print(
         f"\nbias cells: {len(cells) - len(failed)} pass, {len(failed)} fail "
         f"(tolerances rtol/atol per dtype: {_testing.TOLERANCES})"
@@ -255,40 +274,53 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _layer_parity_table(backend_names, args) -> list[_lp.LayerCell]:
+def _use_compile_cache(path: str) -> None:
+    """JAX's persistent compilation cache in ``path``, for every program however small."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def _print_layer_table(cells: list[_lp.LayerCell]) -> None:
     """Attention functions and layers vs the NumPy float64 reference, per framework."""
-    frameworks = [b for b in backend_names if b != "numpy"]
-    jobs = [(b, d) for b in frameworks for d in args.dtypes if d in _lp.ATTENTION_TOLERANCES]
-    jobs += [(b, "layers") for b in frameworks]
-    cells = []
-    for done, (backend, kind) in enumerate(jobs, 1):
-        if kind == "layers":
-            cell = _lp.check_layers(backend)
-            cell.dtype = "float32 MultiHeadAttention"
-        else:
-            cell = _lp.check_functional(backend, kind)
-            cell.dtype = f"{kind} attention()"
-        cells.append(cell)
-        if not args.quiet:
-            status = "ok" if cell.passed else "FAIL"
-            line = f"[{done}/{len(jobs)}] attention / {backend} / {cell.dtype}: {status}"
-            print(f"{line:<79}", file=sys.stderr, flush=True)
-    if cells:
-        print("\nattention parity (same weights and inputs; error = max|x-ref| / max|ref|):")
-        header = ("backend", "what", "checks", "max error", "tolerance", "result")
-        rows = [
+    print("\nattention parity (same weights and inputs; error = max|x-ref| / max|ref|):")
+    header = ("backend", "what", "checks", "max error", "tolerance", "result")
+    rows = [
+        (
+            c.backend,
+            c.dtype,
+            str(c.checks),
+            f"{c.max_error:.3g}",
+            str(_lp.ATTENTION_TOLERANCES[c.dtype.split()[0]]),
+            "pass" if c.passed else "FAIL",
+        )
+        for c in cells
+    ]
+    _print_table(header, rows)
+
+
+def _print_summary(backend_names, cells, layer_cells) -> None:
+    """One row per backend: cells passed, checks, worst relative error, seconds."""
+    header = ("backend", "bias cells", "checks", "worst rel err", "attention cells", "seconds")
+    rows = []
+    for backend in backend_names:
+        mine = [c for c in cells if c.backend == backend]
+        layers = [c for c in layer_cells if c.backend == backend]
+        passed = sum(c.passed for c in mine)
+        layers_passed = sum(c.passed for c in layers)
+        rows.append(
             (
-                c.backend,
-                c.dtype,
-                str(c.checks),
-                f"{c.max_error:.3g}",
-                str(_lp.ATTENTION_TOLERANCES[c.dtype.split()[0]]),
-                "pass" if c.passed else "FAIL",
+                backend,
+                f"{passed}/{len(mine)} pass",
+                str(sum(c.checks for c in mine) + sum(c.checks for c in layers)),
+                f"{max((c.max_rel_error for c in mine), default=0.0):.3g}",
+                f"{layers_passed}/{len(layers)} pass" if layers else "-",
+                f"{sum(c.seconds for c in mine) + sum(c.seconds for c in layers):.1f}",
             )
-            for c in cells
-        ]
-        _print_table(header, rows)
-    return cells
+        )
+    _print_table(header, rows)
 
 
 def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
@@ -341,7 +373,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="default 1,3,8,12,16,20",
     )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    p.add_argument(
+        "--jobs",
+        type=_positive,
+        default=_testing.default_jobs(),
+        help="worker threads for the JAX cells (default: the CPU count)",
+    )
+    p.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        help="keep JAX's compiled programs in DIR, so that a rerun skips compilation",
+    )
+    p.add_argument(
+        "--jit",
+        action="store_true",
+        help="run each variant's JAX cells as one jitted program (default: op by op)",
+    )
     p.add_argument(
         "--no-layers", action="store_true", help="skip the attention function / layer parity"
     )

@@ -69,6 +69,7 @@ def test_show(capsys):
         (["show", "alibii"], "Did you mean 'alibi'"),
         (["show", "alibi", "--heads", "0"], "expected a positive integer, got 0"),
         (["parity", "--backends", "mxnet"], "unknown backend"),
+        (["parity", "--backends", "numpy", "--dtypes", "float8"], "unknown dtypes ['float8']"),
     ],
 )
 def test_errors_are_one_line(capsys, argv, message):
@@ -87,10 +88,19 @@ def test_parity_json(tmp_path, capsys):
     assert code == 0
     captured = capsys.readouterr()
     assert "bias cells:" in captured.out and "FAIL" not in captured.out
-    assert "[1/" in captured.err  # progress
+    assert "posbias parity" in captured.err and "cell" in captured.err  # tqdm progress bar
+    assert "summary (" in captured.out
     report = json.loads(path.read_text())
     assert {c["variant"] for c in report["cells"]} == set(posbias.list_biases())
     assert all(c["passed"] for c in report["cells"])
+
+
+@pytest.mark.parametrize("jobs", ["0", "two"])
+def test_parity_jobs_must_be_a_positive_integer(capsys, jobs):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["parity", "--jobs", jobs])
+    assert exit_info.value.code == 2
+    assert "expected a positive integer" in capsys.readouterr().err
 
 
 def test_parity_exit_code_on_failure(capsys, isolated_registry):

@@ -18,6 +18,33 @@ def test_registered_variant_parity(name, backend):
             assert all(c.bitwise for c in cells)
 
 
+def test_jitted_and_eager_jax_cells_agree():
+    """The jitted program checks exactly what the op-by-op evaluation checks."""
+    if "jax" not in BACKENDS:
+        pytest.skip("needs JAX")
+    specs = [posbias.get("alibi", num_heads=2), posbias.get("t5", num_heads=2)]
+    for spec in specs:
+        jitted = pt.check_cell([spec], "jax", "bfloat16", compiled=True)
+        eager = pt.check_cell([spec], "jax", "bfloat16")
+        assert jitted.passed and eager.passed
+        assert (jitted.checks, jitted.max_abs_error, jitted.bitwise, jitted.tiles_exact) == (
+            eager.checks,
+            eager.max_abs_error,
+            eager.bitwise,
+            eager.tiles_exact,
+        )
+
+
+def test_parallel_run_keeps_the_order(isolated_registry):
+    posbias.register("myorg/linear_window")(LinearWindow)
+    names = ["alibi", "myorg/linear_window"]
+    serial = pt.run_parity(names, head_counts=[3], dtypes=["float32"])
+    threaded = pt.run_parity(names, head_counts=[3], dtypes=["float32"], jobs=2)
+    key = [(c.variant, c.backend, c.dtype, c.checks, c.max_abs_error) for c in serial]
+    assert key == [(c.variant, c.backend, c.dtype, c.checks, c.max_abs_error) for c in threaded]
+    assert [(c.variant, c.backend) for c in serial] == [(n, b) for n in names for b in BACKENDS]
+
+
 def test_cases_cover_the_contract():
     labels = {c.label for c in pt.default_cases(12)}
     assert {

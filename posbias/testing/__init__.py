@@ -27,9 +27,11 @@ be imported is an error, never a silent skip.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -157,6 +159,65 @@ def _bits(array: Any) -> np.ndarray:
     return np.ascontiguousarray(array).view(np.uint8)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Tiles:
+    """A 2×2×2 split of one bias over queries, keys and heads (see :func:`tile_mismatch`)."""
+
+    q_len: int
+    k_len: int
+    q_split: int
+    k_split: int
+    h_split: int
+    q_offset: int = 0
+    k_offset: int = 0
+
+    def full(self) -> dict[str, Any]:
+        return dict(
+            q_len=self.q_len, k_len=self.k_len, q_offset=self.q_offset, k_offset=self.k_offset
+        )
+
+    def pieces(self, num_heads: int) -> list[tuple[int, int, dict[str, Any]]]:
+        """``(head block, query block, kwargs)`` of every non-empty tile, in concatenation order."""
+        q_parts = [(0, self.q_split), (self.q_split, self.q_len)]
+        k_parts = [(0, self.k_split), (self.k_split, self.k_len)]
+        h_parts = [(0, self.h_split), (self.h_split, num_heads)]
+        tiles = []
+        for hb, (h0, h1) in enumerate(p for p in h_parts if p[0] != p[1]):
+            for qb, (q0, q1) in enumerate(p for p in q_parts if p[0] != p[1]):
+                for k0, k1 in (p for p in k_parts if p[0] != p[1]):
+                    kwargs = dict(
+                        q_len=q1 - q0,
+                        k_len=k1 - k0,
+                        q_offset=self.q_offset + q0,
+                        k_offset=self.k_offset + k0,
+                        heads=range(h0, h1),
+                    )
+                    tiles.append((hb, qb, kwargs))
+        return tiles
+
+    def mismatch(self, num_heads: int, full: np.ndarray, tiles: Sequence[np.ndarray]) -> float:
+        """0.0 when the tiles concatenate bit-exactly to ``full``, else the largest difference."""
+        blocks: dict[int, dict[int, list[np.ndarray]]] = {}
+        for (hb, qb, _), tile in zip(self.pieces(num_heads), tiles, strict=True):
+            blocks.setdefault(hb, {}).setdefault(qb, []).append(tile)
+        tiled = np.concatenate(
+            [
+                np.concatenate([np.concatenate(cols, axis=-1) for cols in rows.values()], axis=-2)
+                for rows in blocks.values()
+            ],
+            axis=-3,
+        )
+        if tiled.shape != full.shape:
+            return float("inf")
+        if np.array_equal(_bits(tiled), _bits(full)):
+            return 0.0
+        return float(np.max(np.abs(tiled.astype(np.float64) - full.astype(np.float64))))
+
+
+#: the tile split every parity cell checks
+PARITY_TILES = dict(q_len=9, k_len=13, q_split=4, k_split=6, q_offset=3, k_offset=1)
+
+
 def tile_mismatch(
     spec: BiasSpec,
     backend: str,
@@ -176,50 +237,12 @@ def tile_mismatch(
     every tile is computed on its own from its global offsets and head indices.
     0.0 means bit-exact (the expectation for closed-form specs).
     """
-    full = to_numpy(
-        spec.bias(
-            q_len=q_len,
-            k_len=k_len,
-            q_offset=q_offset,
-            k_offset=k_offset,
-            backend=backend,
-            dtype=dtype,
-        )
+    tiles = _Tiles(q_len, k_len, q_split, k_split, h_split, q_offset, k_offset)
+    requests = [tiles.full(), *(kw for _, _, kw in tiles.pieces(spec.num_heads))]
+    full, *pieces = (
+        to_numpy(spec.bias(**kwargs, backend=backend, dtype=dtype)) for kwargs in requests
     )
-    q_parts = [(0, q_split), (q_split, q_len)]
-    k_parts = [(0, k_split), (k_split, k_len)]
-    h_parts = [(0, h_split), (h_split, spec.num_heads)]
-    head_blocks = []
-    for h0, h1 in h_parts:
-        if h0 == h1:
-            continue
-        rows = []
-        for q0, q1 in q_parts:
-            if q0 == q1:
-                continue
-            cols = [
-                to_numpy(
-                    spec.bias(
-                        q_len=q1 - q0,
-                        k_len=k1 - k0,
-                        q_offset=q_offset + q0,
-                        k_offset=k_offset + k0,
-                        heads=range(h0, h1),
-                        backend=backend,
-                        dtype=dtype,
-                    )
-                )
-                for k0, k1 in k_parts
-                if k0 != k1
-            ]
-            rows.append(np.concatenate(cols, axis=-1))
-        head_blocks.append(np.concatenate(rows, axis=-2))
-    tiled = np.concatenate(head_blocks, axis=-3)
-    if tiled.shape != full.shape:
-        return float("inf")
-    if np.array_equal(_bits(tiled), _bits(full)):
-        return 0.0
-    return float(np.max(np.abs(tiled.astype(np.float64) - full.astype(np.float64))))
+    return tiles.mismatch(spec.num_heads, full, pieces)
 
 
 @dataclasses.dataclass
@@ -247,6 +270,210 @@ class CellResult:
         return data
 
 
+# ------------------------------------------------------- batched evaluation
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """One ``spec.bias(**kwargs, backend=..., dtype=dtype)`` evaluation."""
+
+    spec: BiasSpec
+    kwargs: dict[str, Any]
+    dtype: str
+
+
+def _evaluate_eager(backend: str, requests: Sequence[_Request]) -> list[Any]:
+    """Each request on its own, op by op; a ``PosBiasError`` is returned in its slot."""
+    outputs: list[Any] = []
+    for r in requests:
+        try:
+            outputs.append(to_numpy(r.spec.bias(**r.kwargs, backend=backend, dtype=r.dtype)))
+        except PosBiasError as exc:
+            outputs.append(exc)
+    return outputs
+
+
+def _evaluate_jax(requests: Sequence[_Request]) -> list[Any]:
+    """Every request in one ``jax.jit`` program: one XLA compilation per batch.
+
+    Position and offset arrays are the program's arguments (traced, as in a
+    user's jitted model), so XLA computes the bias at run time rather than
+    folding it at compile time. XLA compiles identical kernels once, so the
+    examples of a variant that differ only in constants share their code.
+    A batch that raises while tracing is evaluated request by request instead,
+    which records each error where it belongs.
+    """
+    import jax
+
+    xp = _backends.load("jax")()
+    arrays: list[Any] = []
+    templates = []
+    for r in requests:
+        template = {}
+        for key, value in r.kwargs.items():
+            if isinstance(value, np.ndarray):
+                template[key] = len(arrays)
+                arrays.append(xp.from_numpy(value.astype(np.int64, copy=False)))
+            else:
+                template[key] = None
+        templates.append(template)
+
+    def program(args):
+        return [
+            r.spec.bias(
+                **{k: (v if t[k] is None else args[t[k]]) for k, v in r.kwargs.items()},
+                backend="jax",
+                dtype=r.dtype,
+            )
+            for r, t in zip(requests, templates, strict=True)
+        ]
+
+    try:
+        outputs = jax.jit(program)(arrays)
+    except PosBiasError:
+        return _evaluate_eager("jax", requests)
+    return [np.asarray(o) for o in outputs]
+
+
+def _evaluate(backend: str, requests: Sequence[_Request], *, compiled: bool) -> list[Any]:
+    """NumPy arrays (or errors) for ``requests`` on ``backend``.
+
+    ``compiled``: JAX evaluates the batch as one jitted program (else op by
+    op, eagerly, sharing compiled ops with every other batch); the other
+    backends run eagerly either way (PyTorch's and TensorFlow's eager kernels
+    are what their users run, and cost no compilation; a ``tf.function`` over
+    one variant's requests takes ~40× longer to build than to run them eagerly).
+    """
+    if compiled and backend == "jax":
+        return _evaluate_jax(requests)
+    return _evaluate_eager(backend, requests)
+
+
+class _References:
+    """NumPy results shared by every backend's cells of one variant (computed once)."""
+
+    def __init__(self) -> None:
+        self._values: dict[tuple[Any, ...], Any] = {}
+
+    def get(self, spec: BiasSpec, label: str, kwargs: dict[str, Any], dtype: str) -> Any:
+        try:
+            key = (spec, label, dtype)
+            hash(key)
+        except TypeError:  # a spec with an unhashable field: no sharing
+            key = (id(spec), label, dtype)
+        if key not in self._values:
+            try:
+                self._values[key] = to_numpy(spec.bias(**kwargs, backend="numpy", dtype=dtype))
+            except PosBiasError as exc:
+                self._values[key] = exc
+        return self._values[key]
+
+
+def _check_cells(
+    specs: Sequence[BiasSpec],
+    backend: str,
+    dtypes: Sequence[str],
+    *,
+    variant: str | None = None,
+    cases: Callable[..., list[Case]] = default_cases,
+    compiled: bool = False,
+    references: _References | None = None,
+) -> list[CellResult]:
+    """One cell per dtype: every case and the tile split of every spec on ``backend``.
+
+    All the cells' backend evaluations form one batch (one jitted program on
+    JAX); the checks on each output are those of :func:`check_cell`.
+    """
+    start = time.perf_counter()
+    refs = references or _References()
+    name = variant or (specs[0].name or type(specs[0]).__name__)
+    instance = _backends.load(backend)()
+    numpy_backend = _backends.load("numpy")()
+    results = {d: CellResult(name, backend, d) for d in dtypes}
+    plan: list[tuple[str, BiasSpec, Any]] = []  # (dtype, spec, what) per request
+    requests: list[_Request] = []
+    for dtype in dtypes:
+        if not instance.supports(dtype):
+            results[dtype].failures.append(f"{backend} cannot hold {dtype} in this configuration")
+            continue
+        for spec in specs:
+            for case in cases(spec.num_heads, position_dims=spec.position_dims):
+                plan.append((dtype, spec, case))
+                requests.append(_Request(spec, case.kwargs, dtype))
+            tiles = _Tiles(**PARITY_TILES, h_split=spec.num_heads // 2)
+            for kwargs in [tiles.full(), *(kw for _, _, kw in tiles.pieces(spec.num_heads))]:
+                plan.append((dtype, spec, tiles))
+                requests.append(_Request(spec, kwargs, dtype))
+    outputs = _evaluate(backend, requests, compiled=compiled)
+    shared = (time.perf_counter() - start) / max(len(dtypes), 1)
+
+    index = 0
+    while index < len(plan):
+        dtype, spec, what = plan[index]
+        result = results[dtype]
+        tick = time.perf_counter()
+        if isinstance(what, _Tiles):
+            count = 1 + len(what.pieces(spec.num_heads))
+            _judge_tiles(result, spec, what, outputs[index : index + count], refs)
+            index += count
+        else:
+            _judge_case(result, spec, what, dtype, outputs[index], refs, numpy_backend, backend)
+            index += 1
+        result.seconds += time.perf_counter() - tick
+    for result in results.values():
+        result.seconds += shared
+    return [results[d] for d in dtypes]
+
+
+def _judge_case(result, spec, case, dtype, x, refs, numpy_backend, backend) -> None:
+    where = f"{spec!r} [{case.label}]"
+    rtol, atol = tolerance(spec, dtype)
+    ref = refs.get(spec, case.label, case.kwargs, "float64")
+    for value in (ref, x):
+        if isinstance(value, PosBiasError):
+            result.failures.append(f"{where}: {type(value).__name__}: {value}")
+            return
+    result.checks += 1
+    if x.dtype != numpy_backend.native_dtype(dtype):
+        result.failures.append(f"{where}: dtype {x.dtype}, expected {dtype}")
+    abs_err, rel_err, ok = _agree(x, ref, dtype, rtol, atol)
+    result.max_abs_error = max(result.max_abs_error, abs_err)
+    result.max_rel_error = max(result.max_rel_error, rel_err)
+    if not ok:
+        result.failures.append(
+            f"{where}: max abs error {abs_err:.3g} (rel {rel_err:.3g}) exceeds "
+            f"rtol/atol {(rtol, atol)} (shapes {x.shape} vs {ref.shape})"
+        )
+    if spec.bit_identical and backend != "numpy":
+        same = refs.get(spec, case.label, case.kwargs, dtype)
+        equal = (
+            not isinstance(same, PosBiasError)
+            and x.shape == same.shape
+            and np.array_equal(_bits(x), _bits(same))
+        )
+        result.bitwise = equal if result.bitwise is None else result.bitwise and equal
+        if not equal:
+            result.failures.append(f"{where}: not bit-identical to the NumPy backend")
+
+
+def _judge_tiles(result, spec, tiles: _Tiles, outputs, refs) -> None:
+    errors = [o for o in outputs if isinstance(o, PosBiasError)]
+    if errors:
+        result.failures.append(f"{spec!r} [tiles]: {type(errors[0]).__name__}: {errors[0]}")
+        return
+    full, *pieces = outputs
+    mismatch = tiles.mismatch(spec.num_heads, full, pieces)
+    exact_tiles = mismatch == 0.0
+    tolerated = exact_tiles
+    if not exact_tiles and not spec.bit_identical:
+        scale = refs.get(spec, "tiles", tiles.full(), "float64")
+        tile_rtol, tile_atol = tolerance(spec, "float32")
+        tolerated = mismatch <= tile_atol + tile_rtol * float(np.abs(scale).max())
+    result.tiles_exact = (
+        exact_tiles if result.tiles_exact is None else (result.tiles_exact and exact_tiles)
+    )
+    if not tolerated:
+        result.failures.append(f"{spec!r}: tiles differ from the full bias by {mismatch:.3g}")
+
+
 def check_cell(
     specs: Sequence[BiasSpec],
     backend: str,
@@ -254,76 +481,24 @@ def check_cell(
     *,
     variant: str | None = None,
     cases: Callable[..., list[Case]] = default_cases,
+    compiled: bool = False,
 ) -> CellResult:
-    """Run every case for every spec on one backend and dtype against the reference."""
-    start = time.perf_counter()
-    result = CellResult(variant or (specs[0].name or type(specs[0]).__name__), backend, dtype)
-    numpy_backend = _backends.load("numpy")()
-    if not _backends.load(backend)().supports(dtype):
-        result.failures.append(f"{backend} cannot hold {dtype} in this configuration")
-        return result
-    for spec in specs:
-        rtol, atol = tolerance(spec, dtype)
-        for case in cases(spec.num_heads, position_dims=spec.position_dims):
-            where = f"{spec!r} [{case.label}]"
-            try:
-                ref = spec.bias(**case.kwargs, backend="numpy", dtype="float64")
-                out = spec.bias(**case.kwargs, backend=backend, dtype=dtype)
-            except PosBiasError as exc:
-                result.failures.append(f"{where}: {type(exc).__name__}: {exc}")
-                continue
-            x = to_numpy(out)
-            result.checks += 1
-            if x.dtype != numpy_backend.native_dtype(dtype):
-                result.failures.append(f"{where}: dtype {x.dtype}, expected {dtype}")
-            abs_err, rel_err, ok = _agree(x, ref, dtype, rtol, atol)
-            result.max_abs_error = max(result.max_abs_error, abs_err)
-            result.max_rel_error = max(result.max_rel_error, rel_err)
-            if not ok:
-                result.failures.append(
-                    f"{where}: max abs error {abs_err:.3g} (rel {rel_err:.3g}) exceeds "
-                    f"rtol/atol {(rtol, atol)} (shapes {x.shape} vs {ref.shape})"
-                )
-            if spec.bit_identical and backend != "numpy":
-                same = spec.bias(**case.kwargs, backend="numpy", dtype=dtype)
-                equal = x.shape == same.shape and np.array_equal(_bits(x), _bits(same))
-                result.bitwise = equal if result.bitwise is None else result.bitwise and equal
-                if not equal:
-                    result.failures.append(f"{where}: not bit-identical to the NumPy backend")
-        scale = float(
-            np.abs(
-                to_numpy(spec.bias(q_len=9, k_len=13, q_offset=3, k_offset=1, dtype="float64"))
-            ).max()
-        )
-        mismatch = tile_mismatch(
-            spec,
-            backend,
-            q_len=9,
-            k_len=13,
-            q_split=4,
-            k_split=6,
-            h_split=spec.num_heads // 2,
-            q_offset=3,
-            k_offset=1,
-            dtype=dtype,
-        )
-        exact_tiles = mismatch == 0.0
-        tile_rtol, tile_atol = tolerance(spec, "float32")
-        tolerated = exact_tiles or (
-            not spec.bit_identical and mismatch <= tile_atol + tile_rtol * scale
-        )
-        result.tiles_exact = (
-            exact_tiles if result.tiles_exact is None else (result.tiles_exact and exact_tiles)
-        )
-        if not tolerated:
-            result.failures.append(f"{spec!r}: tiles differ from the full bias by {mismatch:.3g}")
-    result.seconds = time.perf_counter() - start
-    return result
+    """Run every case for every spec on one backend and dtype against the reference.
+
+    ``compiled=True`` evaluates the JAX requests as one jitted program instead
+    of op by op; the checks are the same.
+    """
+    return _check_cells(specs, backend, [dtype], variant=variant, cases=cases, compiled=compiled)[0]
 
 
 def _examples(name: str, head_counts: Iterable[int]) -> list[BiasSpec]:
     cls = _lookup(name)  # the class itself: variants may have required hyper-parameters
     return [spec for h in head_counts for spec in cls.parity_examples(h)]
+
+
+def default_jobs() -> int:
+    """Threads for :func:`run_parity`: the machine's CPU count."""
+    return max(1, os.cpu_count() or 1)
 
 
 def run_parity(
@@ -333,6 +508,8 @@ def run_parity(
     *,
     head_counts: Iterable[int] = HEAD_COUNTS,
     progress: Callable[[int, int, CellResult], None] | None = None,
+    compiled: bool = False,
+    jobs: int = 1,
 ) -> list[CellResult]:
     """The parity matrix: registered variants × backends × dtypes.
 
@@ -342,24 +519,133 @@ def run_parity(
         dtypes: output dtypes to check.
         head_counts: head counts to instantiate each variant with.
         progress: called after each cell with ``(done, total, cell)``.
+        compiled: evaluate each variant's JAX cells as one jitted program (one
+            XLA compilation) instead of op by op. Off by default: on XLA CPU
+            the op-by-op compilations are shared by every variant and cost
+            less in total (docs/parity.md).
+        jobs: with more than 1, the JAX cells run on that many worker threads
+            while the other backends' cells run (XLA compiles without the GIL).
+
+    Returns the cells in the order variant, backend, dtype, whatever the threads did.
     """
+    cells, _ = _run_matrix(
+        variants,
+        backends,
+        dtypes,
+        head_counts=head_counts,
+        progress=progress,
+        compiled=compiled,
+        jobs=jobs,
+        attention=False,
+    )
+    return cells
+
+
+def _run_matrix(
+    variants: Iterable[str] | None,
+    backends: Iterable[str] | None,
+    dtypes: Iterable[str],
+    *,
+    head_counts: Iterable[int],
+    progress: Callable[[int, int, Any], None] | None,
+    compiled: bool,
+    jobs: int,
+    attention: bool,
+) -> tuple[list[CellResult], list[Any]]:
+    """Bias cells (and attention cells) of :func:`run_parity` / ``posbias parity``.
+
+    Work is ordered longest first where it can overlap: JAX cells (XLA
+    compilations) go to the worker threads at once; the main thread meanwhile
+    runs NumPy, PyTorch and TensorFlow cells, which need no compilation.
+    """
+    from . import _layers
+
     names = list(variants) if variants is not None else list_biases()
     backend_names = list(backends) if backends is not None else backends_under_test()
     for name in backend_names:
         _backends.load(name)
     dtype_names = list(dtypes)
     head_counts = list(head_counts)
-    total = len(names) * len(backend_names) * len(dtype_names)
-    results = []
+    examples = {name: _examples(name, head_counts) for name in names}
+    references = {name: _References() for name in names}
+
+    units: list[tuple[str, Callable[[], list[Any]]]] = []  # (where it runs, work)
     for name in names:
-        specs = _examples(name, head_counts)
         for backend in backend_names:
-            for dtype in dtype_names:
-                cell = check_cell(specs, backend, dtype, variant=name)
-                results.append(cell)
-                if progress is not None:
-                    progress(len(results), total, cell)
-    return results
+            units.append(
+                (
+                    "pool" if backend == "jax" else "main",
+                    functools.partial(
+                        _check_cells,
+                        examples[name],
+                        backend,
+                        dtype_names,
+                        variant=name,
+                        compiled=compiled,
+                        references=references[name],
+                    ),
+                )
+            )
+    bias_units = len(units)
+    if attention:
+        jobs_ = _layers.attention_jobs(backend_names, dtype_names)
+        for backend in dict.fromkeys(b for b, _ in jobs_):
+            kinds = [k for b, k in jobs_ if b == backend]
+            functional = [k for k in kinds if k != "layers"]
+            # one unit for a backend's dtypes, in order: float16/bfloat16 compute in
+            # float32, so after the float32 cell JAX has compiled most of their ops
+            groups = [functional, ["layers"]] if "layers" in kinds else [functional]
+            for group in groups:
+                units.append(
+                    (
+                        "pool" if backend == "jax" else "main",
+                        functools.partial(_attention_cells, backend, group),
+                    )
+                )
+    total = len(names) * len(backend_names) * len(dtype_names) + (len(units) - bias_units)
+    done = 0
+    outputs: dict[int, list[Any]] = {}
+
+    def collect(index: int, cells: list[Any]) -> None:
+        nonlocal done
+        outputs[index] = cells
+        for cell in cells:
+            done += 1
+            if progress is not None:
+                progress(done, total, cell)
+
+    pool = ThreadPoolExecutor(jobs) if jobs > 1 else None
+    pending: dict[int, Future] = {}
+    try:
+        if pool is not None:
+            # the attention cells first: one of them is the longest unit of all
+            order = [*range(bias_units, len(units)), *range(bias_units)]
+            pending = {i: pool.submit(units[i][1]) for i in order if units[i][0] == "pool"}
+        for index, (_, work) in enumerate(units):
+            if index in pending:
+                continue
+            collect(index, _as_list(work()))
+            for key in [k for k, f in pending.items() if f.done()]:
+                collect(key, _as_list(pending.pop(key).result()))
+        for key, future in pending.items():
+            collect(key, _as_list(future.result()))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    ordered = [outputs[i] for i in range(len(units))]
+    bias = [c for cells in ordered[:bias_units] for c in cells]
+    layers = [c for cells in ordered[bias_units:] for c in cells]
+    return bias, layers
+
+
+def _attention_cells(backend: str, kinds: list[str]) -> list[Any]:
+    from . import _layers
+
+    return [_layers.attention_cell(backend, kind) for kind in kinds]
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
 
 
 def assert_parity(
@@ -380,7 +666,13 @@ def assert_parity(
     backend_names = list(backends) if backends is not None else backends_under_test()
     if not backend_names:
         raise BackendUnavailableError("no backend to test; install numpy at least.")
-    cells = [check_cell(specs, b, d) for b in backend_names for d in dtypes]
+    dtype_names = list(dtypes)
+    references = _References()
+    cells = [
+        cell
+        for b in backend_names
+        for cell in _check_cells(specs, b, dtype_names, references=references)
+    ]
     failures = [f"[{c.backend}/{c.dtype}] {f}" for c in cells for f in c.failures]
     if failures:
         raise AssertionError("parity failed:\n" + "\n".join(failures[:50]))

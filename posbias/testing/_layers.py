@@ -210,3 +210,21 @@ def check_layers(backend: str) -> LayerCell:
                 cell.failures.append(f"H={heads}/kv={kv} {label}: normwise error {err:.3g} > {tol}")
     cell.seconds = time.perf_counter() - start
     return cell
+
+
+def attention_jobs(backend_names: list[str], dtypes: list[str]) -> list[tuple[str, str]]:
+    """``(backend, kind)`` of every attention cell: each dtype's ``attention()``, then the layer."""
+    frameworks = [b for b in backend_names if b != "numpy"]
+    jobs = [(b, d) for b in frameworks for d in dtypes if d in ATTENTION_TOLERANCES]
+    return jobs + [(b, "layers") for b in frameworks]
+
+
+def attention_cell(backend: str, kind: str) -> LayerCell:
+    """One attention cell of ``posbias parity``: ``kind`` is a dtype or ``"layers"``."""
+    if kind == "layers":
+        cell = check_layers(backend)
+        cell.dtype = "float32 MultiHeadAttention"
+    else:
+        cell = check_functional(backend, kind)
+        cell.dtype = f"{kind} attention()"
+    return cell
