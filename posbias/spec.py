@@ -411,10 +411,12 @@ class BiasSpec:
                 + "; ".join(problems)
                 + f". Expected {expected} (see spec.param_shapes())."
             )
-        with np.errstate(over="ignore"):  # frameworks hold parameters in float32
-            bad = sorted(
-                k for k, v in values.items() if not np.isfinite(np.asarray(v, np.float32)).all()
-            )
+        bad = []
+        if values:  # NumPy values (native tensors are the frameworks' own, checked on load)
+            with np.errstate(over="ignore"):  # frameworks hold parameters in float32
+                bad = sorted(
+                    k for k, v in values.items() if not np.isfinite(np.asarray(v, np.float32)).all()
+                )
         if bad:
             raise InvalidArgumentError(
                 f"{label} parameters {bad} hold NaN, infinite or beyond-float32 values; "

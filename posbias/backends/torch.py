@@ -57,6 +57,8 @@ class TorchBackend(Backend):
 
     @classmethod
     def check_device(cls, device: Any) -> Any:
+        if isinstance(device, torch.device):  # e.g. a tensor's or a module's: usable as is
+            return device
         try:
             parsed = torch.device(device)
         except (RuntimeError, TypeError):
