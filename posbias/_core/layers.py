@@ -109,9 +109,20 @@ def init_weights(cfg: MHAConfig, seed: int = 0) -> dict[str, np.ndarray]:
 
     Every framework initialises from this, so equal seeds give equal layers.
     """
+    return init_from_shapes(cfg.shapes(), seed)
+
+
+def init_from_shapes(shapes: Mapping[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
+    """:func:`init_weights` for explicit portable ``shapes`` (``"<name>.kernel"``: 2-D,
+    Glorot-uniform in the order given; ``"<name>.bias"``: zeros), float32.
+
+    Layers whose projections are not described by an :class:`MHAConfig` (Keras'
+    ``key_dim``/``value_dim``/``output_shape``) use it; for the shapes of an
+    ``MHAConfig`` it gives exactly :func:`init_weights`'s values.
+    """
     rng = np.random.default_rng(check_seed(seed))
     weights = {}
-    for name, shape in cfg.shapes().items():
+    for name, shape in shapes.items():
         if name.endswith(".kernel"):
             limit = np.sqrt(6.0 / (shape[0] + shape[1]))
             weights[name] = rng.uniform(-limit, limit, size=shape).astype(np.float32)

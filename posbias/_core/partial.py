@@ -50,15 +50,20 @@ from . import conventions
 Partial = tuple[Any, Any]  # (out (B, H, Lq, D), lse (B, H, Lq))
 
 
-def softmax_rows(xp, scores: Any, visible: Any, v: Any, compute: str) -> Partial:
-    """``softmax(scores)·v`` over the visible keys and each row's log-sum-exp.
+def probabilities(xp, scores: Any, visible: Any, compute: str) -> tuple[Any, Any]:
+    """``softmax(scores)`` over the visible keys and each row's log-sum-exp.
+
+    The one softmax rule of every path: a row that sees no key gets
+    probabilities 0 (never NaN) and ``lse`` = the lowest finite value.
 
     Args:
         xp: the backend.
         scores: ``(B, H, Lq, Lk)`` scaled scores plus bias, in ``compute``.
         visible: ``(B|1, 1, Lq, Lk)`` bool, or None when every key is visible.
-        v: ``(B, H, Lk, D)`` values in ``compute``.
         compute: the compute dtype name.
+
+    Returns:
+        ``(probabilities (B, H, Lq, Lk), lse (B, H, Lq))`` in ``compute``.
     """
     lowest = xp.finfo_min(compute)
     if visible is not None:
@@ -72,9 +77,22 @@ def softmax_rows(xp, scores: Any, visible: Any, v: Any, compute: str) -> Partial
     # its lse is top = lowest). Not max(total, tiny): 1/tiny² overflows in the backward
     # pass, and a max would split the gradient at a tie.
     denom = xp.where(total > 0, total, 1.0)
-    out = xp.einsum("bhqk,bhkd->bhqd", shifted / denom, v)
     lse = top + xp.log(denom)
-    return out, lse[..., 0]
+    return shifted / denom, lse[..., 0]
+
+
+def softmax_rows(xp, scores: Any, visible: Any, v: Any, compute: str) -> Partial:
+    """``softmax(scores)·v`` over the visible keys and each row's log-sum-exp.
+
+    Args:
+        xp: the backend.
+        scores: ``(B, H, Lq, Lk)`` scaled scores plus bias, in ``compute``.
+        visible: ``(B|1, 1, Lq, Lk)`` bool, or None when every key is visible.
+        v: ``(B, H, Lk, D)`` values in ``compute``.
+        compute: the compute dtype name.
+    """
+    weights, lse = probabilities(xp, scores, visible, compute)
+    return xp.einsum("bhqk,bhkd->bhqd", weights, v), lse
 
 
 def key_visibility(q_segment: Any, k_segment: Any, k_real: Any) -> Any:
