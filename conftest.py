@@ -29,6 +29,10 @@ collect_ignore = ["posbias/__main__.py", "noxfile.py"]
 for _framework, _paths in _MODULES.items():
     if importlib.util.find_spec(_framework) is None:
         collect_ignore += _paths
+# posbias.keras needs Keras and the framework of its backend (KERAS_BACKEND, default TensorFlow)
+_KERAS_BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
+if importlib.util.find_spec("keras") is None or importlib.util.find_spec(_KERAS_BACKEND) is None:
+    collect_ignore.append("posbias/keras")
 
 
 @pytest.fixture(autouse=True)
