@@ -33,6 +33,8 @@ for _framework, _paths in _MODULES.items():
 _KERAS_BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
 if importlib.util.find_spec("keras") is None or importlib.util.find_spec(_KERAS_BACKEND) is None:
     collect_ignore.append("posbias/keras")
+if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None:
+    collect_ignore.append("posbias/transformers")
 
 
 @pytest.fixture(autouse=True)
