@@ -3,6 +3,7 @@
     nox -s lint docs tests # the whole test suite and the strict docs build (what CI runs)
     nox -s parity          # the cross-framework parity report, all frameworks together
     nox -s "tests(backend='all')" -- -k alibi   # arguments go to pytest
+    nox -s "keras(backend='jax')"                # posbias.keras on one Keras backend
 
 ``tests(backend='all')`` installs all four frameworks in one environment and
 runs the whole suite (on every CPU with pytest-xdist). Each other
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["lint", "docs", "tests"]
+nox.options.sessions = ["lint", "docs", "tests", "keras"]
 nox.options.reuse_existing_virtualenvs = True
 
 CONSTRAINTS = ("-c", "ci/constraints.txt")
@@ -118,3 +119,26 @@ def bench(session: nox.Session) -> None:
     """The attention benchmarks (docs/benchmarks.md); ``-- --smoke`` for a quick check."""
     _install(session, "-e", ".[all,plot]")
     session.run("posbias", "bench", *session.posargs, env=ENV)
+
+
+KERAS_BACKENDS = ("tensorflow", "jax", "torch")
+
+
+@nox.session
+@nox.parametrize("backend", KERAS_BACKENDS)
+def keras(session: nox.Session, backend: str) -> None:
+    """posbias.keras on one Keras backend: tests/test_keras.py and its docstring examples.
+
+    Keras reads ``KERAS_BACKEND`` at import, so each backend runs in its own session
+    (``tests(backend='all')`` runs the same tests on the TensorFlow backend and loads
+    a ``.keras`` file saved there under JAX and PyTorch).
+    """
+    extras = "tensorflow,test" if backend == "tensorflow" else f"{backend},keras,test"
+    _install(session, "-e", f".[{extras}]")
+    session.run(
+        "pytest",
+        "tests/test_keras.py",
+        "posbias/keras",
+        *session.posargs,
+        env={**ENV, "KERAS_BACKEND": backend, "POSBIAS_TEST_BACKENDS": f"numpy,{backend}"},
+    )

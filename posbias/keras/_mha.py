@@ -124,8 +124,10 @@ class MultiHeadAttention(PosbiasErrorsFromConfig, _layers.PortableWeightsMixin, 
         kernel_initializer: a Keras initializer for the projection kernels instead
             of posbias's seeded one (default None: posbias's).
         bias_initializer: a Keras initializer for the projection biases (default zeros).
-        kernel_regularizer, bias_regularizer, kernel_constraint, bias_constraint:
-            as in Keras, for the projections.
+        kernel_regularizer: as in Keras, for the projection kernels.
+        bias_regularizer: as in Keras, for the projection biases.
+        kernel_constraint: as in Keras, for the projection kernels.
+        bias_constraint: as in Keras, for the projection biases.
         **kwargs: ``keras.layers.Layer`` arguments (``name``, ``dtype`` policy such as
             ``"mixed_bfloat16"``, ...).
 
@@ -147,8 +149,8 @@ class MultiHeadAttention(PosbiasErrorsFromConfig, _layers.PortableWeightsMixin, 
     * ``return_attention_scores=True`` returns ``(out, scores)`` with scores
       ``(B, H, Lq, Lk)``, computed on the exact materialised path.
 
-    Returns:
-        ``(B, Lq, output_shape or E_q)`` in the layer's compute dtype (and the scores).
+    The call returns ``(B, Lq, output_shape or E_q)`` in the layer's compute
+    dtype (and the scores).
 
     Raises:
         InvalidArgumentError, InvalidTypeError: bad constructor or call arguments
