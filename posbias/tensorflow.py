@@ -126,7 +126,8 @@ def _check_keras_backend() -> None:
     if keras.backend.backend() != "tensorflow":
         raise BackendError(
             f"posbias.tensorflow layers need Keras' TensorFlow backend, but Keras runs on "
-            f"{keras.backend.backend()!r}; set KERAS_BACKEND=tensorflow before importing keras."
+            f"{keras.backend.backend()!r}; set KERAS_BACKEND=tensorflow before importing keras, "
+            "or use posbias.keras, whose layers run on every Keras backend."
         )
 
 
