@@ -459,3 +459,19 @@ def test_bad_call_arguments(call, error, message):
 def test_portable_weights_need_a_built_layer():
     with pytest.raises(posbias.InvalidArgumentError, match="not built yet"):
         MultiHeadAttention(2, 4).portable_weights()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"bias": "t5", "num_heads": 0}, posbias.InvalidArgumentError, "num_heads"),
+        ({"bias": "t5", "num_heads": 2, "seed": -1}, posbias.InvalidArgumentError, "seed"),
+        ({"bias": "t5", "num_heads": 2, "seed": "0"}, posbias.InvalidTypeError, "seed"),
+        ({"bias": "t5"}, posbias.InvalidArgumentError, "num_heads"),
+        ({"bias": "nope", "num_heads": 2}, posbias.UnknownBiasError, "nope"),
+        ({"bias": "t5", "num_heads": 2, "num_buckets": 3}, posbias.InvalidArgumentError, "even"),
+    ],
+)
+def test_bad_positional_bias_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        PositionalBias(**kwargs)

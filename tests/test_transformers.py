@@ -346,3 +346,19 @@ def test_models_sharing_the_config_object_keep_their_attention():
         diff = (model(**kwargs).logits - other(**kwargs).logits).abs().max()
     assert diff <= TOLERANCE
     assert ptr.patch(model) is model  # patching twice is harmless
+
+
+def test_the_posbias_mask_function_reads_padding_patterns_only():
+    from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
+
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    built = _common.posbias_mask(2, 3, 3, mask_function=causal_mask_function, attention_mask=mask)
+    assert torch.equal(built, mask.bool())
+    none_padded = _common.posbias_mask(2, 3, 3, mask_function=causal_mask_function)
+    assert none_padded.shape == (2, 0)
+    with pytest.raises(posbias.InvalidArgumentError, match="sliding windows"):
+        _common.posbias_mask(2, 3, 3, mask_function=sliding_window_causal_mask_function(2))
+    with pytest.raises(posbias.InvalidArgumentError, match="DynamicCache"):
+        _common.posbias_mask(2, 1, 8, q_offset=3, mask_function=causal_mask_function)
+    with pytest.raises(posbias.InvalidArgumentError, match="one entry per key"):
+        _common.posbias_mask(2, 3, 3, mask_function=causal_mask_function, attention_mask=mask[:1])
