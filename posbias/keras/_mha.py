@@ -14,82 +14,8 @@ from .._core import masks as _masks
 from .._core import weights as _weights
 from .._core.checks import check_finite_float, check_int, check_num_heads
 from ..errors import InvalidArgumentError, InvalidTypeError
-from . import _engine
+from . import _args, _engine
 from ._bias import PosbiasErrorsFromConfig, PositionalBias
-
-#: keras.layers.MultiHeadAttention arguments this layer does not take, and why
-_UNSUPPORTED = {
-    "sliding_window": "a sliding window is a mask posbias does not build yet; use "
-    "keras.layers.MultiHeadAttention for it",
-    "flash_attention": "posbias chooses its kernel with implementation= ('auto' picks the "
-    "fastest exact one)",
-    "use_gate": "gated attention is not supported",
-}
-#: keras.layers.Layer keyword arguments passed through
-_LAYER_KEYWORDS = (
-    "name",
-    "dtype",
-    "trainable",
-    "autocast",
-    "activity_regularizer",
-    "input_shape",
-    "input_dim",
-    "batch_input_shape",
-    "batch_size",
-)
-_CALL_KEYWORDS = (
-    "key",
-    "query_mask",
-    "value_mask",
-    "key_mask",
-    "attention_mask",
-    "return_attention_scores",
-    "training",
-    "use_causal_mask",
-)
-_PROJECTIONS = {"q": "query", "k": "key", "v": "value", "o": "attention_output"}
-
-
-def _keras_object(kind: str, name: str, value: Any) -> Any:
-    """``keras.<kind>.get(value)`` with posbias's error naming the argument."""
-    try:
-        return getattr(keras, kind).get(value)
-    except (ValueError, TypeError) as exc:
-        raise InvalidArgumentError(f"{name}={value!r} is not a Keras {kind[:-1]}: {exc}") from None
-
-
-def _serialize(kind: str, value: Any) -> Any:
-    return None if value is None else getattr(keras, kind).serialize(value)
-
-
-def _output_dim(output_shape: Any) -> int | None:
-    if output_shape is None:
-        return None
-    if isinstance(output_shape, (tuple, list)) and len(output_shape) == 1:
-        output_shape = output_shape[0]
-    if isinstance(output_shape, (tuple, list)):
-        raise InvalidArgumentError(
-            f"output_shape must be an int (or a 1-tuple): posbias.keras projects to one "
-            f"feature axis, got {output_shape!r}."
-        )
-    return check_int("output_shape", output_shape, minimum=1)
-
-
-def _attention_axes(axes: Any) -> Any:
-    if axes is None:
-        return None
-    items = list(axes) if isinstance(axes, (tuple, list)) else [axes]
-    if len(items) != 1 or not all(isinstance(a, int) and not isinstance(a, bool) for a in items):
-        raise InvalidArgumentError(
-            f"attention_axes must be None or the sequence axis (1) of (B, L, E) inputs, got "
-            f"{axes!r}; posbias.keras attends over one sequence axis."
-        )
-    if items[0] not in (1, -2):
-        raise InvalidArgumentError(
-            f"attention_axes={axes!r}: posbias.keras attends over the sequence axis of "
-            "(B, L, E) inputs only (attention_axes=None or 1)."
-        )
-    return (1,)
 
 
 @keras.saving.register_keras_serializable(package="posbias.keras")
@@ -190,11 +116,12 @@ class MultiHeadAttention(PosbiasErrorsFromConfig, _layers.PortableWeightsMixin, 
     ) -> None:
         _engine.keras_backend()
         for name in kwargs:
-            if name in _UNSUPPORTED:
+            if name in _args.UNSUPPORTED:
+                why = _args.UNSUPPORTED[name]
                 raise InvalidArgumentError(
-                    f"posbias.keras.MultiHeadAttention does not take {name}=: {_UNSUPPORTED[name]}."
+                    f"posbias.keras.MultiHeadAttention does not take {name}=: {why}."
                 )
-        unknown = {k: v for k, v in kwargs.items() if k not in _LAYER_KEYWORDS}
+        unknown = {k: v for k, v in kwargs.items() if k not in _args.LAYER_KEYWORDS}
         conventions.reject_unknown(
             "MultiHeadAttention",
             unknown,
@@ -205,7 +132,7 @@ class MultiHeadAttention(PosbiasErrorsFromConfig, _layers.PortableWeightsMixin, 
                 "bias",
                 "implementation",
                 "seed",
-                *_LAYER_KEYWORDS,
+                *_args.LAYER_KEYWORDS,
             ),
         )
         super().__init__(**kwargs)
@@ -223,25 +150,29 @@ class MultiHeadAttention(PosbiasErrorsFromConfig, _layers.PortableWeightsMixin, 
                 "layer's output."
             )
         self.use_bias = conventions.check_bool("use_bias", use_bias)
-        self.output_dim = _output_dim(output_shape)
-        self.attention_axes = _attention_axes(attention_axes)
+        self.output_dim = _args.output_dim(output_shape)
+        self.attention_axes = _args.attention_axes(attention_axes)
         self.implementation = _dispatch.check_implementation(implementation)
         self.block_size = _dispatch.check_block_size(block_size)
         self.seed = _layers.check_seed(seed)
         self.kernel_initializer = (
             None
             if kernel_initializer is None
-            else _keras_object("initializers", "kernel_initializer", kernel_initializer)
+            else _args.keras_object("initializers", "kernel_initializer", kernel_initializer)
         )
-        self.bias_initializer = _keras_object("initializers", "bias_initializer", bias_initializer)
-        self.kernel_regularizer = _keras_object(
+        self.bias_initializer = _args.keras_object(
+            "initializers", "bias_initializer", bias_initializer
+        )
+        self.kernel_regularizer = _args.keras_object(
             "regularizers", "kernel_regularizer", kernel_regularizer
         )
-        self.bias_regularizer = _keras_object("regularizers", "bias_regularizer", bias_regularizer)
-        self.kernel_constraint = _keras_object(
+        self.bias_regularizer = _args.keras_object(
+            "regularizers", "bias_regularizer", bias_regularizer
+        )
+        self.kernel_constraint = _args.keras_object(
             "constraints", "kernel_constraint", kernel_constraint
         )
-        self.bias_constraint = _keras_object("constraints", "bias_constraint", bias_constraint)
+        self.bias_constraint = _args.keras_object("constraints", "bias_constraint", bias_constraint)
         self.positional_bias = _layers.layer_bias(
             bias,
             self.num_heads,
@@ -282,7 +213,7 @@ class MultiHeadAttention(PosbiasErrorsFromConfig, _layers.PortableWeightsMixin, 
             dtype=self.dtype_policy,
         )
         self.projections = {}
-        for short, name in _PROJECTIONS.items():
+        for short, name in _args.PROJECTIONS.items():
             output = short == "o"
             layer = keras.layers.EinsumDense(
                 "abcd,cde->abe" if output else "abc,cde->abde",
@@ -316,7 +247,7 @@ class MultiHeadAttention(PosbiasErrorsFromConfig, _layers.PortableWeightsMixin, 
         use_causal_mask: bool = False,
         **removed: Any,
     ) -> Any:
-        conventions.reject_unknown("MultiHeadAttention", removed, ("value", *_CALL_KEYWORDS))
+        conventions.reject_unknown("MultiHeadAttention", removed, ("value", *_args.CALL_KEYWORDS))
         causal = conventions.check_bool("use_causal_mask", use_causal_mask)
         want_scores = conventions.check_bool("return_attention_scores", return_attention_scores)
         if training is not None:
@@ -520,10 +451,10 @@ class MultiHeadAttention(PosbiasErrorsFromConfig, _layers.PortableWeightsMixin, 
             "implementation": self.implementation,
             "block_size": self.block_size,
             "seed": self.seed,
-            "kernel_initializer": _serialize("initializers", self.kernel_initializer),
-            "bias_initializer": _serialize("initializers", self.bias_initializer),
-            "kernel_regularizer": _serialize("regularizers", self.kernel_regularizer),
-            "bias_regularizer": _serialize("regularizers", self.bias_regularizer),
-            "kernel_constraint": _serialize("constraints", self.kernel_constraint),
-            "bias_constraint": _serialize("constraints", self.bias_constraint),
+            "kernel_initializer": _args.serialize("initializers", self.kernel_initializer),
+            "bias_initializer": _args.serialize("initializers", self.bias_initializer),
+            "kernel_regularizer": _args.serialize("regularizers", self.kernel_regularizer),
+            "bias_regularizer": _args.serialize("regularizers", self.bias_regularizer),
+            "kernel_constraint": _args.serialize("constraints", self.kernel_constraint),
+            "bias_constraint": _args.serialize("constraints", self.bias_constraint),
         }
