@@ -312,6 +312,30 @@ def test_a_keras_file_saved_under_tensorflow_loads_here(tmp_path):
     np.testing.assert_allclose(_np(reloaded(_ids())), np.load(expected), rtol=1e-5, atol=2e-6)
 
 
+_LOAD_UNDER_ANOTHER_BACKEND = """
+import numpy as np, keras
+import posbias.keras  # registers the layers with Keras
+model = keras.models.load_model({path!r})
+np.save({out!r}, keras.ops.convert_to_numpy(model(np.load({ids!r}))))
+"""
+
+
+@pytest.mark.skipif(KERAS_BACKEND != "tensorflow", reason="saves under TensorFlow")
+@pytest.mark.parametrize("other", ["jax", "torch"])
+def test_a_keras_file_saved_here_loads_under_another_backend(tmp_path, other):
+    if other not in BACKENDS:
+        pytest.skip(f"{other} not under test")
+    model, _ = _model()
+    model.fit(_ids(), np.ones((8, 1)), epochs=2, batch_size=8, verbose=0)
+    path, ids, out = (str(tmp_path / n) for n in ("model.keras", "ids.npy", "out.npy"))
+    model.save(path)
+    np.save(ids, _ids())
+    script = _LOAD_UNDER_ANOTHER_BACKEND.format(path=path, ids=ids, out=out)
+    env = {**os.environ, "KERAS_BACKEND": other, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=ROOT, timeout=300)
+    np.testing.assert_allclose(np.load(out), _np(model(_ids())), rtol=1e-5, atol=2e-6)
+
+
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision(policy):
     layer, ref = _pair(dtype=policy)
