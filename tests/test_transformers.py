@@ -235,6 +235,12 @@ def test_attn_implementation_posbias(arch):
     switched.set_attn_implementation("posbias")
     with torch.no_grad():
         torch.testing.assert_close(switched(**kwargs).logits, registered(**kwargs).logits)
+    for m in (model, registered):  # gradients reach the table through HF's bias tensor
+        m.train()
+        m(**kwargs, labels=_labels(kwargs, arch)).loss.backward()
+    for name, param in model.named_parameters():
+        other = registered.get_parameter(name).grad
+        assert (param.grad - other).abs().max() <= TOLERANCE, name
 
 
 @pytest.mark.parametrize("arch", T5_FAMILY)
