@@ -298,6 +298,14 @@ class MultiHeadAttention(
             raise InvalidTypeError(
                 f"input must be a (B, L, embed_dim) tensor or array, got {type(x).__name__}."
             )
+        second = args[1] if len(args) > 1 else None
+        if len(getattr(second, "shape", ())) == 3:  # Keras' mha(query, value) idiom
+            raise InvalidTypeError(
+                "posbias.tensorflow.MultiHeadAttention is self-attention, called as "
+                "layer(x, key_mask=None, segment_ids=None, cache=None); its second argument is "
+                "a (B, L) key_mask, not a value tensor. For Keras' layer(query, value, ...) "
+                "convention use posbias.keras.MultiHeadAttention."
+            )
         return super().__call__(*args, **kwargs)
 
     def call(

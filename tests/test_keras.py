@@ -480,6 +480,15 @@ def test_bad_call_arguments(call, error, message):
         call(layer, _x())
 
 
+@pytest.mark.skipif(KERAS_BACKEND != "tensorflow", reason="posbias.tensorflow is TensorFlow's")
+def test_the_tensorflow_layer_points_keras_idioms_here():
+    from posbias.tensorflow import MultiHeadAttention as TFMultiHeadAttention
+
+    x = _x()
+    with pytest.raises(posbias.InvalidTypeError, match=r"posbias.keras.MultiHeadAttention"):
+        TFMultiHeadAttention(24, 3)(x, x)
+
+
 def test_portable_weights_need_a_built_layer():
     with pytest.raises(posbias.InvalidArgumentError, match="not built yet"):
         MultiHeadAttention(2, 4).portable_weights()
