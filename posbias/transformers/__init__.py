@@ -13,11 +13,11 @@
 BLOOM, MPT and Falcon (``alibi=True``) build an ALiBi tensor and run eager
 attention over ``(B, H, Lq, Lk)`` scores; T5, mT5 and UMT5 build a
 ``(1, H, Lq, Lk)`` position bias. :func:`patch` replaces their attention by
-posbias's exact blockwise attention (PyTorch SDPA tiles, FlashAttention's
-``alibi_slopes`` on CUDA): nothing of size ``Lq × Lk`` per head is built, the
-bias comes from the model's own slopes or ``relative_attention_bias`` table
-(which still trains), and ``generate()`` with the KV cache, left padding,
-gradients and ``save_pretrained`` keep working. ``output_attentions=True``
+posbias's exact blockwise attention (``posbias.torch.attention``: PyTorch SDPA
+tiles): nothing of size ``Lq × Lk`` per head is built, the bias comes from
+the model's own slopes or ``relative_attention_bias`` table (which still
+trains), and ``generate()`` with the KV cache, left padding, gradients and
+``save_pretrained`` keep working. ``output_attentions=True``
 falls back to posbias's exact materialised path (and warns once).
 """
 
