@@ -60,10 +60,12 @@ class TensorflowBackend(Backend):
         return getattr(x, "device", None) or None
 
     def where(self, cond, a, b):
+        # a Python float becomes a constant of the other operand's dtype directly:
+        # tf.cast would go through float32 first (finfo(float64).min overflows)
         if not tf.is_tensor(a):
-            a = tf.cast(a, b.dtype)
+            a = tf.constant(a, dtype=b.dtype)
         if not tf.is_tensor(b):
-            b = tf.cast(b, a.dtype)
+            b = tf.constant(b, dtype=a.dtype)
         return tf.where(cond, a, b)
 
     def sigmoid(self, x):
