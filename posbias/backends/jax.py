@@ -80,3 +80,17 @@ class JaxBackend(Backend):
 
     def is_concrete(self, x) -> bool:
         return not isinstance(x, jax.core.Tracer)
+
+    autodiff = True
+
+    def custom_gradient(self, forward, backward):
+        @jax.custom_vjp
+        def fn(*inputs):
+            return forward(*inputs)[0]
+
+        fn.defvjp(forward, lambda saved, cotangents: tuple(backward(saved, cotangents)))
+        return fn
+
+    def vjp(self, fn, params):
+        value, pullback = jax.vjp(fn, dict(params))
+        return value, lambda cotangent: pullback(cotangent)[0]

@@ -121,3 +121,36 @@ class TensorflowBackend(Backend):
 
     def is_concrete(self, x) -> bool:
         return tf.executing_eagerly()
+
+    autodiff = True
+
+    def custom_gradient(self, forward, backward):
+        @tf.custom_gradient
+        def fn(*inputs):
+            outputs, saved = forward(*inputs)
+
+            def grad(*cotangents):
+                cotangents = tuple(
+                    tf.zeros_like(out) if ct is None else ct
+                    for out, ct in zip(outputs, cotangents, strict=True)
+                )
+                return list(backward(saved, cotangents))
+
+            return outputs, grad
+
+        return fn
+
+    def vjp(self, fn, params):
+        params = dict(params)
+        with tf.GradientTape() as tape:
+            tape.watch(list(params.values()))
+            value = fn(params)
+
+        def pullback(cotangent):
+            grads = tape.gradient(value, params, output_gradients=cotangent)
+            return {  # gathers give IndexedSlices: dense, so that blocks add up
+                n: tf.zeros_like(params[n]) if g is None else tf.convert_to_tensor(g)
+                for n, g in grads.items()
+            }
+
+        return value, pullback
