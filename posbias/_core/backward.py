@@ -166,6 +166,7 @@ def backward(
     xp = p.xp
     delta = row_deltas(xp, out, dout, dlse, p.compute)
     dout = xp.cast(dout, p.compute)
+    dlse = None if dlse is None else xp.cast(dlse, p.compute)
     bias_grad = BiasGradient(p, params)
     dim = xp.shape(p.q)[-1]
     dqs, dk, dv = [], None, None
@@ -178,8 +179,9 @@ def backward(
             dqs.append(xp.zeros((p.batch, p.heads, r1 - r0, dim), p.compute))
             continue
         bias = bias_grad.values(r0, r1, extent)
+        rows = (slice(None), slice(None), slice(r0, r1))
         dq_b, dk_b, dv_b, ds = tile_backward(
-            p, r0, r1, extent, bias, lse[:, :, r0:r1], delta[:, :, r0:r1], dout[:, :, r0:r1]
+            p, r0, r1, extent, bias, lse[rows], delta[rows], dout[rows], _rows(dlse, rows)
         )
         bias_grad.add(r0, r1, extent, ds)
         dqs.append(dq_b)
@@ -191,7 +193,15 @@ def backward(
 
 
 def tile_backward(
-    p: Problem, r0: int, r1: int, extent: int, bias: Any, lse: Any, delta: Any, dout: Any
+    p: Problem,
+    r0: int,
+    r1: int,
+    extent: int,
+    bias: Any,
+    lse: Any,
+    delta: Any,
+    dout: Any,
+    dlse: Any = None,
 ) -> tuple[Any, Any, Any, Any]:
     """One block's ``(dq, dk, dv, dS)``: rows ``[r0, r1)`` against keys ``[0, extent)``."""
     xp = p.xp
@@ -207,9 +217,20 @@ def tile_backward(
         prob = xp.where(visible[:, None], prob, 0.0)
     dv = xp.einsum("bhqk,bhqd->bhkd", prob, dout)
     ds = prob * (xp.einsum("bhqd,bhkd->bhqk", dout, v) - delta[..., None])
+    # Rows of dS sum to dlse exactly (0 for plain attention); rounding leaves about
+    # 1e-7·|δ|, which would be all the gradient of a parameter that shifts whole
+    # rows (FIRE's output bias): project it out.
+    excess = xp.sum_keepdims(ds, -1)
+    if dlse is not None:
+        excess = excess - dlse[..., None]
+    ds = ds - prob * excess
     dq = xp.einsum("bhqk,bhkd->bhqd", ds, k) * p.scale
     dk = xp.einsum("bhqk,bhqd->bhkd", ds, q) * p.scale
     return dq, dk, dv, ds
+
+
+def _rows(x: Any, rows: tuple) -> Any:
+    return None if x is None else x[rows]
 
 
 def _add_rows(xp, acc: Any, block: Any, length: int) -> Any:

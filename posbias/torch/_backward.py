@@ -189,6 +189,7 @@ class _Backward:
         bh, q_len = p.batch * heads, p.q_len
         self.group = _group_size(heads, rows * (p.k_len + rows))
         self.delta = _engine.row_deltas(p.xp, out, dout, dlse, p.compute).reshape(bh, q_len, 1)
+        self.dlse = None if dlse is None else dlse.to(dtype).reshape(bh, q_len, 1)
         self.lse = lse.to(dtype).reshape(bh, q_len, 1)
         self.q = p.q.to(dtype).reshape(bh, q_len, dim)
         self.do = dout.to(dtype).contiguous().reshape(bh, q_len, dim)
@@ -287,6 +288,8 @@ class _Backward:
         ds = ds_out.reshape(-1)[: group * n * width].view(group, n, width)
         torch.bmm(do, v.transpose(1, 2), out=ds)
         ds.sub_(self.delta[g, r0:r1]).mul_(prob)
+        if not self.reverse:  # tile gradients: rows of dS sum to dlse, as they do exactly
+            _fix_row_sums_(ds, prob, None if self.dlse is None else self.dlse[g, r0:r1])
         row_grad = work.rows_out[: group * n * dim].view(group, n, dim)
         torch.bmm(ds, k, out=row_grad)
         torch.mul(row_grad, scale, out=self.dq[g, r0:r1])
@@ -369,6 +372,23 @@ def _skew_sums(ds: torch.Tensor) -> torch.Tensor:
 #: vectorised exp takes a slow path there (ALiBi's far keys: 10-30x slower)
 _EXP_FLOOR = -87.0
 _TINY = float(torch.finfo(torch.float32).tiny)
+
+
+def _fix_row_sums_(ds: torch.Tensor, prob: torch.Tensor, dlse: Any) -> torch.Tensor:
+    """``dS - P·(rowsum(dS) - dlse)`` in place: each row of ``dS`` sums to its exact value.
+
+    Exactly, a row of ``dS = P ∘ (dP - δ) + P·dlse`` sums to ``dlse`` (0 for
+    plain attention). Rounding leaves about ``1e-7·|δ|`` more (``δ`` comes from
+    the forward's output, ``P`` from its log-sum-exp). Where a bias gradient is
+    a sum along rows (a tile's vector-Jacobian product: a parameter that
+    shifts whole rows, like FIRE's output bias, has gradient 0) that residue
+    would be all of it; projected out, the gradients agree with float32
+    autograd through the textbook formula.
+    """
+    excess = ds.sum(-1, keepdim=True)
+    if dlse is not None:
+        excess = excess - dlse
+    return torch.addcmul(ds, prob, excess, value=-1.0, out=ds)
 
 
 def _exp_(x: torch.Tensor) -> torch.Tensor:
