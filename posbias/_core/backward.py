@@ -49,6 +49,7 @@ diagonals only). A framework may pass faster block loops (PyTorch does:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -56,7 +57,7 @@ import einops
 
 from . import conventions
 from .problem import Problem
-from .reference import blockwise, reference_partial, sequenced
+from .reference import SEQUENCED, blockwise, reference_partial, sequenced
 
 Params = Mapping[str, Any]
 
@@ -169,25 +170,27 @@ def backward(
     dlse = None if dlse is None else xp.cast(dlse, p.compute)
     bias_grad = BiasGradient(p, params)
     dim = xp.shape(p.q)[-1]
-    dqs, dk, dv = [], None, None
+    extents = [p.extent(r0, min(r0 + block_size, p.q_len)) for r0 in range(0, p.q_len, block_size)]
+    dk, dv = (KeyRows(xp, extents, p.k_len) for _ in "kv")
+    dqs, done, first = [], None, p
     for r0 in range(0, p.q_len, block_size):
         r1 = min(r0 + block_size, p.q_len)
-        if dqs:  # one block's scores alive at a time (see reference.blockwise)
-            p = sequenced(p, dqs[-1], ("q", "k", "v"))
+        if done:  # one block's scores alive at a time: every result of the last one first
+            p = sequenced(first, done, SEQUENCED)
         extent = p.extent(r0, r1)
         if extent == 0:
             dqs.append(xp.zeros((p.batch, p.heads, r1 - r0, dim), p.compute))
             continue
-        bias = bias_grad.values(r0, r1, extent)
+        bias = bias_grad.values(r0, r1, extent, p)
         rows = (slice(None), slice(None), slice(r0, r1))
         dq_b, dk_b, dv_b, ds = tile_backward(
             p, r0, r1, extent, bias, lse[rows], delta[rows], dout[rows], _rows(dlse, rows)
         )
-        bias_grad.add(r0, r1, extent, ds)
+        # tie the next block to the running sums, not to this block's terms: a compiler
+        # could otherwise keep every block's dk, dv alive and add them up at the end
+        done = [dq_b, *dk.add(dk_b), *dv.add(dv_b), *bias_grad.add(r0, r1, extent, ds)]
         dqs.append(dq_b)
-        dk, dv = (_add_rows(xp, acc, b, p.k_len) for acc, b in ((dk, dk_b), (dv, dv_b)))
-    if dk is None:  # no row sees any key
-        dk = dv = xp.zeros((p.batch, p.heads, p.k_len, dim), p.compute)
+    dk, dv = (acc.result((p.batch, p.heads, dim), p.compute) for acc in (dk, dv))
     dq = dqs[0] if len(dqs) == 1 else xp.concat(dqs, 2)
     return dq, dk, dv, bias_grad.result()
 
@@ -233,13 +236,38 @@ def _rows(x: Any, rows: tuple) -> Any:
     return None if x is None else x[rows]
 
 
-def _add_rows(xp, acc: Any, block: Any, length: int) -> Any:
-    """``acc + block`` with ``block`` covering the first rows (axis 2) of ``length``."""
-    rows = xp.shape(block)[2]
-    if rows < length:
-        shape = (*xp.shape(block)[:2], length - rows, xp.shape(block)[3])
-        block = xp.concat([block, xp.zeros(shape, xp.dtype_name(block.dtype))], 2)
-    return block if acc is None else acc + block
+class KeyRows:
+    """Sums of per-block key gradients ``(B, H, K, D)`` that cover keys ``[0, K)``.
+
+    Kept as one piece per interval between block extents, each added to in
+    place of padding every block to ``Lk`` (a compiler may keep every padded
+    block alive: ``O(Lq/block · Lk)`` memory instead of ``O(Lk)``).
+    """
+
+    def __init__(self, xp, extents: list[int], length: int) -> None:
+        self.xp, self.length = xp, length
+        self.bounds = sorted({0, *(e for e in extents if e > 0)})
+        self.pieces: list[Any] = [None] * (len(self.bounds) - 1)
+
+    def add(self, block: Any) -> list[Any]:
+        """Add ``block`` (keys ``[0, K)``); the running sums it changed."""
+        extent, changed = self.xp.shape(block)[2], []
+        for i, (a, b) in enumerate(itertools.pairwise(self.bounds)):
+            if b > extent:
+                break
+            part = block[:, :, a:b]
+            self.pieces[i] = part if self.pieces[i] is None else self.pieces[i] + part
+            changed.append(self.pieces[i])
+        return changed
+
+    def result(self, lead: tuple[int, int, int], dtype: str) -> Any:
+        batch, heads, dim = lead
+        xp, parts = self.xp, []
+        for (a, b), piece in zip(itertools.pairwise(self.bounds), self.pieces, strict=True):
+            parts.append(xp.zeros((batch, heads, b - a, dim), dtype) if piece is None else piece)
+        if self.bounds[-1] < self.length:  # keys no row sees
+            parts.append(xp.zeros((batch, heads, self.length - self.bounds[-1], dim), dtype))
+        return parts[0] if len(parts) == 1 else xp.concat(parts, 2)
 
 
 def diagonal_sums(xp, ds: Any) -> Any:
@@ -287,29 +315,39 @@ class BiasGradient:
         if self.diagonal:
             self.d_min, self.d_max = conventions.diagonal_range(p.q_offset, p.q_len, 0, p.k_len)
 
-    def values(self, r0: int, r1: int, extent: int) -> Any:
-        """The bias tile of rows ``[r0, r1)`` and keys ``[0, extent)`` (None: no bias)."""
-        p = self.p
+    def values(self, r0: int, r1: int, extent: int, p: Problem | None = None) -> Any:
+        """The bias tile of rows ``[r0, r1)`` and keys ``[0, extent)`` (None: no bias).
+
+        ``p``: this block's problem (its inputs tied to the previous block), default
+        the whole one.
+        """
+        p = p or self.p
         if self.params is None or self.diagonal:
             return p.bias_tile(r0, r1, extent)
         tile, self._pullback = p.xp.vjp(
-            lambda prm: self._with(prm).bias_tile(r0, r1, extent), self.params
+            lambda prm: dataclasses.replace(p, bias=p.bias.with_params(dict(prm))).bias_tile(
+                r0, r1, extent
+            ),
+            self.params,
         )
         self._tile_dims = len(p.xp.shape(tile))
         return tile
 
-    def add(self, r0: int, r1: int, extent: int, ds: Any) -> None:
-        """Reduce one block's ``dS`` ``(B, H, n, extent)``."""
+    def add(self, r0: int, r1: int, extent: int, ds: Any) -> list[Any]:
+        """Reduce one block's ``dS`` ``(B, H, n, extent)``; the reductions made (to sequence)."""
         if self.params is None:
-            return
+            return []
         xp = self.p.xp
         if self.diagonal:
-            self.add_diagonals(self.block_d_min(r0, r1), diagonal_sums(xp, xp.sum(ds, 0)))
-            return
+            sums = diagonal_sums(xp, xp.sum(ds, 0))
+            self.add_diagonals(self.block_d_min(r0, r1), sums)
+            return [sums]
         if self._tile_dims == 3:  # one tile for every sequence of the batch
             ds = xp.sum(ds, 0)
-        self._accumulate(self._pullback(ds))
+        grads = self._pullback(ds)
+        self._accumulate(grads)
         self._pullback = None
+        return list(grads.values())
 
     def block_d_min(self, r0: int, r1: int) -> int:
         """The first diagonal ``d = j - i`` of rows ``[r0, r1)`` against keys ``[0, ...)``."""
@@ -331,9 +369,6 @@ class BiasGradient:
         return self._grads
 
     # ---------------------------------------------------------------- internals
-    def _with(self, params: Params) -> Problem:
-        return dataclasses.replace(self.p, bias=self.p.bias.with_params(dict(params)))
-
     def _pull_diagonals(self) -> dict[str, Any]:
         xp, p = self.p.xp, self.p
         width = self.d_max - self.d_min + 1

@@ -38,8 +38,9 @@ def reference_tile(p: Problem, r0: int, r1: int) -> Any:
     return reference_partial(p, r0, r1)[0]
 
 
-#: tying the next block's inputs to the last output orders the blocks
-_SEQUENCED = ("q", "k", "v")
+#: tying the next block's inputs to the last output orders the blocks (the positions
+#: too: a bias tile depends on nothing else, and could be computed early for every block)
+SEQUENCED = ("q", "k", "v", "q_slot", "k_slot", "q_pos", "k_pos")
 
 
 def blockwise(p: Problem, tile: Any, block_size: int) -> Any:
@@ -51,11 +52,11 @@ def blockwise(p: Problem, tile: Any, block_size: int) -> Any:
     block's scores alive at once: peak memory stays at one block's
     ``(B, H, n, Lk)``.
     """
-    outs = []
+    outs, first = [], p
     for r0 in range(0, p.q_len, block_size):
-        if outs:
+        if outs:  # tie the original inputs: a chain of ties could fuse into one late read
             last = outs[-1][0] if isinstance(outs[-1], tuple) else outs[-1]
-            p = sequenced(p, last, _SEQUENCED)
+            p = sequenced(first, last, SEQUENCED)
         outs.append(tile(p, r0, min(r0 + block_size, p.q_len)))
     if isinstance(outs[0], tuple):
         return tuple(_concat(p.xp, list(parts)) for parts in zip(*outs, strict=True))

@@ -198,7 +198,7 @@ class Backend:
         raise NotImplementedError
 
     def after(self, done, x):
-        """``x``, but only once ``done`` is computed (a scheduling edge for compilers)."""
+        """``x``, but only once ``done`` (a tensor or a list) is computed (a scheduling edge)."""
         return x
 
     def gather_last(self, x, index):

@@ -41,8 +41,13 @@ class JaxBackend(Backend):
     def after(self, done, x):
         # XLA drops optimization barriers on CPU; a data dependency it cannot fold
         # (x + 0·done: 0·v is not 0 for floats) orders the blocks instead.
-        tie = done[(0,) * done.ndim] * 0
-        return [t + tie.astype(t.dtype) for t in x]
+        # ``done`` may be a list: everything in it is computed first
+        tie = sum(d[(0,) * d.ndim] * 0 for d in (done if isinstance(done, list) else [done]))
+        # integers (positions) get 0 from a comparison: 0·NaN would not cast to 0
+        return [
+            t + (tie.astype(t.dtype) if jnp.issubdtype(t.dtype, jnp.floating) else (tie > 1))
+            for t in x
+        ]
 
     def supports(self, name: str) -> bool:
         return name != "float64" or _x64()
