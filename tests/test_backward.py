@@ -280,3 +280,44 @@ def test_torch_gradients_do_not_depend_on_threads():
     for a, b in zip(*grads, strict=True):
         assert (a - b).abs().max() <= 1e-6 * b.abs().max()
     assert torch.get_num_threads() == threads
+
+
+# ------------------------------------------------------------------ rings
+@pytest.mark.skipif("jax" not in FRAMEWORKS, reason="jax not under test")
+@pytest.mark.parametrize("kwargs", [dict(causal=True), dict(causal=True, key_mask=True)], ids=str)
+def test_jax_sequence_sharded_tiles_use_the_blockwise_backward(monkeypatch, kwargs):
+    """sharded_attention over a sequence mesh: each tile is a block of the engine's backward
+    (its lse gradient included); gradients equal single-device attention."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import Mesh
+
+    import posbias.jax as pj
+    from posbias._core import backward as engine
+
+    calls = []
+    original = engine.attention
+    monkeypatch.setattr(engine, "attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    devices = np.array(jax.devices()[:4])
+    mesh = Mesh(devices, ("seq",))
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 16, 4, 8)), jnp.float32) for _ in "qkv")
+    if kwargs.get("key_mask"):
+        mask = np.ones((2, 16), bool)
+        mask[0, :5] = False
+        kwargs = dict(kwargs, key_mask=jnp.asarray(mask))
+    module = pj.PositionalBias("t5", 4, seed=1)
+
+    def loss_ref(m, q, k, v):
+        return jnp.sum(pj.attention(q, k, v, m, implementation="reference", **kwargs) ** 2)
+
+    def loss(m, q, k, v):
+        out = pj.sharded_attention(q, k, v, m, mesh=mesh, seq_axis="seq", **kwargs)
+        return jnp.sum(out**2)
+
+    expected = jax.tree.leaves(nnx.grad(loss_ref, argnums=(0, 1, 2, 3))(module, q, k, v))
+    got = jax.tree.leaves(nnx.grad(loss, argnums=(0, 1, 2, 3))(module, q, k, v))
+    assert calls
+    for g, e in zip(got, expected, strict=True):
+        assert float(jnp.max(jnp.abs(g - e)) / jnp.max(jnp.abs(e))) < 1e-5

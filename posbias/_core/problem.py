@@ -226,7 +226,7 @@ class Problem:
         xp = self.xp
         visible = None
         if self.causal:
-            visible = conventions.causal_visible(self.q_slot[..., r0:r1], self.k_slot[:extent])
+            visible = conventions.causal_visible(self.q_slot[..., r0:r1], self.k_slot[..., :extent])
             if len(xp.shape(visible)) == 2:
                 visible = visible[None]
         if self.key_mask is not None:
