@@ -27,6 +27,7 @@ from . import __version__, registry
 from . import backends as _backends
 from . import testing as _testing
 from .errors import PosBiasError
+from .testing import _gradients as _grads
 from .testing import _layers as _lp
 
 
@@ -154,6 +155,8 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     ]
     _print_table(header, rows)
     layer_cells = [] if args.no_layers else _layer_parity_table(backend_names, args)
+    grad_cells = [] if args.no_layers else _gradient_parity_table(backend_names, args)
+    layer_cells = layer_cells + grad_cells
     failed = [c for c in cells if not c.passed]
     for cell in failed:
         print(f"\n{cell.variant} / {cell.backend} / {cell.dtype} failed:")
@@ -186,6 +189,34 @@ def _cmd_parity(args: argparse.Namespace) -> int:
             json.dump(report, handle, indent=2)
         print(f"wrote {args.json}")
     return 1 if failed else 0
+
+
+def _gradient_parity_table(backend_names, args) -> list[_grads.GradientCell]:
+    """Gradients of q, k, v and of every learnable bias's parameters, across frameworks."""
+    variants = args.variants and [
+        v for v in args.variants if registry.get(v, num_heads=4).learnable
+    ]
+    cells = _grads.check_gradients(backend_names, variants or None)
+    if cells:
+        print(
+            "\ngradient parity (same parameters and inputs; error = max|x-ref| / max|ref| of "
+            "q, k, v and of the bias parameters as one vector):"
+        )
+        header = ("variant", "backend", "vs", "checks", "max error", "tolerance", "result")
+        rows = [
+            (
+                c.variant,
+                c.backend,
+                c.reference,
+                str(c.checks),
+                f"{c.max_error:.3g}",
+                str(_grads.GRADIENT_TOLERANCE),
+                "pass" if c.passed else "FAIL",
+            )
+            for c in cells
+        ]
+        _print_table(header, rows)
+    return cells
 
 
 def _layer_parity_table(backend_names, args) -> list[_lp.LayerCell]:

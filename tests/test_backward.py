@@ -19,14 +19,14 @@ from test_fast_attention import CASES, _inputs
 
 import posbias
 from conftest import FRAMEWORKS
+from posbias.testing import _gradients as G
 
 TOL = 1e-5
-WEIGHTS = np.linspace(-1.0, 1.0, 16)  # the loss: sum((out · WEIGHTS)²) over every output
 
 
 def _spec(name: str, heads: int = 4):
     """The variant with the hyper-parameters its parity examples use (2-D grids, windows)."""
-    return type(posbias.get(name, num_heads=heads)).parity_examples(heads)[0]
+    return G.spec_for(name, heads)
 
 
 def _cases(spec):
@@ -37,90 +37,21 @@ def _cases(spec):
     return cases
 
 
-# -------------------------------------------------------------- per framework
-def _torch(spec, q, k, v, kwargs, dtype, implementation, block_size=4):
-    import torch
-
-    import posbias.torch as m
-
-    module = m.PositionalBias(spec)
-    leaves = [torch.tensor(t, dtype=getattr(torch, dtype), requires_grad=True) for t in (q, k, v)]
-    kw = {n: torch.as_tensor(x) if isinstance(x, np.ndarray) else x for n, x in kwargs.items()}
-    out = m.attention(*leaves, module, implementation=implementation, block_size=block_size, **kw)
-    weights = torch.as_tensor(WEIGHTS, dtype=torch.float64)
-    (out.double() * weights).square().sum().backward()
-    grads = [t.grad.double().numpy() for t in leaves]
-    params = {n: p.grad.double().numpy() for n, p in module.params.items() if p.grad is not None}
-    return grads, params, out.detach().double().numpy()
+#: eager JAX compiles every operation's shapes anew: fewer blocks, fewer shapes
+BLOCK_SIZE = {"torch": 4, "jax": 8, "tensorflow": 4}
 
 
-def _jax(spec, q, k, v, kwargs, dtype, implementation, block_size=8):
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    import posbias.jax as m
-
-    module = m.PositionalBias(spec)
-    with jax.enable_x64(dtype == "float64"):
-        args = [jnp.asarray(np.swapaxes(t, 1, 2), dtype=dtype) for t in (q, k, v)]
-        kw = {n: jnp.asarray(x) if isinstance(x, np.ndarray) else x for n, x in kwargs.items()}
-        weights = jnp.asarray(WEIGHTS)
-
-        def loss(module, q, k, v):
-            out = m.attention(
-                q, k, v, module, implementation=implementation, block_size=block_size, **kw
-            )
-            return jnp.sum((out.astype(weights.dtype) * weights) ** 2), out
-
-        (_, out), grads = nnx.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(
-            module, *args
+def _run(framework):
+    def run(spec, q, k, v, kwargs, dtype, implementation):
+        return G.gradients(
+            framework, spec, q, k, v, kwargs, dtype, implementation, BLOCK_SIZE[framework]
         )
-    params = {
-        n.removeprefix("param_"): np.asarray(g, np.float64)
-        for n, g in nnx.to_pure_dict(grads[0]).items()
-    }
-    qkv = [np.swapaxes(np.asarray(g, np.float64), 1, 2) for g in grads[1:]]
-    return qkv, params, np.swapaxes(np.asarray(out, np.float64), 1, 2)
+
+    return run
 
 
-def _tensorflow(spec, q, k, v, kwargs, dtype, implementation, block_size=4):
-    import tensorflow as tf
-
-    import posbias.tensorflow as m
-
-    module = m.PositionalBias(spec)
-    args = [tf.constant(np.swapaxes(t, 1, 2), dtype=dtype) for t in (q, k, v)]
-    kw = {n: tf.constant(x) if isinstance(x, np.ndarray) else x for n, x in kwargs.items()}
-    with tf.GradientTape() as tape:
-        tape.watch(args)
-        out = m.attention(*args, module, implementation=implementation, block_size=block_size, **kw)
-        loss = tf.reduce_sum((tf.cast(out, tf.float64) * WEIGHTS) ** 2)
-    weights = module.trainable_weights
-    grads = tape.gradient(loss, args + weights)
-    qkv = [np.swapaxes(tf.convert_to_tensor(g).numpy().astype(np.float64), 1, 2) for g in grads[:3]]
-    params = {
-        w.name.split("/")[-1].split(":")[0]: tf.convert_to_tensor(g).numpy().astype(np.float64)
-        for w, g in zip(weights, grads[3:], strict=True)
-        if g is not None
-    }
-    return qkv, params, np.swapaxes(out.numpy().astype(np.float64), 1, 2)
-
-
-RUN = {"torch": _torch, "jax": _jax, "tensorflow": _tensorflow}
-
-
-def _error(x: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-30))
-
-
-def _param_error(params: dict, ref: dict) -> float:
-    if not ref:
-        return 0.0
-    assert sorted(params) == sorted(ref)
-    x = np.concatenate([params[n].ravel() for n in sorted(ref)])
-    y = np.concatenate([ref[n].ravel() for n in sorted(ref)])
-    return _error(x, y)
+RUN = {name: _run(name) for name in BLOCK_SIZE}
+_error, _param_error = G.normwise, G.params_error
 
 
 # -------------------------------------------------------------------- tests
@@ -284,8 +215,8 @@ def test_torch_gradients_do_not_depend_on_threads():
 
 # ------------------------------------------------------------------ rings
 @pytest.mark.skipif("jax" not in FRAMEWORKS, reason="jax not under test")
-@pytest.mark.parametrize("kwargs", [dict(causal=True), dict(causal=True, key_mask=True)], ids=str)
-def test_jax_sequence_sharded_tiles_use_the_blockwise_backward(monkeypatch, kwargs):
+@pytest.mark.parametrize("padded", [False, True])
+def test_jax_sequence_sharded_tiles_use_the_blockwise_backward(monkeypatch, padded):
     """sharded_attention over a sequence mesh: each tile is a block of the engine's backward
     (its lse gradient included); gradients equal single-device attention."""
     import jax
@@ -303,10 +234,11 @@ def test_jax_sequence_sharded_tiles_use_the_blockwise_backward(monkeypatch, kwar
     mesh = Mesh(devices, ("seq",))
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((2, 16, 4, 8)), jnp.float32) for _ in "qkv")
-    if kwargs.get("key_mask"):
+    kwargs = dict(causal=True)
+    if padded:
         mask = np.ones((2, 16), bool)
         mask[0, :5] = False
-        kwargs = dict(kwargs, key_mask=jnp.asarray(mask))
+        kwargs["key_mask"] = jnp.asarray(mask)
     module = pj.PositionalBias("t5", 4, seed=1)
 
     def loss_ref(m, q, k, v):
@@ -317,7 +249,18 @@ def test_jax_sequence_sharded_tiles_use_the_blockwise_backward(monkeypatch, kwar
         return jnp.sum(out**2)
 
     expected = jax.tree.leaves(nnx.grad(loss_ref, argnums=(0, 1, 2, 3))(module, q, k, v))
-    got = jax.tree.leaves(nnx.grad(loss, argnums=(0, 1, 2, 3))(module, q, k, v))
+    got = jax.tree.leaves(nnx.jit(nnx.grad(loss, argnums=(0, 1, 2, 3)))(module, q, k, v))
     assert calls
     for g, e in zip(got, expected, strict=True):
         assert float(jnp.max(jnp.abs(g - e)) / jnp.max(jnp.abs(e))) < 1e-5
+
+
+# ------------------------------------------------------------ gradient parity
+@pytest.mark.skipif(len(FRAMEWORKS) < 2, reason="gradient parity needs two frameworks")
+def test_gradient_parity_cells_pass():
+    """The same parameters give the same gradients in every framework (posbias parity)."""
+    cells = G.check_gradients(FRAMEWORKS, ["t5", "kerple_log", "alibi_learned", "fire"])
+    assert len(cells) == 4 * (len(FRAMEWORKS) - 1)
+    for cell in cells:
+        assert cell.passed, (cell.variant, cell.backend, cell.failures)
+        assert cell.checks == len(G.cases()) and cell.max_error > 0
