@@ -216,6 +216,8 @@ class _Backward:
         """Hankel path: head groups in parallel, each over every block."""
         groups = list(range(0, self.p.batch * self.p.heads, self.group))
         workers = max(1, min(torch.get_num_threads(), len(groups)))
+        if self.q.device.type != "cpu":  # a GPU runs one stream of kernels anyway
+            workers = 1
         blocks = self.blocks()
         tasks = [lambda w=w: self._heads(groups[w::workers], blocks) for w in range(workers)]
         sums = _parallel(tasks)
