@@ -117,3 +117,36 @@ def run_child(call: str, module: str = "posbias.bench") -> dict[str, float]:
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child {call} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def plot_sweep(
+    data: dict[str, list[dict[str, float]]], out_dir: str, name: str, what: str, time_label: str
+) -> None:
+    """``{name}.json`` and two log-log plots, ``{name}_time.png`` and ``{name}_memory.png``.
+
+    ``data`` maps each method to points ``{"length", "seconds", "peak_gb"}``.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key, label, suffix in (
+        ("seconds", time_label, "time"),
+        ("peak_gb", "peak memory above inputs (GiB)", "memory"),
+    ):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for method, points in data.items():
+            xs = [p["length"] for p in points]
+            ax.plot(xs, [p[key] for p in points], marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(f"sequence length L (H=16, D=64, {what})")
+        ax.set_ylabel(label)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, f"{name}_{suffix}.png"), dpi=110)
+        plt.close(fig)

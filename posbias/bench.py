@@ -15,7 +15,6 @@ output-sized buffer exist.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import platform
 import time
@@ -37,6 +36,7 @@ from ._benchlib import (
     _rss_now,
     _torch_inputs,
     best_time,
+    plot_sweep,
     run_child,
 )
 
@@ -343,34 +343,16 @@ METHODS = ("posbias", "sdpa_no_bias", "sdpa_mask_built_per_call")
 
 
 def sweep(lengths: tuple[int, ...], out_dir: str) -> dict[str, list[dict[str, float]]]:
-    """Time and peak memory versus L (torch, causal ALiBi); writes two PNGs and a JSON."""
+    """Time and peak memory versus L (torch, causal ALiBi); writes two PNGs and a JSON.
+
+    Then the training sweep of :func:`posbias.bench_training.sweep` (all but the
+    longest length: a materialised bias and its gradient take 8 GiB at L = 8192).
+    """
     data: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
     for length in lengths:
         for method in METHODS:
             point = run_child(f"_sweep_child({length}, {method!r})")
             data[method].append({"length": length, **point})
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "sweep.json"), "w") as f:
-        json.dump(data, f, indent=1)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    for key, label, name in (
-        ("seconds", "time per forward (s)", "time"),
-        ("peak_gb", "peak memory above inputs (GiB)", "memory"),
-    ):
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for method in METHODS:
-            xs = [p["length"] for p in data[method]]
-            ax.plot(xs, [p[key] for p in data[method]], marker="o", label=method)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length L (H=16, D=64, causal ALiBi)")
-        ax.set_ylabel(label)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, f"sweep_{name}.png"), dpi=110)
-        plt.close(fig)
+    plot_sweep(data, out_dir, "sweep", "causal ALiBi", "time per forward (s)")
+    _training.sweep(lengths[:-1] if len(lengths) > 2 else lengths, out_dir)
     return data

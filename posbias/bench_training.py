@@ -30,6 +30,7 @@ from ._benchlib import (
     _rss_now,
     _torch_inputs,
     best_times,
+    plot_sweep,
     run_child,
 )
 
@@ -276,6 +277,59 @@ def tensorflow_training(length: int, repeats: int) -> Result:
         _at_most(0.7),
         note=f"grad max rel err {err:.1e}",
     )
+
+
+# ------------------------------------------------------------------ sweep
+#: training steps compared in the sweep (each point a fresh process)
+METHODS = ("posbias learnable t5", "sdpa causal, no bias", "hf-style t5 mask + sdpa")
+
+
+def _sweep_child(length: int, method: str) -> dict[str, float]:
+    """Fresh process: time and peak memory of one causal training step at ``length``."""
+    import torch
+    import torch.nn.functional as F
+
+    import posbias.torch as pt
+
+    spec = _t5()
+    module = pt.PositionalBias(spec)
+    leaves = [t.requires_grad_() for t in _torch_inputs(length, HEADS, DIM)]
+    buckets = torch.as_tensor(_buckets(spec, length))
+    hidden = torch.ones(length, length, dtype=torch.bool).triu(1)
+
+    def hf_style(q, k, v):  # the table gathered into an (H, L, L) mask on every call
+        table = module.params["table"]
+        mask = table[buckets].permute(2, 0, 1).masked_fill(hidden, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    calls = {
+        METHODS[0]: lambda q, k, v: pt.attention(q, k, v, module, causal=True),
+        METHODS[1]: lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        METHODS[2]: hf_style,
+    }
+
+    def step():
+        for t in [*leaves, *module.parameters()]:
+            t.grad = None
+        calls[method](*leaves).square().sum().backward()
+
+    step()  # warm-up
+    before = _rss_now()
+    start = time.perf_counter()
+    step()
+    return {"seconds": time.perf_counter() - start, "peak_gb": max(0, _peak_rss() - before) / GB}
+
+
+def sweep(lengths: tuple[int, ...], out_dir: str) -> dict[str, list[dict[str, float]]]:
+    """Training step time and peak memory versus L (PyTorch, causal, learnable T5 table):
+    ``train_sweep.json``, ``train_sweep_time.png``, ``train_sweep_memory.png``."""
+    data: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
+    for length in lengths:
+        for method in METHODS:
+            point = run_child(f"_sweep_child({length}, {method!r})", "posbias.bench_training")
+            data[method].append({"length": length, **point})
+    plot_sweep(data, out_dir, "train_sweep", "causal, learnable T5", "time per training step (s)")
+    return data
 
 
 def targets(smoke: bool) -> list[tuple[str, Any]]:
