@@ -244,7 +244,7 @@ def tensorflow_training(length: int, repeats: int) -> Result:
     q, k, v = (tf.constant(rng.standard_normal((1, length, HEADS, DIM)), tf.float32) for _ in "qkv")
 
     def grads(attend):
-        @tf.function
+        @tf.function(autograph=False)  # nothing to convert; autograph misreads nested defs
         def step(q, k, v):
             with tf.GradientTape() as tape:
                 tape.watch([q, k, v])

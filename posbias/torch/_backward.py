@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .._core import backward as _engine
+from .._core import partial as _partial
 from .._core.problem import Problem
 from .._core.reference import blockwise
 from . import _sdpa
@@ -113,24 +114,13 @@ def _hankel_mask(p: Problem, table: torch.Tensor, r0: int, r1: int, extent: int)
 def _masked_partial(p: Problem, r0: int, r1: int):
     extent = p.extent(r0, r1)
     if extent == 0:
-        return _empty(p, r1 - r0)
-    dtype = _dtype(p)
-    mask = p.bias_tile(r0, r1, extent)
-    visible = p.visible(r0, r1, extent)
-    if visible is not None:
-        visible = visible[:, None]
-        base = torch.zeros((), dtype=dtype, device=p.q.device) if mask is None else mask
-        mask = torch.where(visible, base.to(dtype), torch.finfo(dtype).min)
-    elif mask is not None:
-        mask = mask.to(dtype)
-    if mask is not None and mask.dim() == 3:
-        mask = mask[None]
-    q, k, v = (t.to(dtype) for t in (p.q[:, :, r0:r1], p.k[:, :, :extent], p.v[:, :, :extent]))
+        return _partial.empty(p.xp, p.batch, p.heads, r1 - r0, p.q.shape[-1], p.compute)
+    q, k, v, mask, visible = _sdpa.masked_block(p, r0, r1, extent)
     out, lse = _FLASH_CPU(q, k, v, attn_mask=mask, scale=p.scale)
     if visible is not None:  # rows that see no key: out 0, lse the lowest float (as the engine)
         seen = visible.any(-1)
         out = torch.where(seen[..., None], out, 0.0)
-        lse = torch.where(seen, lse, torch.finfo(dtype).min)
+        lse = torch.where(seen, lse, torch.finfo(_dtype(p)).min)
     return out, lse
 
 
@@ -402,9 +392,3 @@ def _exp_(x: torch.Tensor) -> torch.Tensor:
 
 def _dtype(p: Problem) -> torch.dtype:
     return getattr(torch, p.compute)
-
-
-def _empty(p: Problem, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    out = p.q.new_zeros((p.batch, p.heads, rows, p.q.shape[-1]), dtype=_dtype(p))
-    lse = p.q.new_full((p.batch, p.heads, rows), torch.finfo(_dtype(p)).min, dtype=_dtype(p))
-    return out, lse
