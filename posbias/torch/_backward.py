@@ -63,7 +63,7 @@ def forward(p: Problem, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _engine.forward(p, block_size)
     table = _hankel_table(p)
     if table is None:
-        return blockwise(p, _masked_partial, block_size)
+        return _masked_forward(p, block_size)
     return _hankel_forward(p, table, block_size)
 
 
@@ -109,6 +109,23 @@ def _hankel_mask(p: Problem, table: torch.Tensor, r0: int, r1: int, extent: int)
     """
     base = (p.k_len - extent) + r0
     return table[:, base : base + (r1 - r0) + extent - 1].unfold(-1, extent, 1)
+
+
+def _masked_forward(p: Problem, block_size: int):
+    """Blocks of rows, each with its own masked bias, shared out to threads (round robin)."""
+    dtype = _dtype(p)
+    out = p.q.new_empty((p.batch, p.heads, p.q_len, p.q.shape[-1]), dtype=dtype)
+    lse = p.q.new_empty((p.batch, p.heads, p.q_len), dtype=dtype)
+    starts = list(range(0, p.q_len, block_size))
+    workers = max(1, min(torch.get_num_threads(), len(starts)))
+
+    def rows(share: list[int]) -> None:
+        for r0 in share:
+            r1 = min(r0 + block_size, p.q_len)
+            out[:, :, r0:r1], lse[:, :, r0:r1] = _masked_partial(p, r0, r1)
+
+    _parallel([lambda w=w: rows(starts[w::workers]) for w in range(workers)])
+    return out, lse
 
 
 def _masked_partial(p: Problem, r0: int, r1: int):
@@ -188,6 +205,7 @@ class _Backward:
         self.dq = torch.empty_like(self.q)
         self.dk = self.q.new_zeros((bh, p.k_len, dim))
         self.dv = torch.zeros_like(self.dk)
+        self.param_grads: dict[str, torch.Tensor] | None = None  # by_blocks: summed per thread
 
     def blocks(self) -> list[tuple[int, int, int]]:
         """``(r0, r1, extent)`` of every block; rows that see no key get ``dq = 0`` here."""
@@ -202,12 +220,15 @@ class _Backward:
         return blocks
 
     # ------------------------------------------------------------ the loops
-    def by_heads(self) -> None:
-        """Hankel path: head groups in parallel, each over every block."""
-        groups = list(range(0, self.p.batch * self.p.heads, self.group))
-        workers = max(1, min(torch.get_num_threads(), len(groups)))
+    def _workers(self, tasks: int) -> int:
         if self.q.device.type != "cpu":  # a GPU runs one stream of kernels anyway
-            workers = 1
+            return 1
+        return max(1, min(torch.get_num_threads(), tasks))
+
+    def by_heads(self) -> None:
+        """Hankel path: head groups shared out to threads, each over every block."""
+        groups = list(range(0, self.p.batch * self.p.heads, self.group))
+        workers = self._workers(len(groups))
         blocks = self.blocks()
         tasks = [lambda w=w: self._heads(groups[w::workers], blocks) for w in range(workers)]
         sums = _parallel(tasks)
@@ -217,7 +238,7 @@ class _Backward:
 
     def _heads(self, share: list[int], blocks: list[tuple[int, int, int]]) -> Any:
         p, bias_grad = self.p, self.bias_grad
-        work = _Workspace(self)
+        work = _Workspace(self, self.dk, self.dv)  # head groups own disjoint rows
         diagonals = None
         if self.params:
             diagonals = self.q.new_zeros((p.heads, bias_grad.d_max - bias_grad.d_min + 1))
@@ -232,13 +253,32 @@ class _Backward:
         return diagonals
 
     def by_blocks(self) -> None:
-        """Natural key order: every block over all head groups, then its bias gradient."""
+        """Natural key order: blocks shared out to threads (round robin), each block over
+        all head groups, then its bias gradient (a tile's vector-Jacobian product needs
+        every head). Each thread sums its own key and parameter gradients; they are
+        added up in a fixed order (deterministic for a given thread count)."""
+        blocks = self.blocks()
+        workers = self._workers(len(blocks))
+        tasks = [lambda w=w: self._blocks(blocks[w::workers], w == 0) for w in range(workers)]
+        results = _parallel(tasks)
+        for dk, dv, _ in results[1:]:
+            self.dk += dk
+            self.dv += dv
+        if self.params:
+            self.param_grads = dict(results[0][2])
+            for _, _, grads in results[1:]:
+                self.param_grads = {n: g + grads[n] for n, g in self.param_grads.items()}
+
+    def _blocks(self, blocks: list[tuple[int, int, int]], first: bool) -> tuple:
         p, dtype = self.p, _dtype(self.p)
         bh = p.batch * p.heads
-        work = _Workspace(self)
+        dk = self.dk if first else torch.zeros_like(self.dk)
+        dv = self.dv if first else torch.zeros_like(self.dv)
+        work = _Workspace(self, dk, dv)
+        bias_grad = _engine.BiasGradient(p, self.params)
         grads = self.q.new_empty(bh * self.rows * (p.k_len + self.rows))  # a block's dS
-        for r0, r1, extent in self.blocks():
-            bias = self.bias_grad.values(r0, r1, extent)
+        for r0, r1, extent in blocks:
+            bias = bias_grad.values(r0, r1, extent)
             bias = None if bias is None else bias.to(dtype)
             visible = p.visible(r0, r1, extent)
             n = r1 - r0
@@ -251,7 +291,8 @@ class _Backward:
                 self._group(work, g0, r0, r1, extent, tile, seen, block_ds[g0 : g0 + self.group])
             if self.params:
                 ds = block_ds.view(p.batch, p.heads, n, extent + n)[..., :extent]
-                self.bias_grad.add(r0, r1, extent, ds)
+                bias_grad.add(r0, r1, extent, ds)
+        return dk, dv, bias_grad.result()
 
     def _group(self, work, g0, r0, r1, extent, bias, visible, ds_out) -> torch.Tensor:
         """Heads ``[g0, g0 + G)`` of one block: add to dq, dk, dv; return ``dS`` (padded)."""
@@ -275,7 +316,7 @@ class _Backward:
             real.masked_fill_(~visible, 0.0)
         key_grad = work.keys_out[: group * width * dim].view(group, width, dim)
         torch.bmm(prob.transpose(1, 2), do, out=key_grad)
-        self.dv[g, first : first + extent] += key_grad[:, :extent]
+        work.dv[g, first : first + extent] += key_grad[:, :extent]
         # dS = P ∘ (dO·Vᵀ - δ): zero in the n padding columns
         ds = ds_out.reshape(-1)[: group * n * width].view(group, n, width)
         torch.bmm(do, v.transpose(1, 2), out=ds)
@@ -286,7 +327,7 @@ class _Backward:
         torch.bmm(ds, k, out=row_grad)
         torch.mul(row_grad, scale, out=self.dq[g, r0:r1])
         torch.bmm(ds.transpose(1, 2), q, out=key_grad)
-        self.dk[g, first : first + extent].add_(key_grad[:, :extent], alpha=scale)
+        work.dk[g, first : first + extent].add_(key_grad[:, :extent], alpha=scale)
         return ds
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
@@ -296,13 +337,16 @@ class _Backward:
         )
         if self.reverse:
             dk, dv = dk.flip(2), dv.flip(2)
+        if self.param_grads is not None:
+            return dq, dk, dv, self.param_grads
         return dq, dk, dv, self.bias_grad.result()
 
 
 class _Workspace:
     """Buffers one worker reuses for every block (fresh memory per block costs page faults)."""
 
-    def __init__(self, run: _Backward) -> None:
+    def __init__(self, run: _Backward, dk: torch.Tensor, dv: torch.Tensor) -> None:
+        self.dk, self.dv = dk, dv  # where this worker adds its key gradients
         group, rows, k_len, dim = run.group, run.rows, run.p.k_len, run.q.shape[-1]
         self.probs = run.q.new_empty(group * rows * (k_len + rows))
         self.grads = torch.empty_like(self.probs)
