@@ -12,12 +12,17 @@ faster PyTorch block loops:
   Hankel view of :mod:`posbias.torch._sdpa` as its mask, learnable ones
   included (SDPA itself returns no mask gradient, which is why this module
   exists). Elsewhere (CUDA, other devices): the engine's textbook blocks.
-* **backward**: per block, five batched matrix products and three elementwise
-  passes, written into two workspaces allocated once per call (fresh memory
-  per block costs page faults that dominate on CPU). For a Toeplitz bias the
-  score gradient ``dS`` is written with ``n`` zero columns after each row, so
-  that its per-diagonal sums are a plain column sum of a strided view — no
+* **backward**: blocks of :data:`BACKWARD_ROWS` rows, a few heads at a time
+  (:data:`GROUP_ELEMENTS`), five batched matrix products each, written into
+  workspaces allocated once per call (fresh memory per block costs page
+  faults that dominate on CPU). Each block sees ``n`` zero keys after its
+  own: every product writes a contiguous buffer, and for a Toeplitz bias the
+  per-diagonal sums of ``dS`` are a plain column sum of a strided view — no
   copy, no scatter, no atomics.
+* **threads**: on CPU the work is shared out to ``torch.get_num_threads()``
+  threads running single-threaded operations (head groups on the Hankel
+  path, row blocks elsewhere): one join per pass instead of PyTorch's barrier
+  after every operation, which stalls when the cores are shared.
 
 ``blocks`` chooses: with gradients to compute (and not under
 ``torch.compile``) this path; otherwise the SDPA tiles of :mod:`._sdpa`,
@@ -80,7 +85,7 @@ def _hankel_forward(p: Problem, table: torch.Tensor, block_size: int):
     k, v = (t.flip(2).to(dtype) for t in (p.k, p.v))
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:-1])
-    workers = max(1, min(torch.get_num_threads(), p.heads))
+    workers = _workers(p.q, p.heads)
     bounds = [p.heads * w // workers for w in range(workers + 1)]
 
     def heads(h0: int, h1: int) -> None:
@@ -117,7 +122,7 @@ def _masked_forward(p: Problem, block_size: int):
     out = p.q.new_empty((p.batch, p.heads, p.q_len, p.q.shape[-1]), dtype=dtype)
     lse = p.q.new_empty((p.batch, p.heads, p.q_len), dtype=dtype)
     starts = list(range(0, p.q_len, block_size))
-    workers = max(1, min(torch.get_num_threads(), len(starts)))
+    workers = _workers(p.q, len(starts))
 
     def rows(share: list[int]) -> None:
         for r0 in share:
@@ -220,15 +225,10 @@ class _Backward:
         return blocks
 
     # ------------------------------------------------------------ the loops
-    def _workers(self, tasks: int) -> int:
-        if self.q.device.type != "cpu":  # a GPU runs one stream of kernels anyway
-            return 1
-        return max(1, min(torch.get_num_threads(), tasks))
-
     def by_heads(self) -> None:
         """Hankel path: head groups shared out to threads, each over every block."""
         groups = list(range(0, self.p.batch * self.p.heads, self.group))
-        workers = self._workers(len(groups))
+        workers = _workers(self.q, len(groups))
         blocks = self.blocks()
         tasks = [lambda w=w: self._heads(groups[w::workers], blocks) for w in range(workers)]
         sums = _parallel(tasks)
@@ -258,7 +258,7 @@ class _Backward:
         every head). Each thread sums its own key and parameter gradients; they are
         added up in a fixed order (deterministic for a given thread count)."""
         blocks = self.blocks()
-        workers = self._workers(len(blocks))
+        workers = _workers(self.q, len(blocks))
         tasks = [lambda w=w: self._blocks(blocks[w::workers], w == 0) for w in range(workers)]
         results = _parallel(tasks)
         for dk, dv, _ in results[1:]:
@@ -360,7 +360,14 @@ def _group_size(heads: int, per_head: int) -> int:
     return max(fits, default=1)
 
 
-_POOL: list[ThreadPoolExecutor] = []
+def _workers(like: torch.Tensor, tasks: int) -> int:
+    """Threads for ``tasks`` independent pieces of work on ``like``'s device."""
+    if like.device.type != "cpu":  # a GPU runs one stream of kernels anyway
+        return 1
+    return max(1, min(torch.get_num_threads(), tasks))
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
 def _parallel(tasks: list) -> list:
@@ -377,9 +384,10 @@ def _parallel(tasks: list) -> list:
         finally:  # threads started later copy the last value set: leave the caller's
             torch.set_num_threads(threads)
 
-    if not _POOL or _POOL[0]._max_workers < len(tasks):
-        _POOL[:] = [ThreadPoolExecutor(len(tasks), thread_name_prefix="posbias-backward")]
-    futures = [_POOL[0].submit(alone, task) for task in tasks]
+    pool = _POOLS.get(len(tasks))
+    if pool is None:  # one pool per size, kept: threads start once per process
+        pool = _POOLS[len(tasks)] = ThreadPoolExecutor(len(tasks), "posbias-backward")
+    futures = [pool.submit(alone, task) for task in tasks]
     return [f.result() for f in futures]
 
 
