@@ -5,8 +5,9 @@
 
 For each available framework on the GPU: every implementation against the
 float32 reference (relative error), and time ratios against the framework's own
-unbiased attention measured in the same run. TensorFlow is skipped when absent.
-Not part of CI (no GPU there).
+unbiased attention measured in the same run; PyTorch training steps (forward +
+backward, learnable biases included) against SDPA causal training. TensorFlow
+is skipped when absent. Not part of CI (no GPU there).
 """
 
 from __future__ import annotations
@@ -114,6 +115,65 @@ def torch_checks():
         print("  flash_attn not installed: the flash_attn path was not exercised")
 
 
+def torch_training_checks():
+    """Training steps (forward + backward) on CUDA: posbias's blockwise backward for
+    learnable biases, FlashAttention's alibi_slopes for fixed ALiBi in bf16 (when
+    installed), against SDPA causal training; gradients against the reference."""
+    import torch
+    import torch.nn.functional as F
+
+    import posbias.torch as pt
+
+    if not torch.cuda.is_available():
+        print("torch training: no CUDA")
+        return
+    dev, sync = "cuda", torch.cuda.synchronize
+    for dtype in (torch.float32, torch.bfloat16):
+        for length in (2048, 8192):
+            leaves = [
+                torch.randn(1, 16, length, 64, device=dev, dtype=dtype).requires_grad_()
+                for _ in range(3)
+            ]
+            for bias, learnable in (
+                ("alibi", False),
+                ("t5", True),
+                ("alibi_learned", True),
+                ("kerple_log", True),
+                ("fire", True),
+            ):
+                spec = posbias.get(bias, num_heads=16)
+                module = pt.PositionalBias(spec).to(dev) if learnable else spec
+                params = list(module.parameters()) if learnable else []
+
+                def step(impl, module=module, params=params):
+                    for t in leaves + params:
+                        t.grad = None
+                    out = pt.attention(*leaves, module, causal=True, implementation=impl)
+                    out.float().square().sum().backward()
+                    sync()
+                    return [t.grad.float().clone() for t in leaves + params]
+
+                def base():
+                    for t in leaves:
+                        t.grad = None
+                    F.scaled_dot_product_attention(
+                        *leaves, is_causal=True
+                    ).float().square().sum().backward()
+                    sync()
+
+                grads = step("auto")
+                note = ""
+                if length == 2048:
+                    ref = step("reference")
+                    err = max(rel(a.cpu(), b.cpu()) for a, b in zip(grads, ref, strict=True))
+                    note = f"grad err vs reference={err:.1e} "
+                ratio = best(lambda: step("auto"), 5) / best(base, 5)
+                print(
+                    f"  train {str(dtype)[6:]} L={length} {'learnable' if learnable else 'fixed'} "
+                    f"{bias}: {note}ratio vs SDPA causal train={ratio:.2f}"
+                )
+
+
 def jax_checks():
     import jax
     import jax.numpy as jnp
@@ -166,7 +226,7 @@ def jax_checks():
 
 
 if __name__ == "__main__":
-    for check in (torch_checks, jax_checks):
+    for check in (torch_checks, torch_training_checks, jax_checks):
         try:
             check()
         except ImportError as exc:

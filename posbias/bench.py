@@ -14,74 +14,34 @@ output-sized buffer exist.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
 import os
 import platform
-import resource
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
 import posbias
 
-GB = 2**30
-
-
-@dataclasses.dataclass
-class Result:
-    target: str
-    posbias_s: float
-    baseline_s: float
-    ratio: float
-    goal: str
-    passed: bool
-    peak_gb: float | None = None
-    note: str = ""
-
-
-def best_time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up (compilation, caches)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def _at_most(limit: float) -> tuple[str, Callable[[float], bool]]:
-    return f"<= {limit}x", lambda r: r <= limit
-
-
-def _at_least(limit: float) -> tuple[str, Callable[[float], bool]]:
-    return f">= {limit}x", lambda r: r >= limit
-
-
-def _result(target, ours, base, goal, **extra) -> Result:
-    text, ok = goal
-    ratio = ours / base
-    return Result(target, ours, base, ratio, text, bool(ok(ratio)), **extra)
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+from . import bench_training as _training
+from ._benchlib import (
+    GB,
+    Result,
+    _at_least,
+    _at_most,
+    _peak_rss,
+    _rel,
+    _result,
+    _rss_now,
+    _torch_inputs,
+    best_time,
+    plot_sweep,
+    run_child,
+)
 
 
 # ------------------------------------------------------------------ PyTorch
-def _torch_inputs(length: int, heads: int = 16, dim: int = 64, seed: int = 0):
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(1, heads, length, dim, generator=gen) for _ in range(3)]
-
-
 def torch_forward(length: int, repeats: int, *, bias: str, causal: bool, goal) -> Result:
     import torch
     import torch.nn.functional as F
@@ -106,42 +66,6 @@ def torch_forward(length: int, repeats: int, *, bias: str, causal: bool, goal) -
         base,
         goal,
         note=f"max rel err {err:.1e}",
-    )
-
-
-def torch_training(length: int, repeats: int) -> Result:
-    import torch
-    import torch.nn.functional as F
-
-    import posbias.torch as pt
-
-    spec = posbias.get("alibi", num_heads=16)
-    leaves = [t.requires_grad_() for t in _torch_inputs(length)]
-
-    def step(fn):
-        for t in leaves:
-            t.grad = None
-        fn(*leaves).square().sum().backward()
-        return [t.grad.clone() for t in leaves]
-
-    ours_fn = lambda q, k, v: pt.attention(q, k, v, spec, causal=True)  # noqa: E731
-    grads = step(ours_fn)
-    # gradient reference: SDPA with the materialised bias + causal mask (float32)
-    bias = spec.bias(length, length, backend="torch")
-    mask = bias.masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf"))
-    ref = step(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
-    err = max(_rel(a, b) for a, b in zip(grads, ref, strict=True))
-    ours = best_time(lambda: step(ours_fn), repeats)
-    base = best_time(
-        lambda: step(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
-        repeats,
-    )
-    return _result(
-        f"torch train step (fwd+bwd) causal alibi L={length} vs SDPA causal",
-        ours,
-        base,
-        _at_most(1.5),
-        note=f"grad max rel err {err:.1e}",
     )
 
 
@@ -292,38 +216,6 @@ def _long_child(length: int, bias: str) -> dict[str, float]:
     return {"seconds": seconds, "peak_above_inputs": max(0, _peak_rss() - before)}
 
 
-def _rss_now() -> int:
-    """Resident set size now, after resetting the kernel's peak counter (Linux)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM, so the peak seen later excludes imports
-    except OSError:
-        pass
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss() -> int:
-    """Peak resident set size since the last :func:`_rss_now` (VmHWM)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def run_child(call: str) -> dict[str, float]:
-    """Evaluate ``posbias.bench.<call>`` in a fresh Python process; its result dict."""
-    code = f"import json, posbias.bench as b; print(json.dumps(b.{call}))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark child {call} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def long_sequences(lengths: tuple[int, int], bias: str) -> Result:
     small, large = (run_child(f"_long_child({n}, {bias!r})") for n in lengths)
     growth = large["seconds"] / small["seconds"]
@@ -356,10 +248,10 @@ def targets(smoke: bool) -> list[tuple[str, Callable[[], Result]]]:
         ("5", lambda: jax_forward(L, reps)),
         ("5m", lambda: jax_memory_scaling((L // 2, L, 2 * L))),
         ("6", lambda: tensorflow_forward(L, reps)),
-        ("7", lambda: torch_training(L, max(1, reps // 2))),
         ("8", lambda: torch_decode(64 if smoke else 8192, reps)),
         ("9a", lambda: materialise("numpy", mat, reps)),
         ("9b", lambda: materialise("torch", mat, reps)),
+        *_training.targets(smoke),
     ]
 
 
@@ -390,7 +282,7 @@ def run(
 ) -> list[tuple[str, Result]]:
     results = []
     for key, fn in targets(smoke):
-        if only and key not in only and key.rstrip("abm") not in only:
+        if only and key not in only and key.rstrip("abcfm") not in only:
             continue
         if progress:
             progress(f"target {key} ...")
@@ -451,34 +343,16 @@ METHODS = ("posbias", "sdpa_no_bias", "sdpa_mask_built_per_call")
 
 
 def sweep(lengths: tuple[int, ...], out_dir: str) -> dict[str, list[dict[str, float]]]:
-    """Time and peak memory versus L (torch, causal ALiBi); writes two PNGs and a JSON."""
+    """Time and peak memory versus L (torch, causal ALiBi); writes two PNGs and a JSON.
+
+    Then the training sweep of :func:`posbias.bench_training.sweep` (all but the
+    longest length: a materialised bias and its gradient take 8 GiB at L = 8192).
+    """
     data: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
     for length in lengths:
         for method in METHODS:
             point = run_child(f"_sweep_child({length}, {method!r})")
             data[method].append({"length": length, **point})
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "sweep.json"), "w") as f:
-        json.dump(data, f, indent=1)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    for key, label, name in (
-        ("seconds", "time per forward (s)", "time"),
-        ("peak_gb", "peak memory above inputs (GiB)", "memory"),
-    ):
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for method in METHODS:
-            xs = [p["length"] for p in data[method]]
-            ax.plot(xs, [p[key] for p in data[method]], marker="o", label=method)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length L (H=16, D=64, causal ALiBi)")
-        ax.set_ylabel(label)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, f"sweep_{name}.png"), dpi=110)
-        plt.close(fig)
+    plot_sweep(data, out_dir, "sweep", "causal ALiBi", "time per forward (s)")
+    _training.sweep(lengths[:-1] if len(lengths) > 2 else lengths, out_dir)
     return data

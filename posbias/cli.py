@@ -42,6 +42,7 @@ from . import __version__, registry
 from . import backends as _backends
 from . import testing as _testing
 from .errors import InvalidArgumentError, PosBiasError
+from .testing import _gradients as _grads
 from .testing import _layers as _lp
 
 
@@ -236,6 +237,8 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     _print_table(header, rows)
     if layer_cells:
         _print_layer_table(layer_cells)
+    grad_cells = [] if args.no_layers else _gradient_parity_table(backend_names, args)
+    attention_cells, layer_cells = layer_cells, layer_cells + grad_cells
     failed = [c for c in cells if not c.passed]
     for cell in failed:
         print(f"\n{cell.variant} / {cell.backend} / {cell.dtype} failed:")
@@ -243,7 +246,8 @@ def _cmd_parity(args: argparse.Namespace) -> int:
             print("  " + failure)
     failed_layers = [c for c in layer_cells if not c.passed]
     for cell in failed_layers:
-        print(f"\nattention / {cell.backend} / {cell.dtype} failed:")
+        what = getattr(cell, "variant", "attention")
+        print(f"\n{what} / {cell.backend} / {cell.dtype} failed:")
         for failure in cell.failures[:10]:
             print("  " + failure)
     elapsed = time.perf_counter() - started
@@ -266,7 +270,11 @@ def _cmd_parity(args: argparse.Namespace) -> int:
             "tolerances": _testing.TOLERANCES,
             "cells": [c.as_dict() for c in cells],
             "attention_tolerances": _lp.ATTENTION_TOLERANCES,
-            "attention_cells": [{**dataclasses.asdict(c), "passed": c.passed} for c in layer_cells],
+            "attention_cells": [
+                {**dataclasses.asdict(c), "passed": c.passed} for c in attention_cells
+            ],
+            "gradient_tolerance": _grads.GRADIENT_TOLERANCE,
+            "gradient_cells": [{**dataclasses.asdict(c), "passed": c.passed} for c in grad_cells],
         }
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2)
@@ -281,6 +289,34 @@ def _use_compile_cache(path: str) -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def _gradient_parity_table(backend_names, args) -> list[_grads.GradientCell]:
+    """Gradients of q, k, v and of every learnable bias's parameters, across frameworks."""
+    variants = args.variants and [
+        v for v in args.variants if registry.get(v, num_heads=4).learnable
+    ]
+    cells = _grads.check_gradients(backend_names, variants or None)
+    if cells:
+        print(
+            "\ngradient parity (same parameters and inputs; error = max|x-ref| / max|ref| of "
+            "q, k, v and of the bias parameters as one vector):"
+        )
+        header = ("variant", "backend", "vs", "checks", "max error", "tolerance", "result")
+        rows = [
+            (
+                c.variant,
+                c.backend,
+                c.reference,
+                str(c.checks),
+                f"{c.max_error:.3g}",
+                str(_grads.GRADIENT_TOLERANCE),
+                "pass" if c.passed else "FAIL",
+            )
+            for c in cells
+        ]
+        _print_table(header, rows)
+    return cells
 
 
 def _print_layer_table(cells: list[_lp.LayerCell]) -> None:

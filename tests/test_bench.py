@@ -25,6 +25,14 @@ NEEDS = {
     "8": "torch",
     "9a": "numpy",
     "9b": "torch",
+    "10a": "torch",
+    "10b": "torch",
+    "10c": "torch",
+    "10f": "torch",
+    "10m": "torch",
+    "11": "jax",
+    "11m": "jax",
+    "12": "tensorflow",
 }
 
 

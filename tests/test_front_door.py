@@ -153,10 +153,18 @@ def test_a_misspelt_keyword_suggests_the_right_one(backend):
         lp.framework_module(backend).attention(q, k, v, "alibi", casual=True)
 
 
-def test_key_mask_left_padding_equals_the_unpadded_sequence(backend):
+@pytest.mark.parametrize(
+    "bias",
+    [
+        dict(name="alibi_scaled", train_length=3),  # not shift-invariant
+        dict(name="swin", window=(2, 4)),  # 2-D: padding's position -1 is no grid point
+    ],
+    ids=lambda b: b["name"],
+)
+def test_key_mask_left_padding_equals_the_unpadded_sequence(backend, bias):
     """Bias positions come from cumsum(key_mask) - 1: a left-padded row equals the unpadded
-    row for every real token, also for a bias that is not shift-invariant."""
-    scaled = posbias.get("alibi_scaled", num_heads=H, train_length=3)
+    row for every real token, also for a bias that is not shift-invariant or is 2-D."""
+    scaled = posbias.from_config({**bias, "num_heads": H})
     rng = np.random.default_rng(1)
     q, k, v = (rng.normal(size=(1, H, L, D)).astype(np.float32) for _ in range(3))
     pad = 2

@@ -355,18 +355,20 @@ def test_learnable_bias_parameters_stay_float32_under_mixed_precision():
 
 def test_runs_the_blockwise_kernel_of_the_backend(monkeypatch):
     used = []
-    real = dispatch.blockwise
+    real = dispatch.select
 
-    def spy(p, tile, block_size):
-        used.append((p.xp.name, getattr(tile, "__module__", "")))
-        return real(p, tile, block_size)
+    def spy(p, implementation):
+        name = real(p, implementation)
+        used.append((p.xp.name, name))
+        return name
 
-    monkeypatch.setattr(dispatch, "blockwise", spy)
+    monkeypatch.setattr(dispatch, "select", spy)
     layer, _ = _pair()
     layer(_x(), use_causal_mask=True)
-    assert [name for name, _ in used] == [KERAS_BACKEND]
-    if KERAS_BACKEND == "torch":  # posbias.torch's SDPA tiles
-        assert used[0][1].startswith("posbias.torch")
+    assert used == [(KERAS_BACKEND, "blockwise")]
+    if KERAS_BACKEND == "torch":  # posbias.torch's blockwise kernel (SDPA tiles, own backward)
+        kernel = dispatch._KERNELS[("torch", "blockwise")]
+        assert kernel.blocks.__module__.startswith("posbias.torch")
 
 
 def test_positional_bias_layer_values():

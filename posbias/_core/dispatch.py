@@ -18,6 +18,7 @@ import einops
 
 from .. import backends as _backends
 from ..errors import InvalidArgumentError
+from . import backward as _backward
 from . import conventions
 from .problem import LAYOUTS, Problem, prepare
 from .reference import blockwise, reference_tile
@@ -53,6 +54,8 @@ class Kernel:
         why_not: ``why_not(p)`` → None when it can compute ``p`` exactly, else the reason.
         run: ``run(p)`` → ``(B, H, Lq, D)`` in ``p.compute`` (a whole-problem kernel).
         tile: ``tile(p)`` → a tile function ``(p, r0, r1) -> rows`` for :func:`blockwise`.
+        blocks: ``blocks(p, block_size)`` → rows: a whole blockwise computation
+            (with its own backward pass), used instead of ``tile`` when given.
         auto: ``implementation="auto"`` picks it whenever ``why_not`` says it can run.
     """
 
@@ -62,6 +65,7 @@ class Kernel:
     why_not: Callable[[Problem], str | None] | None = None
     run: Callable[[Problem], Any] | None = None
     tile: Callable[[Problem], Any] | None = None
+    blocks: Callable[[Problem, int], Any] | None = None
     auto: bool = False
 
 
@@ -85,6 +89,11 @@ def run(p: Problem, implementation: str, block_size: int) -> Any:
         return reference_tile(p, 0, p.q_len)
     if name == "blockwise":
         kernel = _KERNELS.get((p.xp.name, "blockwise"))
+        if kernel is not None and kernel.blocks is not None:
+            return kernel.blocks(p, block_size)
+        if kernel is None and p.xp.autodiff and _backward.supported(p):
+            # the blockwise backward pass (posbias._core.backward): JAX, TensorFlow
+            return _backward.attention(p, block_size)[0]
         return blockwise(p, reference_tile if kernel is None else kernel.tile(p), block_size)
     return _KERNELS[(p.xp.name, name)].run(p)
 

@@ -243,7 +243,7 @@ class Problem:
         xp = self.xp
         visible = None
         if self.causal:
-            visible = conventions.causal_visible(self.q_slot[..., r0:r1], self.k_slot[:extent])
+            visible = conventions.causal_visible(self.q_slot[..., r0:r1], self.k_slot[..., :extent])
             if len(xp.shape(visible)) == 2:
                 visible = visible[None]
         if self.key_mask is not None:
@@ -260,8 +260,11 @@ class Problem:
             return None
         q_pos, k_pos = self._rows(self.q_pos, r0, r1), self._rows(self.k_pos, 0, extent)
         if self.bias.points and not self.points:  # token indices of a row-major grid
-            width = self.bias.spec.grid_width()
-            q_pos, k_pos = (_positions.index_points(self.xp, t, width) for t in (q_pos, k_pos))
+            # padding's position is cumsum(key_mask) - 1 = -1: a hidden token, put on (0, 0)
+            width, xp = self.bias.spec.grid_width(), self.xp
+            q_pos, k_pos = (
+                _positions.index_points(xp, xp.maximum(t, 0), width) for t in (q_pos, k_pos)
+            )
         return self.bias.tile(self.xp, q_pos, k_pos, self.compute, batch=self.batch)
 
 

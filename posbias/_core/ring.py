@@ -31,11 +31,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import einops
 import numpy as np
 
 from ..errors import InvalidArgumentError
+from . import backward as _backward
 from . import conventions, layouts
 from . import partial as _partial
+from . import problem as _problem
 
 
 class Ring:
@@ -88,11 +91,28 @@ class Ring:
         return out
 
 
-def make_tile(xp, bias_fn: Any, *, scale: float, compute: str, kv_group: int, ring: Ring):
-    """``tile(q, k, v, q_slot, k_slot, causal, visible=None, q_pos=None, k_pos=None)``.
+def make_tile(
+    xp,
+    bias_fn: Any,
+    *,
+    scale: float,
+    compute: str,
+    kv_group: int,
+    ring: Ring,
+    bias: Any = None,
+    own_backward: bool = False,
+):
+    """``tile(q, k, v, q_slot, k_slot, causal, masks=(q_seg, k_seg, k_real), q_pos, k_pos)``.
 
-    One tile of :func:`posbias._core.partial.tile` (``(out, lse)``), checkpointed
-    by the ring's framework.
+    One tile ``(out, lse)`` of :func:`posbias._core.partial.tile`. With
+    ``own_backward`` and ``bias`` (the read ``bias=``, or None for no bias) on a
+    framework with automatic differentiation, a tile is one block of
+    :mod:`posbias._core.backward`: its
+    backward pass recomputes the tile's probabilities from ``(out, lse)`` and
+    reduces ``dS`` for the bias parameters, like single-device attention.
+    Otherwise (a plain callable or a 2-D bias, a bias chosen per device by a
+    traced head index, ``checkpoint_tiles=False``) the framework's autodiff goes
+    through the tile, checkpointed by the ring's framework.
     """
 
     def fn(q, k, v, q_slot, k_slot, visible, q_pos, k_pos, causal):
@@ -114,10 +134,51 @@ def make_tile(xp, bias_fn: Any, *, scale: float, compute: str, kv_group: int, ri
         )
 
     causal_fn, plain_fn = (ring.checkpoint(lambda *a, c=c: fn(*a, causal=c)) for c in (True, False))
+    own = (
+        own_backward
+        and xp.autodiff
+        and getattr(ring, "checkpoint_tiles", True)
+        and (bias is None or (bias.spec is not None and not bias.points))
+    )
 
-    def tile(q, k, v, q_slot, k_slot, causal, visible=None, q_pos=None, k_pos=None):
+    def tile(q, k, v, q_slot, k_slot, causal, masks=(None, None, None), q_pos=None, k_pos=None):
+        if own:
+            return _own_tile(xp, q, k, v, q_slot, k_slot, causal, masks, q_pos, k_pos)
         run = causal_fn if causal else plain_fn
+        visible = _partial.key_visibility(*masks)
         return run(q, k, v, q_slot, k_slot, visible, q_pos, k_pos)
+
+    def _own_tile(xp, q, k, v, q_slot, k_slot, causal, masks, q_pos, k_pos):
+        if kv_group > 1:  # K/V travel un-repeated; the repeat's gradient sums the group
+            k, v = (einops.repeat(t, "b h l d -> b (h g) l d", g=kv_group) for t in (k, v))
+        q_seg, k_seg, k_real = masks
+        batch, heads, q_len, _ = xp.shape(q)
+        p = _problem.Problem(
+            xp=xp,
+            q=q,
+            k=k,
+            v=v,
+            batch=batch,
+            heads=heads,
+            q_len=q_len,
+            k_len=xp.shape(k)[2],
+            scale=scale,
+            compute=compute,
+            in_dtype=xp.dtype_name(q.dtype),
+            causal=causal,
+            q_offset=None,  # slots are explicit: no static causal extent
+            q_slot=q_slot,
+            k_slot=k_slot,
+            key_mask=k_real,
+            q_segment=q_seg,
+            segment_ids=k_seg,
+            bias=bias,
+            q_pos=q_slot if q_pos is None else q_pos,
+            k_pos=k_slot if k_pos is None else k_pos,
+            slot_positions=False,
+            points=False,
+        )
+        return _backward.attention(p, q_len)  # a tile is one block
 
     return tile
 
@@ -213,8 +274,7 @@ def attend_on_ring(
         elif key_mask is not None:
             k_bias = mask_positions(ring, key_mask, order)
             q_bias = query_positions(ring, key_mask, k_slot, q_slot)
-        visible = _partial.key_visibility(None, None, key_mask)
-        part = tile(q, k, v, q_slot, k_slot, causal, visible, q_bias, k_bias)
+        part = tile(q, k, v, q_slot, k_slot, causal, (None, None, key_mask), q_bias, k_bias)
         return _merge_over_ring(ring, part)
     if q_pos is None and segment_ids is None and key_mask is None:
         return _layout_ring(ring, tile, q, k, v, causal=causal, order=order, compute=compute)
@@ -267,8 +327,7 @@ def _explicit_ring(
     keys = (k, v, k_slot, k_bias, q_seg, k_real)
     for step in range(ring.n):
         k, v, k_slot, k_bias, k_seg, k_real = keys
-        visible = _partial.key_visibility(q_seg, k_seg, k_real)
-        part = tile(q, k, v, q_slot, k_slot, causal, visible, q_bias, k_bias)
+        part = tile(q, k, v, q_slot, k_slot, causal, (q_seg, k_seg, k_real), q_bias, k_bias)
         acc = _partial.merge(xp, acc, part)
         if step < ring.n - 1:
             keys = ring.shift(keys)

@@ -21,6 +21,11 @@ Vocabulary (all elementwise unless said otherwise):
 ``xp.sum(x, axis)``    reduction
 ``xp.matmul(a, b)``    batched matrix product
 =====================  ==========================================================
+
+Two more words serve the blockwise backward pass (:mod:`posbias._core.backward`),
+never a bias's ``compute``: ``xp.custom_gradient(forward, backward)`` (the
+framework's own custom-gradient mechanism) and ``xp.vjp(fn, params)`` (its
+autodiff on a small function of a parameter dict).
 """
 
 from __future__ import annotations
@@ -212,7 +217,7 @@ class Backend:
         raise NotImplementedError
 
     def after(self, done, x):
-        """``x``, but only once ``done`` is computed (a scheduling edge for compilers)."""
+        """``x``, but only once ``done`` (a tensor or a list) is computed (a scheduling edge)."""
         return x
 
     def gather_last(self, x, index):
@@ -248,6 +253,28 @@ class Backend:
     def is_concrete(self, x) -> bool:
         """False while tracing / compiling (values unknown): skip value checks."""
         return True
+
+    # ------------------------------------------- differentiation (backward pass)
+    #: whether :meth:`custom_gradient` and :meth:`vjp` exist (not NumPy)
+    autodiff: ClassVar[bool] = False
+
+    def custom_gradient(self, forward, backward):
+        """A differentiable function of tensors with a hand-written gradient.
+
+        ``forward(*inputs)`` returns ``(outputs, saved)``: a tuple of output
+        tensors and a tuple of tensors (or None) kept for the backward pass;
+        ``backward(saved, cotangents)`` returns one gradient per input.
+        Cotangents of outputs that were not used arrive as zeros or None.
+        """
+        raise NotImplementedError(f"{self.name} has no automatic differentiation")
+
+    def vjp(self, fn, params):
+        """``(fn(params), pullback)``: ``pullback(cotangent)`` → ``{name: gradient}``.
+
+        ``params`` is a dict of tensors; ``fn`` maps such a dict to one tensor.
+        Parameters that ``fn`` does not use get zero gradients.
+        """
+        raise NotImplementedError(f"{self.name} has no automatic differentiation")
 
 
 def check_dtype_name(name: str, known: tuple[str, ...] = FLOAT_DTYPES) -> str:

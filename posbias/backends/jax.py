@@ -41,8 +41,13 @@ class JaxBackend(Backend):
     def after(self, done, x):
         # XLA drops optimization barriers on CPU; a data dependency it cannot fold
         # (x + 0·done: 0·v is not 0 for floats) orders the blocks instead.
-        tie = done[(0,) * done.ndim] * 0
-        return [t + tie.astype(t.dtype) for t in x]
+        # ``done`` may be a list: everything in it is computed first
+        tie = sum(d[(0,) * d.ndim] * 0 for d in (done if isinstance(done, list) else [done]))
+        # integers (positions) get 0 from a comparison: 0·NaN would not cast to 0
+        return [
+            t + (tie.astype(t.dtype) if jnp.issubdtype(t.dtype, jnp.floating) else (tie > 1))
+            for t in x
+        ]
 
     @property
     def max_position(self) -> int:  # type: ignore[override]
@@ -107,3 +112,17 @@ class JaxBackend(Backend):
 
     def is_concrete(self, x) -> bool:
         return not isinstance(x, jax.core.Tracer)
+
+    autodiff = True
+
+    def custom_gradient(self, forward, backward):
+        @jax.custom_vjp
+        def fn(*inputs):
+            return forward(*inputs)[0]
+
+        fn.defvjp(forward, lambda saved, cotangents: tuple(backward(saved, cotangents)))
+        return fn
+
+    def vjp(self, fn, params):
+        value, pullback = jax.vjp(fn, dict(params))
+        return value, lambda cotangent: pullback(cotangent)[0]

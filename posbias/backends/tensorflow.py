@@ -141,3 +141,46 @@ class TensorflowBackend(Backend):
 
     def is_concrete(self, x) -> bool:
         return tf.executing_eagerly()
+
+    autodiff = True
+
+    def custom_gradient(self, forward, backward):
+        @tf.custom_gradient
+        def fn(*inputs):
+            outputs, saved = forward(*inputs)
+
+            def grad(*cotangents):
+                cotangents = tuple(
+                    tf.zeros_like(out) if ct is None else ct
+                    for out, ct in zip(outputs, cotangents, strict=True)
+                )
+                return list(backward(saved, cotangents))
+
+            return outputs, grad
+
+        def call(*inputs):
+            # a variable read inside fn would need grad_fn(variables=...): read it here, so
+            # its gradient flows through the read like any other op's
+            return fn(*(tf.identity(x) if _is_variable(x) else x for x in inputs))
+
+        return call
+
+    def vjp(self, fn, params):
+        params = dict(params)
+        with tf.GradientTape() as tape:
+            tape.watch(list(params.values()))
+            value = fn(params)
+
+        def pullback(cotangent):
+            grads = tape.gradient(value, params, output_gradients=cotangent)
+            return {  # gathers give IndexedSlices: dense, so that blocks add up
+                n: tf.zeros_like(params[n]) if g is None else tf.convert_to_tensor(g)
+                for n, g in grads.items()
+            }
+
+        return value, pullback
+
+
+def _is_variable(x: Any) -> bool:
+    """A ``tf.Variable`` or a Keras 3 variable (which wraps one on this backend)."""
+    return isinstance(x, tf.Variable) or (hasattr(x, "_value") and hasattr(x, "assign"))

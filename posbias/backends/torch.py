@@ -35,6 +35,8 @@ class TorchBackend(Backend):
         return None
 
     def from_numpy(self, array: np.ndarray) -> Any:
+        if isinstance(array, np.ndarray) and not array.flags.writeable:
+            array = array.copy()  # torch would share a read-only buffer (and warn)
         return torch.as_tensor(array, device=self.device)
 
     def to_numpy(self, x: Any) -> np.ndarray:
@@ -132,3 +134,40 @@ class TorchBackend(Backend):
 
     def is_concrete(self, x) -> bool:
         return not torch.compiler.is_compiling()
+
+    autodiff = True
+
+    def custom_gradient(self, forward, backward):
+        return lambda *inputs: _CustomGradient.apply(forward, backward, *inputs)
+
+    def vjp(self, fn, params):
+        with torch.enable_grad():
+            leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+            value = fn(leaves)
+
+        def pullback(cotangent):
+            names = list(leaves)
+            grads = torch.autograd.grad(
+                value, [leaves[n] for n in names], cotangent, allow_unused=True
+            )
+            return {
+                n: torch.zeros_like(leaves[n]) if g is None else g
+                for n, g in zip(names, grads, strict=True)
+            }
+
+        return value.detach(), pullback
+
+
+class _CustomGradient(torch.autograd.Function):
+    """``Backend.custom_gradient`` as a ``torch.autograd.Function``."""
+
+    @staticmethod
+    def forward(ctx, forward, backward, *inputs):
+        outputs, saved = forward(*inputs)
+        ctx.backward_fn = backward
+        ctx.save_for_backward(*saved)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *cotangents):
+        return (None, None, *ctx.backward_fn(ctx.saved_tensors, cotangents))

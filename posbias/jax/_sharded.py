@@ -100,9 +100,11 @@ def sharded_attention(
             as on one device (an exclusive scan of per-chunk counts: one
             all-gather of ``B × chunks`` integers).
         scale: score scale; default ``1/√D``.
-        checkpoint_tiles: recompute each tile in the backward pass
-            (``jax.checkpoint``) instead of keeping its scores: less memory,
-            about one extra forward of compute. Off: faster backward.
+        checkpoint_tiles: recompute each tile in the backward pass instead of
+            keeping its scores (posbias's blockwise backward,
+            :mod:`posbias._core.backward`; ``jax.checkpoint`` for a plain
+            callable bias or a head-sharded mesh): less memory, about one extra
+            forward of compute. Off: faster backward.
 
     Returns:
         ``(B, Lq, H, D)`` in ``q``'s dtype, sharded like ``q``.
@@ -309,6 +311,9 @@ def _device_attention(plan: _Plan, q, k, v, params, masks):
         compute=plan.compute,
         kv_group=plan.group,
         ring=ring,
+        # the blockwise backward per tile, but for heads chosen by a traced device index
+        bias=None if plan.bias is None else plan.bias.with_params(params),
+        own_backward=plan.head_n == 1,
     )
     out = attend_on_ring(
         ring,

@@ -24,14 +24,16 @@ from .._core import problem as _problem
 from .._core.dispatch import Kernel, register_kernel
 from ..backends.torch import TorchBackend
 from ..spec import BiasSpec
-from . import _flash, _sdpa
+from . import _backward, _flash, _sdpa
 from ._flex import mask_mod
 
 __all__ = ["KVCache", "MultiHeadAttention", "PositionalBias", "attention", "mask_mod"]
 
 KVCache = _problem.KVCache
 
-register_kernel(Kernel("blockwise", "torch", "PyTorch tensors", tile=_sdpa.tile_fn))
+register_kernel(
+    Kernel("blockwise", "torch", "PyTorch tensors", tile=_sdpa.tile_fn, blocks=_backward.blocks)
+)
 register_kernel(
     Kernel(
         "flash_attn",

@@ -133,6 +133,19 @@ def _masked_tile(p: Problem, r0: int, r1: int) -> torch.Tensor:
     extent = p.extent(r0, r1)
     if extent == 0:
         return _zeros(p, r1 - r0)
+    q, k, v, mask, visible = masked_block(p, r0, r1, extent)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=p.scale)
+    if visible is not None:
+        out = torch.where(visible.any(-1, keepdim=True), out, 0.0)
+    return out
+
+
+def masked_block(p: Problem, r0: int, r1: int, extent: int) -> tuple:
+    """``(q, k, v, mask, visible)`` of rows ``[r0, r1)`` against keys ``[0, extent)``.
+
+    ``mask`` ``(B|1, H, n, K)`` is the bias with hidden keys at the lowest float
+    (None: no bias and nothing hidden); ``visible`` ``(B|1, 1, n, K)`` or None.
+    """
     dtype = _dtype(p)
     mask = p.bias_tile(r0, r1, extent)
     visible = p.visible(r0, r1, extent)
@@ -142,13 +155,10 @@ def _masked_tile(p: Problem, r0: int, r1: int) -> torch.Tensor:
         mask = torch.where(visible, base.to(dtype), torch.finfo(dtype).min)
     elif mask is not None:
         mask = mask.to(dtype)
-    q, k, v = (t.to(dtype) for t in (p.q[:, :, r0:r1], p.k[:, :, :extent], p.v[:, :, :extent]))
     if mask is not None and mask.dim() == 3:
         mask = mask[None]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=p.scale)
-    if visible is not None:
-        out = torch.where(visible.any(-1, keepdim=True), out, 0.0)
-    return out
+    q, k, v = (t.to(dtype) for t in (p.q[:, :, r0:r1], p.k[:, :, :extent], p.v[:, :, :extent]))
+    return q, k, v, mask, visible
 
 
 def _dtype(p: Problem) -> torch.dtype:

@@ -80,9 +80,10 @@ def ring_attention(
             (one all-gather of ``B × chunks`` counts).
         scale: score scale; default ``1/√D``.
         checkpoint_tiles: with autograd on, recompute each tile's scores in the
-            backward pass (``torch.utils.checkpoint``) instead of keeping them:
-            activation memory O(L_local·D) per step instead of O(L_local²),
-            for about one extra forward of compute.
+            backward pass instead of keeping them (posbias's blockwise backward,
+            :mod:`posbias._core.backward`; ``torch.utils.checkpoint`` for a
+            plain callable bias): activation memory O(L_local·D) per step
+            instead of O(L_local²), for about one extra forward of compute.
 
     Returns:
         ``(B, H, L_local, D)`` in ``q``'s dtype.
@@ -137,6 +138,8 @@ def ring_attention(
         compute=compute,
         kv_group=call.heads // call.kv_heads,  # K/V travel un-repeated; tiles repeat them
         ring=ring,
+        bias=call.bias,
+        own_backward=True,
     )
     out = attend_on_ring(
         ring,
