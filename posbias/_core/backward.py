@@ -214,10 +214,12 @@ def tile_backward(
     scores = xp.einsum("bhqd,bhkd->bhqk", q, k) * p.scale
     if bias is not None:
         scores = scores + bias
-    prob = xp.exp(scores - lse[..., None])
+    shifted = scores - lse[..., None]
     visible = p.visible(r0, r1, extent)
-    if visible is not None:  # also zeroes rows that see no key (their lse is the lowest float)
-        prob = xp.where(visible[:, None], prob, 0.0)
+    if visible is not None:  # hidden keys (and rows that see none: lse = the lowest float)
+        # get exp(lowest) = 0, so no exp overflows (jax_debug_infs, detect_anomaly stay quiet)
+        shifted = xp.where(visible[:, None], shifted, xp.finfo_min(p.compute))
+    prob = xp.exp(shifted)
     dv = xp.einsum("bhqk,bhqd->bhkd", prob, dout)
     ds = prob * (xp.einsum("bhqd,bhkd->bhqk", dout, v) - delta[..., None])
     # Rows of dS sum to dlse exactly (0 for plain attention); rounding leaves about

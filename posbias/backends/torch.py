@@ -35,8 +35,10 @@ class TorchBackend(Backend):
         return None
 
     def from_numpy(self, array: np.ndarray) -> Any:
-        if isinstance(array, np.ndarray) and not array.flags.writeable:
-            array = array.copy()  # torch would share a read-only buffer (and warn)
+        # as_tensor would share posbias's read-only cached arrays (and warn): copy those
+        # (under torch.compile an array is a traced tensor, without flags)
+        if not torch.compiler.is_compiling() and not array.flags.writeable:
+            array = array.copy()
         return torch.as_tensor(array, device=self.device)
 
     def to_numpy(self, x: Any) -> np.ndarray:
