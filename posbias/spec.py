@@ -255,7 +255,9 @@ class BiasSpec:
         (bottom-right). With ``key_mask`` ``(B, Lk)`` (True for a real key) the
         positions are ``cumsum(key_mask) - 1`` per sequence, as in
         :func:`posbias.torch.attention`. Symmetric ALiBi is closed-form; other
-        Toeplitz biases read an ``(H, Lq + Lk - 1)`` table. Pair it with
+        Toeplitz biases read an ``(H, Lq + Lk - 1)`` table built for these
+        lengths: called on a longer problem, its out-of-table entries are NaN
+        (never a number read from outside the table). Pair it with
         :func:`posbias.torch.mask_mod` for causal, padding and segment masks
         (example: :mod:`posbias.torch._flex`, docs/performance.md).
         """

@@ -282,6 +282,26 @@ def test_flex_score_mod_and_mask_mod_equal_posbias(bias, case):
 
 
 @torch_only
+@pytest.mark.parametrize("padded", [False, True])
+def test_flex_score_mod_on_a_longer_problem_gives_nan_not_a_wrong_number(padded):
+    """A table-based score_mod built for 8 tokens, used on 12: no read outside its
+    tables (a wrapped negative index was a silent wrong answer), NaN instead."""
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    spec = posbias.get("t5", num_heads=2)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[0, :3] = False
+    score_mod = spec.score_mod(8, 8, key_mask=mask if padded else None)
+    q = torch.randn(2, 2, 8, 16, generator=torch.Generator().manual_seed(0))
+    fits = flex_attention(q, q, q, score_mod=score_mod)
+    ref = posbias.torch.attention(q, q, q, spec, key_mask=mask if padded else None)
+    assert (fits - ref)[1].abs().max() < 1e-5  # the length it was built for: exact
+    longer = torch.randn(2, 2, 12, 16)
+    assert torch.isnan(flex_attention(longer, longer, longer, score_mod=score_mod)).any()
+
+
+@torch_only
 def test_flex_mask_mod_padding_and_segments():
     """Masks only (no bias): padding and packing rules equal posbias's."""
     import torch

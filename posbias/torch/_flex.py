@@ -133,14 +133,33 @@ def positions_score_mod(
     if q_pos.ndim == 2:
 
         def batched_score_mod(score, b, h, q_idx, kv_idx):
-            return score + diff(h, k_pos[b, kv_idx] - q_pos[b, q_idx])
+            (q, q_in), (k, k_in) = _take(q_pos, q_idx, b), _take(k_pos, kv_idx, b)
+            return score + _nan_unless(q_in & k_in, diff(h, k - q))
 
         return batched_score_mod
 
     def posbias_score_mod(score, b, h, q_idx, kv_idx):
-        return score + diff(h, k_pos[kv_idx] - q_pos[q_idx])
+        (q, q_in), (k, k_in) = _take(q_pos, q_idx), _take(k_pos, kv_idx)
+        return score + _nan_unless(q_in & k_in, diff(h, k - q))
 
     return posbias_score_mod
+
+
+def _take(table: torch.Tensor, index: torch.Tensor, *lead: Any) -> tuple[Any, Any]:
+    """``(table[*lead, index], index is inside table)``: never out of bounds.
+
+    A ``score_mod`` built for some lengths and used on a longer problem would read
+    outside its tables: an IndexError in eager mode, whatever memory holds (or a
+    wrapped negative index) when compiled. The callers turn such entries into NaN.
+    """
+    size = table.shape[-1]
+    inside = (index >= 0) & (index < size)
+    return table[(*lead, index.clamp(0, size - 1))], inside
+
+
+def _nan_unless(inside: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` where ``inside``, NaN elsewhere: a misuse shows, never a wrong number."""
+    return torch.where(inside, value, torch.full_like(value, float("nan")))
 
 
 def _check_toeplitz(spec: BiasSpec) -> None:
@@ -169,7 +188,12 @@ def _difference_mod(spec: BiasSpec, slopes: Any, lo: int, hi: int, params: Any, 
         params=params,
         backend="torch",
     )[:, 0, :]  # (H, hi - lo + 1): the bias at difference lo + t
-    return lambda h, d: table[h, d - lo]
+
+    def table_diff(h, d):
+        value, inside = _take(table, d - lo, h)
+        return _nan_unless(inside, value)
+
+    return table_diff
 
 
 def mask_mod(
