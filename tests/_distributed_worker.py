@@ -191,6 +191,8 @@ def _checks(rank: int, world: int, results: dict) -> None:
         "max_bias": (posbias.get("alibi", num_heads=H, max_bias=8.0 if rank == 0 else 4.0), {}),
         "scale": ("alibi", {"scale": 0.5 if rank == 0 else 0.25}),
         "causal": ("alibi", {"causal": rank == 0}),
+        # learnable parameters that drifted apart (e.g. no DDP gradient sync)
+        "parameter_values": (pt.PositionalBias("t5", num_heads=H, seed=rank), {}),
     }
     for name, (bias, kwargs) in disagreements.items():
         for fname, fn in fns.items():

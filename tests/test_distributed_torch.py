@@ -210,7 +210,9 @@ def test_key_padding_mask_names_key_mask(ranks):
         assert "True = ignore" in message, message
 
 
-@pytest.mark.parametrize("what", ["alibi_vs_none", "alibi_vs_t5", "max_bias", "scale", "causal"])
+@pytest.mark.parametrize(
+    "what", ["alibi_vs_none", "alibi_vs_t5", "max_bias", "scale", "causal", "parameter_values"]
+)
 @pytest.mark.parametrize("fname", ["ring", "heads"])
 def test_ranks_that_disagree_raise_on_every_rank(ranks, what, fname):
     """Everything that changes the answer is part of the handshake: no rank returns."""

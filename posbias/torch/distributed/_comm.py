@@ -221,7 +221,19 @@ def _describe_bias(arg: BiasArg | None) -> Any:
     except ConfigError:  # an unregistered spec: its repr holds every field
         config = repr(arg.spec)
     shapes = {k: list(v) for k, v in arg.spec.param_shapes().items()}
-    return {"config": config, "parameter shapes": shapes, "heads": arg.heads}
+    values = arg.current_params() or {}
+    digests = {  # ranks whose learnable parameters drifted apart would silently disagree
+        k: hashlib.sha256(_bytes(v)).hexdigest()[:16]
+        for k, v in sorted(values.items())
+        if isinstance(v, torch.Tensor)
+    }
+    described = {"config": config, "parameter shapes": shapes, "heads": arg.heads}
+    return {**described, "parameter values (sha256)": digests} if digests else described
+
+
+def _bytes(tensor: torch.Tensor) -> bytes:
+    """The raw bytes of a tensor of any dtype (bfloat16 has no NumPy dtype)."""
+    return tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _float_bits(value: Any) -> int:
@@ -342,10 +354,10 @@ def read_call(
     device = q.device if isinstance(q, torch.Tensor) else None
     facts = _facts(error is None, q, k, v, causal, order, q_pos, segment_ids, key_mask)
     described = None if call is None else _describe_bias(call.bias)
-    facts["bias (config, parameter shapes, heads)"] = _fingerprint(described)
+    facts["bias (config, parameters, heads)"] = _fingerprint(described)
     facts["scale"] = _float_bits(None if call is None else call.scale)
     facts["implementation"] = _fingerprint(implementation)
-    shown = {"bias (config, parameter shapes, heads)": described, "implementation": implementation}
+    shown = {"bias (config, parameters, heads)": described, "implementation": implementation}
     try:
         _agree(group, what, facts, device, shown)
     except DistributedError as mismatch:
