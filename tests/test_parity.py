@@ -12,6 +12,7 @@ from posbias import testing as pt
 def test_registered_variant_parity(name, backend):
     cells = pt.assert_parity(name, backends=[backend])
     assert all(c.checks > 0 for c in cells)
+    assert all(c.negative_zeros == 0 and c.tolerance_used <= 1 for c in cells)
     if posbias.registered()[name].bit_identical:  # closed form: bit-identical everywhere
         assert all(c.tiles_exact for c in cells)
         if backend != "numpy":
@@ -147,3 +148,16 @@ def test_parity_of_a_variant_with_required_parameters(isolated_registry):
     posbias.register("test/windowed")(Windowed)
     cells = pt.run_parity(["test/windowed"], backends=["numpy"], head_counts=[2])
     assert all(c.passed for c in cells)
+
+
+def test_the_report_gives_the_metric_that_decided_and_flags_negative_zero():
+    """float16 values that underflow to 0 read "rel err 1" yet pass on atol: the
+    tolerance used (max err / (atol + rtol·|ref|)) says how close the cell was."""
+    ref = np.array([1e-9, 1.0, 0.0])
+    x = np.array([0.0, 1.0005, -0.0], dtype=np.float16)
+    _, rel, ok = pt._agree(x, ref, "float16", 1e-3, 1e-7)
+    assert ok and rel == 1.0  # the misleading number
+    used = pt.tolerance_used(x, ref, "float16", 1e-3, 1e-7)
+    assert 0.1 < used < 1.0
+    assert pt.tolerance_used(np.array([np.nan]), np.array([0.0]), "float32", 1e-6, 1e-12) == np.inf
+    assert pt.negative_zeros(x) == 1 and pt.negative_zeros(np.array([0, -1])) == 0

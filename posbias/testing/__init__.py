@@ -154,6 +154,28 @@ def _agree(
     return float(err.max()), float(rel.max()), ok
 
 
+def tolerance_used(x: np.ndarray, ref: np.ndarray, dtype: str, rtol: float, atol: float) -> float:
+    """The metric that decides a cell: ``max |x - ref| / (atol + rtol·|ref|)`` (≤ 1 passes).
+
+    A float16 value that underflows to 0 has relative error 1 yet passes on
+    ``atol``: this number says how close to failing the cell really was.
+    """
+    if dtype == "float16":
+        ref = np.clip(ref, -65504.0, 65504.0)
+    x64 = np.asarray(x, dtype=np.float64)
+    if x64.shape != ref.shape or not np.all(np.isfinite(x64)):
+        return float("inf")
+    if x64.size == 0:
+        return 0.0
+    return float((np.abs(x64 - ref) / (atol + rtol * np.abs(ref))).max())
+
+
+def negative_zeros(x: np.ndarray) -> int:
+    """How many entries are ``-0.0`` (equal to 0, but a different bit pattern and sign)."""
+    x = np.asarray(x)
+    return int(np.sum((x == 0) & np.signbit(x))) if x.dtype.kind == "f" else 0
+
+
 def _bits(array: Any) -> np.ndarray:
     """The raw bytes of an array (any memory layout), for bitwise comparisons."""
     return np.ascontiguousarray(array).view(np.uint8)
@@ -254,6 +276,10 @@ class CellResult:
     dtype: str
     max_abs_error: float = 0.0
     max_rel_error: float = 0.0
+    #: max |x - ref| / (atol + rtol·|ref|): the metric that decides (≤ 1 passes)
+    tolerance_used: float = 0.0
+    #: entries that are -0.0 (flagged in the report; 0 for every registered variant)
+    negative_zeros: int = 0
     bitwise: bool | None = None  # None: not required (spec not bit_identical, or numpy itself)
     tiles_exact: bool | None = None
     checks: int = 0
@@ -437,6 +463,8 @@ def _judge_case(result, spec, case, dtype, x, refs, numpy_backend, backend) -> N
     abs_err, rel_err, ok = _agree(x, ref, dtype, rtol, atol)
     result.max_abs_error = max(result.max_abs_error, abs_err)
     result.max_rel_error = max(result.max_rel_error, rel_err)
+    result.tolerance_used = max(result.tolerance_used, tolerance_used(x, ref, dtype, rtol, atol))
+    result.negative_zeros += negative_zeros(x)
     if not ok:
         result.failures.append(
             f"{where}: max abs error {abs_err:.3g} (rel {rel_err:.3g}) exceeds "
