@@ -8,6 +8,7 @@ measured in a fresh child process (VmHWM, reset first).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import resource
@@ -73,6 +74,21 @@ def _result(target, ours, base, goal, **extra) -> Result:
     text, ok = goal
     ratio = ours / base
     return Result(target, ours, base, ratio, text, bool(ok(ratio)), **extra)
+
+
+def memory_growth(title: str, temps: list[int]) -> Result:
+    """XLA temporary memory measured at doubling lengths: linear means about 2x a step."""
+    growth = max(b / a for a, b in itertools.pairwise(temps))
+    return Result(
+        title,
+        float("nan"),
+        float("nan"),
+        growth,
+        "<= 2.5x (linear)",
+        growth <= 2.5,
+        peak_gb=temps[-1] / GB,
+        note=" ".join(f"{t / 2**20:.0f}MiB" for t in temps),
+    )
 
 
 def _rel(a, b) -> float:

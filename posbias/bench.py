@@ -14,7 +14,6 @@ output-sized buffer exist.
 
 from __future__ import annotations
 
-import itertools
 import os
 import platform
 import time
@@ -36,6 +35,7 @@ from ._benchlib import (
     _rss_now,
     _torch_inputs,
     best_time,
+    memory_growth,
     plot_sweep,
     run_child,
 )
@@ -153,17 +153,7 @@ def jax_memory_scaling(lengths: tuple[int, ...]) -> Result:
         x = jax.ShapeDtypeStruct((1, length, 16, 64), jnp.float32)
         fn = jax.jit(lambda q, k, v: pj.attention(q, k, v, spec, causal=True))
         temps.append(fn.lower(x, x, x).compile().memory_analysis().temp_size_in_bytes)
-    growth = max(b / a for a, b in itertools.pairwise(temps))
-    return Result(
-        f"jax XLA temp memory per doubling of L {lengths}",
-        float("nan"),
-        float("nan"),
-        growth,
-        "<= 2.5x (linear)",
-        growth <= 2.5,
-        peak_gb=temps[-1] / GB,
-        note=" ".join(f"{t / 2**20:.0f}MiB" for t in temps),
-    )
+    return memory_growth(f"jax XLA temp memory per doubling of L {lengths}", temps)
 
 
 # ------------------------------------------------------------------ TensorFlow

@@ -12,7 +12,6 @@ gradients of the materialised-bias formula (``grad max rel err`` in the note).
 
 from __future__ import annotations
 
-import itertools
 import time
 from typing import Any
 
@@ -30,6 +29,7 @@ from ._benchlib import (
     _rss_now,
     _torch_inputs,
     best_times,
+    memory_growth,
     plot_sweep,
     run_child,
 )
@@ -216,16 +216,8 @@ def jax_training_memory(lengths: tuple[int, ...]) -> Result:
     for length in lengths:
         ours_fn, _, ours_args, _ = _jax_steps(length)
         temps.append(ours_fn.lower(*ours_args).compile().memory_analysis().temp_size_in_bytes)
-    growth = max(b / a for a, b in itertools.pairwise(temps))
-    return Result(
-        f"jax jit(grad) learnable t5: XLA temp memory per doubling of L {lengths}",
-        float("nan"),
-        float("nan"),
-        growth,
-        "<= 2.5x (linear)",
-        growth <= 2.5,
-        peak_gb=temps[-1] / GB,
-        note=" ".join(f"{t / 2**20:.0f}MiB" for t in temps),
+    return memory_growth(
+        f"jax jit(grad) learnable t5: XLA temp memory per doubling of L {lengths}", temps
     )
 
 
