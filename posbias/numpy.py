@@ -37,6 +37,7 @@ def attention(
     scale: float | None = None,
     q_pos: Any = None,
     k_pos: Any = None,
+    attn_mask: Any = None,
     implementation: str = "auto",
     block_size: int | None = None,
     **removed: Any,
@@ -69,6 +70,10 @@ def attention(
         q_pos: ``(Lq,)`` or ``(B, Lq)`` explicit integer bias positions of the
             queries (``(Lq, 2)`` points for 2-D biases); with ``k_pos``.
         k_pos: the same for the keys.
+        attn_mask: ``(B, H, Lq, Lk)`` or broadcastable (PyTorch SDPA's rule):
+            bool with True = takes part, or additive float (``-inf`` hides a
+            pair exactly like False). Combined with ``causal``/``key_mask``;
+            positions unchanged; rows it hides completely are 0.
         implementation: ``"auto"`` (= ``"reference"``), ``"reference"`` or ``"blockwise"``.
         block_size: query rows per block (default 256).
 
@@ -80,7 +85,7 @@ def attention(
             dtype, a non-bool ``causal``, ``key_padding_mask=`` (use ``key_mask``).
         InvalidArgumentError: shapes that disagree, a bias of another head
             count, a bad ``scale``, offset or position array, an implementation
-            that cannot run.
+            that cannot run; an ``attn_mask`` that does not broadcast or holds NaN or ``+inf``.
         BackendError: tensors of another framework.
 
     Example:
@@ -105,6 +110,7 @@ def attention(
         scale=scale,
         q_pos=q_pos,
         k_pos=k_pos,
+        attn_mask=attn_mask,
         implementation=implementation,
         block_size=block_size,
         compute_dtype="float64",

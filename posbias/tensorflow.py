@@ -45,6 +45,7 @@ def attention(
     scale: float | None = None,
     q_pos: Any = None,
     k_pos: Any = None,
+    attn_mask: Any = None,
     implementation: str = "auto",
     block_size: int | None = None,
     **removed: Any,
@@ -81,6 +82,10 @@ def attention(
         q_pos: ``(Lq,)`` or ``(B, Lq)`` explicit integer bias positions of the
             queries (``(Lq, 2)`` points for 2-D biases); with ``k_pos``.
         k_pos: the same for the keys.
+        attn_mask: head-major ``(B, H, Lq, Lk)`` or broadcastable to it, though
+            ``q`` is ``(B, L, H, D)``: bool (True: this query sees this key) or
+            float added to the scores (``-inf`` hides). It moves no bias
+            position; a row with nothing visible outputs 0, never NaN.
         implementation: ``"auto"`` (= ``"blockwise"``), ``"blockwise"`` or ``"reference"``.
         block_size: query rows per block (default 256).
 
@@ -92,7 +97,8 @@ def attention(
             dtype, a non-bool ``causal``, ``key_padding_mask=`` (use ``key_mask``).
         InvalidArgumentError: shapes that disagree, a bias of another head
             count, a bad ``scale``, offset or position array, an implementation
-            that cannot run.
+            that cannot run; an ``attn_mask`` of a wrong shape, or (eagerly) holding NaN or
+            ``+inf``.
         BackendError: tensors of another framework.
 
     Example:
@@ -117,6 +123,7 @@ def attention(
         scale=scale,
         q_pos=q_pos,
         k_pos=k_pos,
+        attn_mask=attn_mask,
         implementation=implementation,
         block_size=block_size,
     )

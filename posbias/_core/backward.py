@@ -140,6 +140,8 @@ _AUX_FIELDS = (
     "segment_ids",
     "q_pos",
     "k_pos",
+    "mask_add",
+    "mask_keep",
 )
 
 
@@ -214,10 +216,10 @@ def tile_backward(
     scores = xp.einsum("bhqd,bhkd->bhqk", q, k) * p.scale
     if bias is not None:
         scores = scores + bias
+    scores, visible = p.masked_scores(scores, r0, r1, extent)
     prob = xp.exp(scores - lse[..., None])
-    visible = p.visible(r0, r1, extent)
     if visible is not None:  # also zeroes rows that see no key (their lse is the lowest float)
-        prob = xp.where(visible[:, None], prob, 0.0)
+        prob = xp.where(visible, prob, 0.0)
     dv = xp.einsum("bhqk,bhqd->bhkd", prob, dout)
     ds = prob * (xp.einsum("bhqd,bhkd->bhqk", dout, v) - delta[..., None])
     # Rows of dS sum to dlse exactly (0 for plain attention); rounding leaves about

@@ -38,6 +38,7 @@ ATTENTION_KEYWORDS = (
     "scale",
     "q_pos",
     "k_pos",
+    "attn_mask",
     "implementation",
     "block_size",
 )

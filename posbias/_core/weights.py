@@ -62,9 +62,7 @@ def attend_with_weights(
         tile = p.bias_tile(0, p.q_len, p.k_len)
         if tile is not None:
             scores = scores + tile
-        visible = p.visible(0, p.q_len, p.k_len)
-        if visible is not None:
-            visible = visible[:, None]  # one mask for every head
+        scores, visible = p.masked_scores(scores, 0, p.q_len, p.k_len)
         probs, _ = partial.probabilities(xp, scores, visible, p.compute)
         out = xp.einsum("bhqk,bhkd->bhqd", probs, vc)
         out, probs = xp.cast(out, dtype), xp.cast(probs, dtype)

@@ -52,6 +52,7 @@ def attention(
     scale: float | None = None,
     q_pos: Any = None,
     k_pos: Any = None,
+    attn_mask: Any = None,
     implementation: str = "auto",
     block_size: int | None = None,
     **removed: Any,
@@ -89,6 +90,10 @@ def attention(
         q_pos: ``(Lq,)`` or ``(B, Lq)`` explicit integer bias positions of the
             queries (``(Lq, 2)`` points for 2-D biases); with ``k_pos``.
         k_pos: the same for the keys.
+        attn_mask: like ``jax.nn.dot_product_attention``'s ``mask``, head-major
+            ``(B, H, Lq, Lk)`` or broadcastable to it (not ``q``'s layout): bool,
+            True where the pair takes part, or float, added to the scores (a
+            ``-inf`` is a False). Bias positions stay; a fully hidden row gives 0.
         implementation: ``"auto"`` (= ``"blockwise"``), ``"blockwise"``,
             ``"reference"`` or ``"cudnn"`` (GPU fp16/bf16; reads a materialised bias).
         block_size: query rows per block (default 256).
@@ -101,7 +106,8 @@ def attention(
             dtype, a non-bool ``causal``, ``key_padding_mask=`` (use ``key_mask``).
         InvalidArgumentError: shapes that disagree, a bias of another head
             count, a bad ``scale``, offset or position array, an implementation
-            that cannot run.
+            that cannot run; an ``attn_mask`` not broadcastable, or (outside ``jit``) with NaN or
+            ``+inf``.
         BackendError: tensors of another framework.
 
     Example:
@@ -126,6 +132,7 @@ def attention(
         scale=scale,
         q_pos=q_pos,
         k_pos=k_pos,
+        attn_mask=attn_mask,
         implementation=implementation,
         block_size=block_size,
     )

@@ -59,6 +59,7 @@ def attention(
     scale: float | None = None,
     q_pos: Any = None,
     k_pos: Any = None,
+    attn_mask: Any = None,
     implementation: str = "auto",
     block_size: int | None = None,
     **removed: Any,
@@ -95,6 +96,10 @@ def attention(
         q_pos: ``(Lq,)`` or ``(B, Lq)`` explicit integer bias positions of the
             queries (``(Lq, 2)`` points for 2-D biases); with ``k_pos``.
         k_pos: the same for the keys.
+        attn_mask: as SDPA's: broadcastable to ``(B, H, Lq, Lk)``; bool True =
+            the pair *takes part*, or float, added to the scores after the bias
+            (``-inf`` = False). Bias positions are unchanged (``key_mask`` moves
+            them); a row it hides completely outputs 0; no gradient reaches it.
         implementation: ``"auto"``, ``"blockwise"`` (SDPA tiles),
             ``"reference"`` or ``"flash_attn"`` (CUDA fp16/bf16, symmetric ALiBi).
         block_size: query rows per block (default 256).
@@ -107,7 +112,7 @@ def attention(
             dtype, a non-bool ``causal``, ``key_padding_mask=`` (use ``key_mask``).
         InvalidArgumentError: shapes that disagree, a bias of another head
             count, a bad ``scale``, offset or position array, an implementation
-            that cannot run.
+            that cannot run; an ``attn_mask`` of another shape or with NaN/``+inf``.
         BackendError: tensors of another framework.
 
     Example:
@@ -132,6 +137,7 @@ def attention(
         scale=scale,
         q_pos=q_pos,
         k_pos=k_pos,
+        attn_mask=attn_mask,
         implementation=implementation,
         block_size=block_size,
     )
