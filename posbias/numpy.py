@@ -194,7 +194,9 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
     Holds portable weights and computes exactly what
     :class:`posbias.torch.MultiHeadAttention`, :class:`posbias.jax.MultiHeadAttention`
     and :class:`posbias.tensorflow.MultiHeadAttention` compute, in float64.
-    Arguments as there; ``layer.positional_bias`` is a :class:`PositionalBias`
+    Arguments and call as there (``mha(x, key=None, value=None, *, key_mask=None,
+    segment_ids=None, attn_mask=None)``: ``key``/``value`` make it
+    cross-attention); ``layer.positional_bias`` is a :class:`PositionalBias`
     (seeded like the other frameworks' layers) or None, and
     ``portable_weights()`` / ``load_portable_weights()`` carry its learnable
     parameters too.
@@ -256,9 +258,12 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
     def __call__(
         self,
         x: Any,
+        key: Any = None,
+        value: Any = None,
         *,
         key_mask: Any = None,
         segment_ids: Any = None,
+        attn_mask: Any = None,
         cache: _problem.KVCache | None = None,
         **removed: Any,
     ) -> Any:
@@ -268,8 +273,11 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
             self._project,
             x,
             self.positional_bias,
+            key=key,
+            value=value,
             key_mask=key_mask,
             segment_ids=segment_ids,
+            attn_mask=attn_mask,
             cache=cache,
             removed=removed,
         )

@@ -235,14 +235,20 @@ class PositionalBias(_PosbiasErrorsFromConfig, _layers.BiasParamsMixin, keras.la
 class MultiHeadAttention(
     _PosbiasErrorsFromConfig, _layers.PortableWeightsMixin, keras.layers.Layer
 ):
-    """Multi-head self-attention with a positional bias, GQA and a KV cache (Keras 3).
+    """Multi-head self- or cross-attention with a positional bias, GQA and a KV cache (Keras 3).
 
     Arguments and ``positional_bias`` attribute (a :class:`PositionalBias` layer
     or None) as in :class:`posbias.torch.MultiHeadAttention`, plus Keras layer
     keyword arguments (``name``, ``dtype`` policy such as ``"mixed_bfloat16"``).
 
-    Call: ``layer(x, key_mask=None, segment_ids=None)``; with ``cache=``
-    it returns ``(out, new_cache)`` (see :meth:`init_cache`).
+    Call: ``layer(x, key_mask=None, segment_ids=None, cache=None, *, value=None,
+    key=None, attn_mask=None)``. ``value``/``key`` ``(B, Lk, E)`` (keywords:
+    the second positional argument stays ``key_mask``) make it
+    cross-attention, with Keras' rule (a missing ``key`` is ``value``) and the
+    bias aligned bottom-right; ``attn_mask`` as in :func:`attention`
+    (``(B, H, Lq, Lk)`` or broadcastable, bool True = attend, or additive).
+    With ``cache=`` (self-attention only) it returns ``(out, new_cache)`` (see
+    :meth:`init_cache`).
     """
 
     def __init__(
@@ -308,10 +314,11 @@ class MultiHeadAttention(
         second = args[1] if len(args) > 1 else None
         if len(getattr(second, "shape", ())) == 3:  # Keras' mha(query, value) idiom
             raise InvalidTypeError(
-                "posbias.tensorflow.MultiHeadAttention is self-attention, called as "
-                "layer(x, key_mask=None, segment_ids=None, cache=None); its second argument is "
-                "a (B, L) key_mask, not a value tensor. For Keras' layer(query, value, ...) "
-                "convention use posbias.keras.MultiHeadAttention."
+                "posbias.tensorflow.MultiHeadAttention is called as layer(x, key_mask=None, "
+                "segment_ids=None, cache=None, *, value=None, key=None, attn_mask=None); its "
+                "second argument is a (B, L) key_mask, not a value tensor: pass value= (and "
+                "key=) by name for cross-attention, or use posbias.keras.MultiHeadAttention "
+                "for Keras' layer(query, value, ...) convention."
             )
         return super().__call__(*args, **kwargs)
 
@@ -321,6 +328,10 @@ class MultiHeadAttention(
         key_mask: Any = None,
         segment_ids: Any = None,
         cache: KVCache | None = None,
+        *,
+        value: Any = None,
+        key: Any = None,
+        attn_mask: Any = None,
         **removed: Any,
     ) -> Any:
         return _layers.mha_forward(
@@ -329,8 +340,11 @@ class MultiHeadAttention(
             self._project,
             x,
             self.positional_bias,
+            key=key,
+            value=value,
             key_mask=key_mask,
             segment_ids=segment_ids,
+            attn_mask=attn_mask,
             cache=cache,
             removed=removed,
         )

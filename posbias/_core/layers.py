@@ -390,46 +390,58 @@ def mha_forward(
     x: Any,
     bias: Any,
     *,
+    key: Any = None,
+    value: Any = None,
     key_mask: Any = None,
     segment_ids: Any = None,
+    attn_mask: Any = None,
     cache: problem.KVCache | None = None,
     removed: Mapping[str, Any] | None = None,
     weight_dtype: str | None = None,
+    known: tuple[str, ...] = ("key_mask", "segment_ids", "attn_mask", "cache"),
 ) -> Any:
-    """Self-attention forward pass; returns ``out`` or ``(out, new_cache)``.
+    """Multi-head attention forward pass; returns ``out`` or ``(out, new_cache)``.
+
+    Self-attention by default; ``key`` and/or ``value`` ``(B, Lk, E)`` make it
+    cross-attention: queries from ``x``, keys and values from ``key``/``value``
+    (one given alone serves as both: Flax's ``inputs_v`` defaults to
+    ``inputs_k``, Keras' ``key`` to ``value``). The bias is aligned bottom-right (query ``r`` at key
+    slot ``Lk - Lq + r``, :mod:`posbias._core.conventions`), like every
+    attention call. ``key_mask`` ``(B, Lk)`` and ``attn_mask`` (broadcastable
+    to ``(B, H, Lq, Lk)``) are :func:`posbias._core.problem.prepare`'s.
 
     ``removed``: keyword arguments the layer's call does not name (an error
-    that explains each, e.g. ``key_padding_mask`` → ``key_mask``).
-    ``weight_dtype``: the projections' dtype, which the input must have (PyTorch
-    layers: an input of another dtype is an error, not a raw matmul failure).
+    that explains each, e.g. ``key_padding_mask`` → ``key_mask``; ``known``:
+    the names to suggest). ``weight_dtype``: the projections' dtype, which the
+    inputs must have (PyTorch layers: an input of another dtype is an error,
+    not a raw matmul failure).
     """
-    conventions.reject_unknown(
-        "MultiHeadAttention", removed or {}, ("key_mask", "segment_ids", "cache")
-    )
+    conventions.reject_unknown("MultiHeadAttention", removed or {}, known)
     if cache is not None and not isinstance(cache, problem.KVCache):
         raise InvalidTypeError(
             f"cache must be the KVCache that layer.init_cache() returns (or the cache a "
             f"previous call returned), got {type(cache).__name__}."
         )
-    x = problem.native(xp, "input", x)
-    shape = xp.shape(x)
-    if len(shape) != 3 or shape[-1] != cfg.embed_dim:
+    x = _layer_input(xp, cfg, "input", x, weight_dtype)
+    cross = key is not None or value is not None
+    if cross and cache is not None:
         raise InvalidArgumentError(
-            f"input must have shape (B, L, embed_dim={cfg.embed_dim}), got {shape}."
+            "KV-cache decoding is self-attention: pass no key/value inputs with cache=."
         )
-    dtype = xp.dtype_name(x.dtype)
-    if dtype not in problem.FLOATS or (weight_dtype is not None and dtype != weight_dtype):
-        expected = (
-            f"of dtype {weight_dtype} (the layer's weights)"
-            if weight_dtype is not None
-            else f"({', '.join(problem.FLOATS)})"
+    if key is not None:
+        key = _layer_input(xp, cfg, "key", key, weight_dtype, like=x)
+    if value is not None:
+        value = _layer_input(xp, cfg, "value", value, weight_dtype, like=x)
+    key = x if not cross else value if key is None else key
+    value = key if value is None else value
+    if cross and xp.shape(value)[1] != xp.shape(key)[1]:
+        raise InvalidArgumentError(
+            f"key and value must have the same length, got shapes {xp.shape(key)} and "
+            f"{xp.shape(value)}."
         )
-        raise InvalidTypeError(
-            f"input must be a floating tensor {expected}, got {dtype or x.dtype}; cast the "
-            "input (or the layer) first."
-        )
+    sources = {"q": x, "k": key, "v": value}
     q, k, v = (
-        einops.rearrange(project(n, x), "b l (h d) -> b h l d", d=cfg.head_dim)
+        einops.rearrange(project(n, sources[n]), "b l (h d) -> b h l d", d=cfg.head_dim)
         for n in ("q", "k", "v")
     )
     if cache is None:
@@ -442,6 +454,7 @@ def mha_forward(
             causal=cfg.causal,
             key_mask=key_mask,
             segment_ids=segment_ids,
+            attn_mask=attn_mask,
             implementation=cfg.implementation,
             block_size=cfg.block_size,
         )
@@ -463,11 +476,45 @@ def mha_forward(
             causal=True,
             q_offset=offset,
             key_mask=new_cache.valid,
+            attn_mask=attn_mask,
             implementation=cfg.implementation,
             block_size=cfg.block_size,
         )
     out = project("o", einops.rearrange(out, "b h l d -> b l (h d)"))
     return out if cache is None else (out, new_cache)
+
+
+def _layer_input(
+    xp, cfg: MHAConfig, name: str, x: Any, weight_dtype: str | None, like: Any = None
+) -> Any:
+    """``x`` as a checked ``(B, L, embed_dim)`` floating tensor (of ``like``'s batch and dtype)."""
+    x = problem.native(xp, name, x)
+    shape = xp.shape(x)
+    if len(shape) != 3 or shape[-1] != cfg.embed_dim:
+        raise InvalidArgumentError(
+            f"{name} must have shape (B, L, embed_dim={cfg.embed_dim}), got {shape}."
+        )
+    dtype = xp.dtype_name(x.dtype)
+    owner = "the layer's weights"
+    if like is not None:
+        owner = "the layer's weights and the query input" if weight_dtype else "the query input"
+        if shape[0] != xp.shape(like)[0]:
+            raise InvalidArgumentError(
+                f"{name} must have the query input's batch size {xp.shape(like)[0]}, got "
+                f"shape {shape}."
+            )
+        weight_dtype = weight_dtype or xp.dtype_name(like.dtype)
+    if dtype not in problem.FLOATS or (weight_dtype is not None and dtype != weight_dtype):
+        expected = (
+            f"of dtype {weight_dtype} ({owner})"
+            if weight_dtype is not None
+            else f"({', '.join(problem.FLOATS)})"
+        )
+        raise InvalidTypeError(
+            f"{name} must be a floating tensor {expected}, got {dtype or x.dtype}; cast the "
+            "input (or the layer) first."
+        )
+    return x
 
 
 def init_cache(xp, cfg: MHAConfig, batch_size: int, capacity: int, dtype: str) -> problem.KVCache:

@@ -181,10 +181,17 @@ class PositionalBias(_layers.BiasParamsMixin, nnx.Module):
 
 
 class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
-    """Multi-head self-attention with a positional bias, GQA and a KV cache (Flax NNX).
+    """Multi-head self- or cross-attention with a positional bias, GQA and a KV cache (Flax NNX).
 
     Arguments and ``positional_bias`` attribute (a :class:`PositionalBias` or
-    None) as in :class:`posbias.torch.MultiHeadAttention`; ``seed`` seeds the
+    None) as in :class:`posbias.torch.MultiHeadAttention`. Call:
+    ``mha(x, inputs_k=None, inputs_v=None, *, key_mask=None, segment_ids=None,
+    attn_mask=None)``, Flax's ``MultiHeadAttention`` argument order:
+    ``inputs_k``/``inputs_v`` ``(B, Lk, E)`` make it cross-attention (a missing
+    ``inputs_k`` is ``x``, a missing ``inputs_v`` is ``inputs_k``), the bias
+    aligned bottom-right; ``attn_mask`` plays Flax's ``mask`` (bool
+    ``(B, H, Lq, Lk)`` or broadcastable, True = attend) and may also be
+    additive (float). ``seed`` seeds the
     NumPy initialisation shared by every framework; ``param_dtype`` is the
     parameters' dtype; ``precision`` is the projections' matmul precision
     (default ``"highest"``: true float32 on GPUs/TPUs, where JAX's default is
@@ -251,9 +258,12 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
     def __call__(
         self,
         x: jnp.ndarray,
+        inputs_k: Any = None,
+        inputs_v: Any = None,
         *,
         key_mask: Any = None,
         segment_ids: Any = None,
+        attn_mask: Any = None,
         cache: KVCache | None = None,
         **removed: Any,
     ) -> Any:
@@ -263,8 +273,11 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
             self._project,
             x,
             self.positional_bias,
+            key=x if inputs_k is None and inputs_v is not None else inputs_k,  # Flax's rule
+            value=inputs_v,
             key_mask=key_mask,
             segment_ids=segment_ids,
+            attn_mask=attn_mask,
             cache=cache,
             removed=removed,
         )

@@ -199,7 +199,7 @@ class PositionalBias(_layers.BiasParamsMixin, nn.Module):
 
 
 class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
-    """Multi-head self-attention with a positional bias, GQA and a KV cache.
+    """Multi-head self- or cross-attention with a positional bias, GQA and a KV cache.
 
     Args:
         embed_dim: model width ``E``.
@@ -214,8 +214,16 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
         block_size: query rows per block of the blockwise kernel (default 256).
         seed: seed of the NumPy initialisation shared by every framework.
 
-    Call: ``mha(x, key_mask=None, segment_ids=None)`` → ``(B, L, E)``;
-    with ``cache=`` it returns ``(out, new_cache)`` (see :meth:`init_cache`).
+    Call: ``mha(x, key=None, value=None, *, key_mask=None, segment_ids=None,
+    attn_mask=None)`` → ``(B, Lq, E)``, ``nn.MultiheadAttention``'s argument
+    order: ``key``/``value`` ``(B, Lk, E)`` make it cross-attention (a missing
+    ``key`` is ``x``, a missing ``value`` is ``key``), the bias aligned
+    bottom-right (the last query sits at the last key). ``key_mask`` ``(B, Lk)``
+    (True = real key; ``key_padding_mask=`` is an error saying so) and
+    ``attn_mask`` are :func:`attention`'s (``attn_mask`` broadcastable to
+    ``(B, H, Lq, Lk)``, bool True = takes part, or float added to the scores).
+    With ``cache=`` (self-attention only) it returns ``(out, new_cache)`` (see
+    :meth:`init_cache`).
 
     Attributes:
         positional_bias: the :class:`PositionalBias` module (None for
@@ -274,9 +282,12 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
         *,
         key_mask: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         **removed: Any,
     ) -> Any:
@@ -287,8 +298,11 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
             self._project,
             x,
             self.positional_bias,
+            key=key,
+            value=value,
             key_mask=key_mask,
             segment_ids=segment_ids,
+            attn_mask=attn_mask,
             cache=cache,
             removed=removed,
             weight_dtype=TorchBackend().dtype_name(weight.dtype),

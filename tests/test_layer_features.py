@@ -1,0 +1,136 @@
+"""MultiHeadAttention features: cross-attention and ``attn_mask`` on every framework's layer.
+
+Each framework's layer, loaded with the NumPy reference layer's portable
+weights, against that reference (float64); the call idioms (torch/NumPy
+``(x, key, value)``, Flax ``(x, inputs_k, inputs_v)``, TensorFlow ``value=`` /
+``key=``); the bias alignment of cross-attention (bottom-right); and the wrong
+inputs the shared layer code rejects.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import FRAMEWORKS
+from posbias import numpy as pnp
+from posbias.backends import load
+from posbias.errors import InvalidArgumentError, InvalidTypeError
+from posbias.testing import _layers as lp
+
+pytestmark = pytest.mark.skipif(not FRAMEWORKS, reason="no framework under test")
+
+E, H, KV = 24, 4, 2
+KEY_NAME = {"torch": "key", "jax": "inputs_k", "tensorflow": "key"}
+VALUE_NAME = {"torch": "value", "jax": "inputs_v", "tensorflow": "value"}
+
+
+@pytest.fixture(params=FRAMEWORKS)
+def fw(request):
+    """(framework module, backend adapter) for each framework under test."""
+    return lp.framework_module(request.param), load(request.param)()
+
+
+def _pair(module, bias="t5", causal=True, **kwargs):
+    ref = pnp.MultiHeadAttention(E, H, bias, causal=causal, num_kv_heads=KV, seed=1, **kwargs)
+    layer = module.MultiHeadAttention(E, H, bias, causal=causal, num_kv_heads=KV, **kwargs)
+    layer.load_portable_weights(ref.portable_weights())
+    return layer, ref
+
+
+def _x(batch=2, length=5, seed=0):
+    return np.random.default_rng(seed).normal(size=(batch, length, E)).astype(np.float32)
+
+
+def _error(x, ref):
+    return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+@pytest.mark.parametrize("bias", ["alibi", "t5", "fire"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cross_attention_with_separate_key_and_value_equals_the_reference(fw, bias, causal):
+    module, xp = fw
+    layer, ref = _pair(module, bias, causal)
+    x, key, value = _x(), _x(length=8, seed=1), _x(length=8, seed=2)
+    names = {KEY_NAME[xp.name]: xp.from_numpy(key), VALUE_NAME[xp.name]: xp.from_numpy(value)}
+    out = xp.to_numpy(layer(xp.from_numpy(x), **names))
+    assert _error(out, ref(x, key, value)) <= 1e-5
+
+
+def test_cross_attention_defaults_follow_each_framework(fw):
+    """torch/Flax: a missing value is the key; TensorFlow (Keras): a missing key is the value."""
+    module, xp = fw
+    layer, ref = _pair(module)
+    x, kv = _x(), _x(length=8, seed=1)
+    one = {"tensorflow": "value"}.get(xp.name, KEY_NAME[xp.name])
+    out = xp.to_numpy(layer(xp.from_numpy(x), **{one: xp.from_numpy(kv)}))
+    np.testing.assert_allclose(out, ref(x, kv, kv), atol=1e-5)
+    np.testing.assert_allclose(out, ref(x, kv), atol=1e-5)
+    same = xp.to_numpy(layer(xp.from_numpy(x), **{one: xp.from_numpy(x)}))
+    np.testing.assert_allclose(same, xp.to_numpy(layer(xp.from_numpy(x))), atol=1e-6)
+
+
+def test_cross_attention_bias_is_aligned_bottom_right():
+    """The last query sits at the last key: a query of length 1 equals the last row."""
+    layer = pnp.MultiHeadAttention(E, H, "alibi", causal=True, seed=1)
+    x = _x(length=8)
+    np.testing.assert_allclose(layer(x[:, -1:], x)[:, 0], layer(x)[:, -1], atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_layer_attn_mask_equals_the_reference(fw, kind):
+    module, xp = fw
+    layer, ref = _pair(module, causal=False)
+    x, kv = _x(), _x(length=8, seed=1)
+    rng = np.random.default_rng(3)
+    mask = rng.random((2, 1, 5, 8)) > 0.3
+    if kind == "additive":
+        mask = np.where(mask, rng.normal(size=mask.shape), -np.inf).astype(np.float32)
+    out = xp.to_numpy(lp.cross_attention(layer, xp.name, *map(xp.from_numpy, (x, kv, mask))))
+    assert _error(out, ref(x, kv, attn_mask=mask)) <= 1e-5
+    self_out = xp.to_numpy(layer(xp.from_numpy(x), attn_mask=xp.from_numpy(mask[..., :5])))
+    assert _error(self_out, ref(x, attn_mask=mask[..., :5])) <= 1e-5
+
+
+def test_numpy_layer_attn_mask_is_the_attention_mask():
+    """Through the layer, a mask of the causal pattern equals causal=True."""
+    layer = pnp.MultiHeadAttention(E, H, "alibi", causal=False, seed=1)
+    causal = pnp.MultiHeadAttention(E, H, "alibi", causal=True, seed=1)
+    x = _x()
+    np.testing.assert_allclose(
+        layer(x, attn_mask=np.tril(np.ones((5, 5), bool))), causal(x), atol=1e-12
+    )
+
+
+@pytest.mark.parametrize(
+    "inputs, error, match",
+    [
+        (dict(key=_x(length=8)[..., :10]), InvalidArgumentError, r"key must have shape"),
+        (dict(key=_x(batch=3, length=8)), InvalidArgumentError, "query input's batch size 2"),
+        (dict(key=_x(length=8).astype(np.float64)), InvalidTypeError, "key must be a floating"),
+        (dict(key=_x(length=8), value=_x(length=6)), InvalidArgumentError, "same length"),
+        (dict(value=_x(length=8).astype(np.int32)), InvalidTypeError, "value must be a float"),
+        (dict(attn_mask=np.ones((2, 1, 5, 6), bool)), InvalidArgumentError, "attn_mask must"),
+        (dict(attn_mask=np.ones((5, 5), np.int64)), InvalidTypeError, "attn_mask must be boolean"),
+        (dict(mask=np.ones((5, 5), bool)), InvalidTypeError, r"Did you mean .*attn_mask"),
+    ],
+    ids=["embed", "batch", "dtype", "lengths", "int value", "mask shape", "mask dtype", "mask="],
+)
+def test_wrong_layer_inputs_are_errors_that_name_them(fw, inputs, error, match):
+    module, xp = fw
+    if match.startswith("key must be a floating") and xp.name != "torch":
+        pytest.skip("JAX (no x64) and Keras (autocast) make a float64 input float32 first")
+    layer, _ = _pair(module)
+    names = {"key": KEY_NAME[xp.name], "value": VALUE_NAME[xp.name]}
+    kwargs = {names.get(n, n): xp.from_numpy(a) for n, a in inputs.items()}
+    with pytest.raises(error, match=match):
+        layer(xp.from_numpy(_x()), **kwargs)
+
+
+def test_cross_attention_with_a_cache_is_an_error(fw):
+    module, xp = fw
+    layer, _ = _pair(module)
+    cache = layer.init_cache(batch_size=2, capacity=8)
+    kv = {"tensorflow": "value"}.get(xp.name, KEY_NAME[xp.name])
+    with pytest.raises(InvalidArgumentError, match="KV-cache decoding is self-attention"):
+        layer(xp.from_numpy(_x()), cache=cache, **{kv: xp.from_numpy(_x(length=8))})
