@@ -195,8 +195,9 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
     :class:`posbias.torch.MultiHeadAttention`, :class:`posbias.jax.MultiHeadAttention`
     and :class:`posbias.tensorflow.MultiHeadAttention` compute, in float64.
     Arguments and call as there (``mha(x, key=None, value=None, *, key_mask=None,
-    segment_ids=None, attn_mask=None)``: ``key``/``value`` make it
-    cross-attention); ``layer.positional_bias`` is a :class:`PositionalBias`
+    segment_ids=None, attn_mask=None, need_weights=False)``: ``key``/``value``
+    make it cross-attention, ``need_weights=True`` also returns the
+    ``(B, H, Lq, Lk)`` probabilities); ``layer.positional_bias`` is a :class:`PositionalBias`
     (seeded like the other frameworks' layers) or None, and
     ``portable_weights()`` / ``load_portable_weights()`` carry its learnable
     parameters too.
@@ -265,6 +266,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
         segment_ids: Any = None,
         attn_mask: Any = None,
         cache: _problem.KVCache | None = None,
+        need_weights: bool = False,
         **removed: Any,
     ) -> Any:
         return _layers.mha_forward(
@@ -279,5 +281,6 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
             segment_ids=segment_ids,
             attn_mask=attn_mask,
             cache=cache,
+            need_weights=need_weights,
             removed=removed,
         )

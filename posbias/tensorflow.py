@@ -242,13 +242,16 @@ class MultiHeadAttention(
     keyword arguments (``name``, ``dtype`` policy such as ``"mixed_bfloat16"``).
 
     Call: ``layer(x, key_mask=None, segment_ids=None, cache=None, *, value=None,
-    key=None, attn_mask=None)``. ``value``/``key`` ``(B, Lk, E)`` (keywords:
-    the second positional argument stays ``key_mask``) make it
-    cross-attention, with Keras' rule (a missing ``key`` is ``value``) and the
-    bias aligned bottom-right; ``attn_mask`` as in :func:`attention`
+    key=None, attn_mask=None, return_attention_scores=False)``.
+    ``value``/``key`` ``(B, Lk, E)`` (keywords: the second positional argument
+    stays ``key_mask``) make it cross-attention, with Keras' rule (a missing
+    ``key`` is ``value``) and the bias aligned bottom-right; ``attn_mask`` as in :func:`attention`
     (``(B, H, Lq, Lk)`` or broadcastable, bool True = attend, or additive).
     With ``cache=`` (self-attention only) it returns ``(out, new_cache)`` (see
-    :meth:`init_cache`).
+    :meth:`init_cache`). ``return_attention_scores=True`` (Keras' name) also
+    returns the ``(B, H, Lq, Lk)`` attention probabilities, ``(out, scores)``
+    (``(out, scores, new_cache)`` with a cache), from the exact path that
+    materialises them (``O(B·H·Lq·Lk)`` memory).
     """
 
     def __init__(
@@ -332,6 +335,7 @@ class MultiHeadAttention(
         value: Any = None,
         key: Any = None,
         attn_mask: Any = None,
+        return_attention_scores: bool = False,
         **removed: Any,
     ) -> Any:
         return _layers.mha_forward(
@@ -346,6 +350,8 @@ class MultiHeadAttention(
             segment_ids=segment_ids,
             attn_mask=attn_mask,
             cache=cache,
+            need_weights=return_attention_scores,
+            weights_name="return_attention_scores",
             removed=removed,
         )
 

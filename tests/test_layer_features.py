@@ -134,3 +134,76 @@ def test_cross_attention_with_a_cache_is_an_error(fw):
     kv = {"tensorflow": "value"}.get(xp.name, KEY_NAME[xp.name])
     with pytest.raises(InvalidArgumentError, match="KV-cache decoding is self-attention"):
         layer(xp.from_numpy(_x()), cache=cache, **{kv: xp.from_numpy(_x(length=8))})
+
+
+# ------------------------------------------------------------- attention weights
+WEIGHTS_NAME = {
+    "torch": "need_weights",
+    "jax": "sow_weights",
+    "tensorflow": "return_attention_scores",
+}
+
+
+def _with_weights(layer, xp, *args, **kwargs):
+    """``(out, weights, *cache)`` as NumPy/native, in each framework's idiom."""
+    if xp.name != "jax":
+        return layer(*args, **{WEIGHTS_NAME[xp.name]: True}, **kwargs)
+    from flax import nnx
+
+    result, sown = nnx.capture(layer, nnx.Intermediate)(*args, sow_weights=True, **kwargs)
+    (weights,) = sown["attention_weights"]
+    out, *cache = result if isinstance(result, tuple) else (result,)
+    return (out, weights, *cache)
+
+
+@pytest.mark.parametrize("bias", ["alibi", "fire"])
+def test_attention_weights_equal_the_reference_layers(fw, bias):
+    module, xp = fw
+    layer, ref = _pair(module, bias)
+    x, kv = _x(), _x(length=8, seed=1)
+    mask = np.random.default_rng(4).random((2, 1, 5, 8)) > 0.3
+    mask[0, 0, 0] = False  # a fully hidden row: weights 0
+    kv_name = {"tensorflow": "value"}.get(xp.name, KEY_NAME[xp.name])
+    args = {kv_name: xp.from_numpy(kv), "attn_mask": xp.from_numpy(mask)}
+    out, weights = _with_weights(layer, xp, xp.from_numpy(x), **args)
+    ref_out, ref_weights = ref(x, kv, attn_mask=mask, need_weights=True)
+    weights = xp.to_numpy(weights)
+    assert weights.shape == (2, H, 5, 8)
+    np.testing.assert_allclose(weights, ref_weights, atol=1e-6)
+    np.testing.assert_allclose(xp.to_numpy(out), ref_out, atol=1e-5)
+    np.testing.assert_allclose(
+        xp.to_numpy(out), xp.to_numpy(layer(xp.from_numpy(x), **args)), atol=1e-6
+    )
+    sums = ref_weights.sum(-1)
+    np.testing.assert_allclose(sums[1], 1.0, atol=1e-12)
+    assert np.all(ref_weights[0, :, 0] == 0) and np.all(weights[0, :, 0] == 0)
+
+
+def test_attention_weights_with_a_cache_come_before_the_cache(fw):
+    module, xp = fw
+    layer, ref = _pair(module)
+    x = _x()
+    cache = layer.init_cache(batch_size=2, capacity=8)
+    out, weights, cache = _with_weights(layer, xp, xp.from_numpy(x), cache=cache)
+    assert xp.shape(out) == (2, 5, E)
+    assert isinstance(cache, type(layer.init_cache(batch_size=2, capacity=8)))
+    _, ref_weights = ref(x, need_weights=True)
+    np.testing.assert_allclose(xp.to_numpy(weights)[..., :5], ref_weights, atol=1e-6)
+    assert np.all(xp.to_numpy(weights)[..., 5:] == 0)  # empty cache slots
+
+
+def test_numpy_layer_weights_reproduce_the_output():
+    layer = pnp.MultiHeadAttention(E, H, "t5", causal=True, seed=2)
+    x = _x()
+    out, weights = layer(x, need_weights=True)
+    assert weights.dtype == np.float64 and weights.shape == (2, H, 5, 5)
+    np.testing.assert_allclose(out, layer(x), atol=1e-12)
+    np.testing.assert_allclose(np.triu(weights, 1), 0.0)  # causal
+
+
+def test_a_non_bool_weights_flag_is_an_error_that_names_it(fw):
+    module, xp = fw
+    layer, _ = _pair(module)
+    name = WEIGHTS_NAME[xp.name]
+    with pytest.raises(InvalidTypeError, match=name):
+        layer(xp.from_numpy(_x()), **{name: 1})

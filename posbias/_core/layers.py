@@ -16,6 +16,7 @@ parameter of the layer's positional bias.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,6 +27,7 @@ from .. import backends
 from ..errors import InvalidArgumentError, InvalidTypeError
 from ..spec import BiasSpec
 from . import bias_arg, conventions, dispatch, problem
+from . import weights as _weights
 from .checks import check_int, real_array
 
 PROJECTIONS = ("q", "k", "v", "o")
@@ -396,11 +398,19 @@ def mha_forward(
     segment_ids: Any = None,
     attn_mask: Any = None,
     cache: problem.KVCache | None = None,
+    need_weights: Any = False,
+    weights_name: str = "need_weights",
     removed: Mapping[str, Any] | None = None,
     weight_dtype: str | None = None,
-    known: tuple[str, ...] = ("key_mask", "segment_ids", "attn_mask", "cache"),
 ) -> Any:
-    """Multi-head attention forward pass; returns ``out`` or ``(out, new_cache)``.
+    """Multi-head attention forward pass: ``out``, then the weights and the cache if asked.
+
+    Returns ``out`` ``(B, Lq, E)``; with ``need_weights=True`` (a strict bool,
+    called ``weights_name`` in the layer's errors) also the attention
+    probabilities ``(B, H, Lq, Lk)`` of :mod:`posbias._core.weights` (the
+    exact path that materialises them: ``O(B·H·Lq·Lk)`` memory), and with a
+    ``cache`` the new cache last: ``out``, ``(out, weights)``,
+    ``(out, new_cache)`` or ``(out, weights, new_cache)``.
 
     Self-attention by default; ``key`` and/or ``value`` ``(B, Lk, E)`` make it
     cross-attention: queries from ``x``, keys and values from ``key``/``value``
@@ -411,11 +421,12 @@ def mha_forward(
     to ``(B, H, Lq, Lk)``) are :func:`posbias._core.problem.prepare`'s.
 
     ``removed``: keyword arguments the layer's call does not name (an error
-    that explains each, e.g. ``key_padding_mask`` → ``key_mask``; ``known``:
-    the names to suggest). ``weight_dtype``: the projections' dtype, which the
+    that explains each, e.g. ``key_padding_mask`` → ``key_mask``).
+    ``weight_dtype``: the projections' dtype, which the
     inputs must have (PyTorch layers: an input of another dtype is an error,
     not a raw matmul failure).
     """
+    known = ("key", "value", "key_mask", "segment_ids", "attn_mask", "cache", weights_name)
     conventions.reject_unknown("MultiHeadAttention", removed or {}, known)
     if cache is not None and not isinstance(cache, problem.KVCache):
         raise InvalidTypeError(
@@ -444,8 +455,15 @@ def mha_forward(
         einops.rearrange(project(n, sources[n]), "b l (h d) -> b h l d", d=cfg.head_dim)
         for n in ("q", "k", "v")
     )
+    want_weights = conventions.check_bool(weights_name, need_weights)
+    if want_weights:  # the exact materialised path: (B, H, Lq, Lk) probabilities
+        run = _weights.attend_with_weights
+    else:
+        run = functools.partial(
+            dispatch.attend, implementation=cfg.implementation, block_size=cfg.block_size
+        )
     if cache is None:
-        out = dispatch.attend(
+        result = run(
             xp,
             q,
             k,
@@ -455,8 +473,6 @@ def mha_forward(
             key_mask=key_mask,
             segment_ids=segment_ids,
             attn_mask=attn_mask,
-            implementation=cfg.implementation,
-            block_size=cfg.block_size,
         )
         new_cache = None
     else:
@@ -467,7 +483,7 @@ def mha_forward(
         offset = cache.length
         new_cache = cache_write(xp, cache, k, v, key_mask)
         q_dtype = xp.dtype_name(q.dtype)  # a cache may hold another dtype (init_cache(dtype=))
-        out = dispatch.attend(
+        result = run(
             xp,
             q,
             xp.cast(new_cache.k, q_dtype),
@@ -477,11 +493,11 @@ def mha_forward(
             q_offset=offset,
             key_mask=new_cache.valid,
             attn_mask=attn_mask,
-            implementation=cfg.implementation,
-            block_size=cfg.block_size,
         )
+    out, probs = result if want_weights else (result, None)
     out = project("o", einops.rearrange(out, "b h l d -> b l (h d)"))
-    return out if cache is None else (out, new_cache)
+    outputs = (out, *((probs,) if want_weights else ()), *(() if cache is None else (new_cache,)))
+    return outputs[0] if len(outputs) == 1 else outputs
 
 
 def _layer_input(

@@ -191,7 +191,12 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
     ``inputs_k`` is ``x``, a missing ``inputs_v`` is ``inputs_k``), the bias
     aligned bottom-right; ``attn_mask`` plays Flax's ``mask`` (bool
     ``(B, H, Lq, Lk)`` or broadcastable, True = attend) and may also be
-    additive (float). ``seed`` seeds the
+    additive (float). ``sow_weights=True`` (Flax's option) sows the
+    ``(B, H, Lq, Lk)`` attention probabilities into the ``nnx.Intermediate``
+    collection as ``attention_weights`` (``out, sown = nnx.capture(mha,
+    nnx.Intermediate)(x, sow_weights=True)``, then
+    ``sown["attention_weights"][0]``); they come from the exact path that
+    materialises them (``O(B·H·Lq·Lk)`` memory). ``seed`` seeds the
     NumPy initialisation shared by every framework; ``param_dtype`` is the
     parameters' dtype; ``precision`` is the projections' matmul precision
     (default ``"highest"``: true float32 on GPUs/TPUs, where JAX's default is
@@ -265,9 +270,10 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
         segment_ids: Any = None,
         attn_mask: Any = None,
         cache: KVCache | None = None,
+        sow_weights: bool = False,
         **removed: Any,
     ) -> Any:
-        return _layers.mha_forward(
+        result = _layers.mha_forward(
             JaxBackend(),
             self.mha_config,
             self._project,
@@ -279,8 +285,15 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
             segment_ids=segment_ids,
             attn_mask=attn_mask,
             cache=cache,
+            need_weights=sow_weights,
+            weights_name="sow_weights",
             removed=removed,
         )
+        if sow_weights is not True:
+            return result
+        out, weights, *new_cache = result
+        self.sow(nnx.Intermediate, "attention_weights", weights)
+        return (out, *new_cache) if new_cache else out
 
     def _project(self, name: str, x: jnp.ndarray) -> jnp.ndarray:
         return getattr(self, f"{name}_proj")(x)

@@ -223,7 +223,13 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
     ``attn_mask`` are :func:`attention`'s (``attn_mask`` broadcastable to
     ``(B, H, Lq, Lk)``, bool True = takes part, or float added to the scores).
     With ``cache=`` (self-attention only) it returns ``(out, new_cache)`` (see
-    :meth:`init_cache`).
+    :meth:`init_cache`). ``need_weights=True`` also returns the attention
+    probabilities ``(B, H, Lq, Lk)`` per head, ``(out, weights)`` (then
+    ``(out, weights, new_cache)`` with a cache), from the exact path that
+    *materialises* them (``O(B·H·Lq·Lk)`` memory, no blockwise kernel). The
+    default is False, unlike ``nn.MultiheadAttention``'s ``need_weights=True``
+    (which averages over heads): posbias never builds the ``Lq × Lk`` scores
+    unless asked, and returns ``out`` alone, as it always has.
 
     Attributes:
         positional_bias: the :class:`PositionalBias` module (None for
@@ -289,6 +295,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
         segment_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        need_weights: bool = False,
         **removed: Any,
     ) -> Any:
         weight = self.q_proj.weight
@@ -304,6 +311,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
             segment_ids=segment_ids,
             attn_mask=attn_mask,
             cache=cache,
+            need_weights=need_weights,
             removed=removed,
             weight_dtype=TorchBackend().dtype_name(weight.dtype),
         )
