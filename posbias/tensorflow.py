@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import registry as posbias_registry
+from ._core import conventions
 from ._core import dispatch as _dispatch
 from ._core import layers as _layers
 from ._core import problem as _problem
@@ -247,6 +248,12 @@ class MultiHeadAttention(
     stays ``key_mask``) make it cross-attention, with Keras' rule (a missing
     ``key`` is ``value``) and the bias aligned bottom-right; ``attn_mask`` as in :func:`attention`
     (``(B, H, Lq, Lk)`` or broadcastable, bool True = attend, or additive).
+    ``dropout`` (Keras' name) in ``[0, 1)`` zeroes each attention probability
+    when called with ``training=True`` (``fit`` does), the others scaled by
+    ``1 / (1 - dropout)``, with ``keras.random.dropout`` and a
+    ``keras.random.SeedGenerator(seed)`` (the same seed drops the same
+    weights); off otherwise. While it is on, the exact materialised path runs
+    (``O(B·H·Lq·Lk)`` memory).
     With ``cache=`` (self-attention only) it returns ``(out, new_cache)`` (see
     :meth:`init_cache`). ``return_attention_scores=True`` (Keras' name) also
     returns the ``(B, H, Lq, Lk)`` attention probabilities, ``(out, scores)``
@@ -267,6 +274,7 @@ class MultiHeadAttention(
         implementation: str = "auto",
         block_size: int | None = None,
         seed: int = 0,
+        dropout: float = 0.0,
         **kwargs: Any,
     ) -> None:
         _check_keras_backend()
@@ -280,8 +288,11 @@ class MultiHeadAttention(
             use_bias=use_bias,
             implementation=implementation,
             block_size=block_size,
+            dropout=dropout,
         )
         self.seed = _layers.check_seed(seed)
+        # Keras' RNG idiom: a seeded generator, so a given seed drops the same weights
+        self.dropout_seed = keras.random.SeedGenerator(self.seed) if dropout else None
         shapes = self.mha_config.shapes()
         self.projections = {
             name: keras.layers.Dense(
@@ -336,8 +347,17 @@ class MultiHeadAttention(
         key: Any = None,
         attn_mask: Any = None,
         return_attention_scores: bool = False,
+        training: bool | None = None,
         **removed: Any,
     ) -> Any:
+        drop = None
+        if training is not None and conventions.check_bool("training", training):
+            rate, seed = self.mha_config.dropout, self.dropout_seed
+            if rate > 0:
+
+                def drop(probs: Any) -> Any:
+                    return keras.random.dropout(probs, rate, seed=seed)
+
         return _layers.mha_forward(
             TensorflowBackend(),
             self.mha_config,
@@ -352,6 +372,7 @@ class MultiHeadAttention(
             cache=cache,
             need_weights=return_attention_scores,
             weights_name="return_attention_scores",
+            dropout=drop,
             removed=removed,
         )
 
@@ -398,4 +419,5 @@ class MultiHeadAttention(
             "implementation": cfg.implementation,
             "block_size": cfg.block_size,
             "seed": self.seed,
+            "dropout": cfg.dropout,
         }

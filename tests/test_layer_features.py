@@ -207,3 +207,178 @@ def test_a_non_bool_weights_flag_is_an_error_that_names_it(fw):
     name = WEIGHTS_NAME[xp.name]
     with pytest.raises(InvalidTypeError, match=name):
         layer(xp.from_numpy(_x()), **{name: 1})
+
+
+# ------------------------------------------------------------- attention dropout
+RATE_NAME = {"torch": "dropout", "jax": "dropout_rate", "tensorflow": "dropout"}
+
+
+def _dropout_layer(module, xp, rate, seed=0, **kwargs):
+    """A layer with attention dropout ``rate`` (Flax: its ``dropout`` stream from ``seed``)."""
+    if xp.name == "jax":
+        from flax import nnx
+
+        kwargs["rngs"] = nnx.Rngs(dropout=seed)
+    elif xp.name == "tensorflow":
+        kwargs["seed"] = seed
+    return module.MultiHeadAttention(E, H, "alibi", **{RATE_NAME[xp.name]: rate}, **kwargs)
+
+
+def _train(layer, xp, x, **kwargs):
+    """One call in training mode (dropout on), in each framework's idiom."""
+    if xp.name == "tensorflow":
+        return layer(x, training=True, **kwargs)
+    if xp.name == "torch":
+        layer.train()
+    return layer(x, **kwargs)
+
+
+def _eval(layer, xp, x):
+    """One call in inference mode (dropout off), in each framework's idiom."""
+    if xp.name == "tensorflow":
+        return layer(x, training=False)
+    if xp.name == "jax":
+        return layer(x, deterministic=True)
+    layer.eval()
+    return layer(x)
+
+
+def test_dropout_is_off_in_inference(fw):
+    module, xp = fw
+    layer = _dropout_layer(module, xp, 0.4)
+    plain = module.MultiHeadAttention(E, H, "alibi")  # same seed: same weights
+    x = xp.from_numpy(_x(length=6))
+    np.testing.assert_array_equal(xp.to_numpy(_eval(layer, xp, x)), xp.to_numpy(plain(x)))
+    if xp.name == "jax":  # nnx's mode switches
+        layer.eval()
+        np.testing.assert_array_equal(xp.to_numpy(layer(x)), xp.to_numpy(plain(x)))
+        layer.train()
+    assert not np.allclose(xp.to_numpy(_train(layer, xp, x)), xp.to_numpy(plain(x)))
+
+
+def test_dropout_drops_the_rate_and_keeps_the_mean(fw):
+    module, xp = fw
+    rate, calls = 0.3, 200
+    layer = _dropout_layer(module, xp, rate, seed=1)
+    x = xp.from_numpy(_x(length=16))
+    ref = pnp.MultiHeadAttention(E, H, "alibi")
+    ref.load_portable_weights(layer.portable_weights())
+    _, probs = ref(_x(length=16), need_weights=True)
+    assert np.all(probs > 0)  # every weight can be dropped
+    outs, weights = [], []
+    for _ in range(calls):
+        out, w = _with_weights_train(layer, xp, x)
+        outs.append(xp.to_numpy(out).astype(np.float64))
+        weights.append(xp.to_numpy(w).astype(np.float64))
+    weights = np.stack(weights)
+    dropped = float(np.mean(weights == 0))
+    assert abs(dropped - rate) < 0.02, dropped  # 200 · 2048 draws: sigma 0.0007
+    kept = weights[weights > 0] / np.broadcast_to(probs, weights.shape)[weights > 0]
+    np.testing.assert_allclose(kept, 1 / (1 - rate), rtol=1e-4)  # scaled by 1/(1-p)
+    mean_weights = weights.mean(0)
+    assert np.mean(np.abs(mean_weights - probs)) / np.mean(probs) < 0.08
+    reference = xp.to_numpy(_eval(layer, xp, x)).astype(np.float64)
+    assert _error(np.mean(outs, 0), reference) < 0.1
+
+
+def _with_weights_train(layer, xp, x):
+    if xp.name == "tensorflow":
+        return layer(x, training=True, return_attention_scores=True)
+    out, weights, *_ = _with_weights(layer, xp, x)
+    return out, weights
+
+
+def test_dropout_is_reproducible_with_a_seed(fw):
+    module, xp = fw
+    x = xp.from_numpy(_x(length=6))
+
+    def run(seed):
+        if xp.name == "torch":
+            import torch
+
+            torch.manual_seed(seed)
+        layer = _dropout_layer(module, xp, 0.5, seed=seed)
+        return [xp.to_numpy(_train(layer, xp, x)) for _ in range(2)]
+
+    first, again, other = run(3), run(3), run(4)
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    assert not np.allclose(first[0], first[1])  # a fresh mask each call
+    assert not np.allclose(first[0], other[0])
+
+
+def test_dropout_trains(fw):
+    """Gradients flow through the dropped weights (the framework's autodiff)."""
+    module, xp = fw
+    layer = _dropout_layer(module, xp, 0.2)
+    x = _x(length=6)
+    if xp.name == "torch":
+        import torch
+
+        inp = torch.tensor(x, requires_grad=True)
+        _train(layer, xp, inp).square().sum().backward()
+        grad = inp.grad.numpy()
+    elif xp.name == "jax":
+        import jax.numpy as jnp
+        from flax import nnx
+
+        grads = nnx.grad(lambda m, v: (m(v) ** 2).sum(), argnums=1)(layer, jnp.asarray(x))
+        grad = np.asarray(grads)
+    else:
+        import tensorflow as tf
+
+        inp = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(inp)
+            loss = tf.reduce_sum(_train(layer, xp, inp) ** 2)
+        grad = tape.gradient(loss, inp).numpy()
+    assert np.isfinite(grad).all() and np.abs(grad).max() > 0
+
+
+@pytest.mark.parametrize(
+    "rate, error",
+    [
+        (1.0, InvalidArgumentError),
+        (-0.1, InvalidArgumentError),
+        (float("nan"), InvalidArgumentError),
+        ("0.1", InvalidTypeError),
+        (True, InvalidTypeError),
+    ],
+)
+def test_a_bad_dropout_rate_is_an_error_that_names_it(fw, rate, error):
+    module, xp = fw
+    name = RATE_NAME[xp.name]
+    with pytest.raises(error, match=name):
+        module.MultiHeadAttention(E, H, **{name: rate})
+
+
+def test_flax_dropout_needs_rngs_and_reads_its_flags_strictly():
+    if "jax" not in FRAMEWORKS:
+        pytest.skip("jax not under test")
+    import jax.numpy as jnp
+    from flax import nnx
+
+    module = lp.framework_module("jax")
+    x = jnp.asarray(_x(length=6))
+    layer = module.MultiHeadAttention(E, H, dropout_rate=0.1)
+    with pytest.raises(InvalidArgumentError, match=r"rngs=nnx.Rngs\(dropout=...\)"):
+        layer(x)
+    layer(x, deterministic=True)  # off: no keys needed
+    layer(x, rngs=nnx.Rngs(dropout=0))  # keys at the call
+    with pytest.raises(InvalidTypeError, match="deterministic"):
+        layer(x, deterministic="no")
+    with pytest.raises(InvalidTypeError, match=r"rngs must be an nnx\.Rngs"):
+        module.MultiHeadAttention(E, H, dropout_rate=0.1, rngs=0)
+    with pytest.raises(InvalidTypeError, match="deterministic"):
+        module.MultiHeadAttention(E, H, deterministic=1)
+
+
+def test_tensorflow_dropout_round_trips_its_config_and_reads_training_strictly():
+    if "tensorflow" not in FRAMEWORKS:
+        pytest.skip("tensorflow not under test")
+    module = lp.framework_module("tensorflow")
+    layer = module.MultiHeadAttention(E, H, dropout=0.25, seed=2)
+    again = module.MultiHeadAttention.from_config(layer.get_config())
+    assert again.mha_config.dropout == 0.25
+    with pytest.raises(InvalidTypeError, match="training"):
+        layer(_x(), training="yes")

@@ -28,7 +28,7 @@ from ..errors import InvalidArgumentError, InvalidTypeError
 from ..spec import BiasSpec
 from . import bias_arg, conventions, dispatch, problem
 from . import weights as _weights
-from .checks import check_int, real_array
+from .checks import check_int, check_rate, real_array
 
 PROJECTIONS = ("q", "k", "v", "o")
 
@@ -54,6 +54,7 @@ class MHAConfig:
     use_bias: bool
     implementation: str = "auto"
     block_size: int | None = None
+    dropout: float = 0.0  # attention dropout: the probability of dropping a weight
 
     @classmethod
     def create(
@@ -67,6 +68,8 @@ class MHAConfig:
         use_bias: bool = True,
         implementation: str = "auto",
         block_size: int | None = None,
+        dropout: Any = 0.0,
+        dropout_name: str = "dropout",
     ) -> MHAConfig:
         embed_dim = check_int("embed_dim", embed_dim, minimum=1)
         num_heads = check_int("num_heads", num_heads, minimum=1)
@@ -95,6 +98,7 @@ class MHAConfig:
             conventions.check_bool("use_bias", use_bias),
             dispatch.check_implementation(implementation),
             dispatch.check_block_size(block_size),
+            check_rate(dropout_name, dropout),
         )
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -400,6 +404,7 @@ def mha_forward(
     cache: problem.KVCache | None = None,
     need_weights: Any = False,
     weights_name: str = "need_weights",
+    dropout: Callable[[Any], Any] | None = None,
     removed: Mapping[str, Any] | None = None,
     weight_dtype: str | None = None,
 ) -> Any:
@@ -411,6 +416,11 @@ def mha_forward(
     exact path that materialises them: ``O(B·H·Lq·Lk)`` memory), and with a
     ``cache`` the new cache last: ``out``, ``(out, weights)``,
     ``(out, new_cache)`` or ``(out, weights, new_cache)``.
+
+    ``dropout``: the framework's dropout of the probabilities, given only
+    while training with ``cfg.dropout > 0`` (None: deterministic). It runs the
+    materialised path too (exact: the dropped probabilities are the weights
+    applied, and returned), since blockwise kernels never hold them.
 
     Self-attention by default; ``key`` and/or ``value`` ``(B, Lk, E)`` make it
     cross-attention: queries from ``x``, keys and values from ``key``/``value``
@@ -456,8 +466,9 @@ def mha_forward(
         for n in ("q", "k", "v")
     )
     want_weights = conventions.check_bool(weights_name, need_weights)
-    if want_weights:  # the exact materialised path: (B, H, Lq, Lk) probabilities
-        run = _weights.attend_with_weights
+    materialised = want_weights or dropout is not None
+    if materialised:  # the exact path that holds the (B, H, Lq, Lk) probabilities
+        run = functools.partial(_weights.attend_with_weights, dropout=dropout)
     else:
         run = functools.partial(
             dispatch.attend, implementation=cfg.implementation, block_size=cfg.block_size
@@ -494,7 +505,7 @@ def mha_forward(
             key_mask=new_cache.valid,
             attn_mask=attn_mask,
         )
-    out, probs = result if want_weights else (result, None)
+    out, probs = result if materialised else (result, None)
     out = project("o", einops.rearrange(out, "b h l d -> b l (h d)"))
     outputs = (out, *((probs,) if want_weights else ()), *(() if cache is None else (new_cache,)))
     return outputs[0] if len(outputs) == 1 else outputs

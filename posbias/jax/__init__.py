@@ -19,10 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .._core import conventions as _conventions
 from .._core import dispatch as _dispatch
 from .._core import layers as _layers
 from .._core import problem as _problem
 from ..backends.jax import JaxBackend
+from ..errors import InvalidArgumentError, InvalidTypeError
 from ..spec import BiasSpec
 from ._sharded import sharded_attention, unzigzag, zigzag
 
@@ -202,6 +204,16 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
     (default ``"highest"``: true float32 on GPUs/TPUs, where JAX's default is
     TF32 / bf16 passes; pass ``None`` for JAX's default).
 
+    Attention dropout, Flax's way: ``dropout_rate`` in ``[0, 1)`` zeroes each
+    attention probability while training (the others scaled by
+    ``1 / (1 - dropout_rate)``) with an ``nnx.Dropout`` driven by the
+    ``dropout`` stream of ``rngs`` (``MultiHeadAttention(..., rngs=nnx.Rngs(0))``,
+    or ``rngs=`` at the call); ``deterministic=True`` (constructor or call) or
+    ``mha.eval()`` turns it off, ``mha.train()`` on again. ``rngs`` drives
+    dropout only: the parameters come from ``seed`` (the initialisation shared
+    by every framework). While dropout is on, the exact materialised path runs
+    (``O(B·H·Lq·Lk)`` memory, docs/layers.md).
+
     Example:
         >>> import jax.numpy as jnp
         >>> mha = MultiHeadAttention(32, 4, causal=True, num_kv_heads=2)
@@ -228,6 +240,9 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
         seed: int = 0,
         param_dtype: Any = jnp.float32,
         precision: Any = "highest",
+        dropout_rate: float = 0.0,
+        deterministic: bool = False,
+        rngs: nnx.Rngs | None = None,
     ) -> None:
         self.mha_config = _layers.MHAConfig.create(
             embed_dim,
@@ -238,6 +253,19 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
             use_bias=use_bias,
             implementation=implementation,
             block_size=block_size,
+            dropout=dropout_rate,
+            dropout_name="dropout_rate",
+        )
+        if rngs is not None and not isinstance(rngs, (nnx.Rngs, nnx.RngStream)):
+            raise InvalidTypeError(
+                f"rngs must be an nnx.Rngs (its 'dropout' stream drives attention dropout), "
+                f"got {type(rngs).__name__}."
+            )
+        # Flax's own dropout (its RNG stream, model.train()/model.eval() toggle `deterministic`)
+        self.attention_dropout = nnx.Dropout(
+            self.mha_config.dropout,
+            deterministic=_conventions.check_bool("deterministic", deterministic),
+            rngs=rngs,
         )
         shapes = self.mha_config.shapes()
         rngs = nnx.Rngs(_layers.check_seed(seed))  # a clear error before Flax sees it
@@ -271,8 +299,11 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
         attn_mask: Any = None,
         cache: KVCache | None = None,
         sow_weights: bool = False,
+        deterministic: bool | None = None,
+        rngs: Any = None,
         **removed: Any,
     ) -> Any:
+        drop = self._dropout(deterministic, rngs)
         result = _layers.mha_forward(
             JaxBackend(),
             self.mha_config,
@@ -287,6 +318,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
             cache=cache,
             need_weights=sow_weights,
             weights_name="sow_weights",
+            dropout=drop,
             removed=removed,
         )
         if sow_weights is not True:
@@ -297,6 +329,22 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
 
     def _project(self, name: str, x: jnp.ndarray) -> jnp.ndarray:
         return getattr(self, f"{name}_proj")(x)
+
+    def _dropout(self, deterministic: Any, rngs: Any) -> Any:
+        """The probabilities' dropout of this call, or None (rate 0 or deterministic)."""
+        layer = self.attention_dropout
+        if deterministic is None:
+            deterministic = layer.deterministic
+        deterministic = _conventions.check_bool("deterministic", deterministic)
+        if deterministic or self.mha_config.dropout == 0:
+            return None
+        if rngs is None and layer.rngs is None:
+            raise InvalidArgumentError(
+                f"dropout_rate={self.mha_config.dropout} while training needs random keys: "
+                "pass rngs=nnx.Rngs(dropout=...) to the constructor or the call, or "
+                "deterministic=True (mha.eval()) to turn dropout off."
+            )
+        return lambda probs: layer(probs, deterministic=False, rngs=rngs)
 
     def init_cache(self, batch_size: int, capacity: int, dtype: Any = None) -> KVCache:
         """An empty KV cache (dtype: the parameters' dtype by default)."""

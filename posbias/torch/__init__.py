@@ -213,6 +213,12 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
             ``"auto"``; docs/performance.md).
         block_size: query rows per block of the blockwise kernel (default 256).
         seed: seed of the NumPy initialisation shared by every framework.
+        dropout: attention dropout, ``nn.MultiheadAttention``'s: the probability
+            in ``[0, 1)`` of zeroing each attention probability while training
+            (the others scaled by ``1 / (1 - dropout)``), with PyTorch's RNG
+            (``torch.manual_seed`` reproduces it); off after ``model.eval()``.
+            While it is on, the exact materialised path runs (``O(B·H·Lq·Lk)``
+            memory, docs/layers.md).
 
     Call: ``mha(x, key=None, value=None, *, key_mask=None, segment_ids=None,
     attn_mask=None)`` → ``(B, Lq, E)``, ``nn.MultiheadAttention``'s argument
@@ -264,6 +270,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
         implementation: str = "auto",
         block_size: int | None = None,
         seed: int = 0,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.mha_config = _layers.MHAConfig.create(
@@ -275,6 +282,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
             use_bias=use_bias,
             implementation=implementation,
             block_size=block_size,
+            dropout=dropout,
         )
         shapes = self.mha_config.shapes()
         for name in _layers.PROJECTIONS:
@@ -299,6 +307,13 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
         **removed: Any,
     ) -> Any:
         weight = self.q_proj.weight
+        rate = self.mha_config.dropout
+        drop = None
+        if self.training and rate > 0:  # nn.Dropout's rule: model.eval() turns it off
+
+            def drop(probs: torch.Tensor) -> torch.Tensor:
+                return nn.functional.dropout(probs, rate, training=True)
+
         return _layers.mha_forward(
             TorchBackend(weight.device),
             self.mha_config,
@@ -312,6 +327,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
             attn_mask=attn_mask,
             cache=cache,
             need_weights=need_weights,
+            dropout=drop,
             removed=removed,
             weight_dtype=TorchBackend().dtype_name(weight.dtype),
         )
