@@ -38,6 +38,8 @@ def attention(
     q_pos: Any = None,
     k_pos: Any = None,
     attn_mask: Any = None,
+    dropout_p: float = 0.0,
+    dropout_rng: Any = None,
     implementation: str = "auto",
     block_size: int | None = None,
     **removed: Any,
@@ -74,6 +76,11 @@ def attention(
             bool with True = takes part, or additive float (``-inf`` hides a
             pair exactly like False). Combined with ``causal``/``key_mask``;
             positions unchanged; rows it hides completely are 0.
+        dropout_p: attention dropout probability in ``[0, 1)`` (zeroed
+            probabilities, survivors scaled by ``1 / (1 - dropout_p)``); the
+            reference computes the ``(B, H, Lq, Lk)`` probabilities anyway.
+        dropout_rng: None (fresh entropy), an int seed or a
+            ``numpy.random.Generator``.
         implementation: ``"auto"`` (= ``"reference"``), ``"reference"`` or ``"blockwise"``.
         block_size: query rows per block (default 256).
 
@@ -111,6 +118,8 @@ def attention(
         q_pos=q_pos,
         k_pos=k_pos,
         attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        dropout_rng=dropout_rng,
         implementation=implementation,
         block_size=block_size,
         compute_dtype="float64",

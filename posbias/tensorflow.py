@@ -47,6 +47,8 @@ def attention(
     q_pos: Any = None,
     k_pos: Any = None,
     attn_mask: Any = None,
+    dropout_p: float = 0.0,
+    dropout_rng: Any = None,
     implementation: str = "auto",
     block_size: int | None = None,
     **removed: Any,
@@ -87,6 +89,12 @@ def attention(
             ``q`` is ``(B, L, H, D)``: bool (True: this query sees this key) or
             float added to the scores (``-inf`` hides). It moves no bias
             position; a row with nothing visible outputs 0, never NaN.
+        dropout_p: attention dropout in ``[0, 1)``, applied whenever > 0:
+            probabilities zeroed with this probability, the rest scaled by
+            ``1 / (1 - dropout_p)``, on the exact materialised path
+            (``O(B·H·Lq·Lk)`` memory).
+        dropout_rng: None (TensorFlow's global RNG, ``tf.random.set_seed``), an
+            int seed (stateless) or a ``tf.random.Generator``.
         implementation: ``"auto"`` (= ``"blockwise"``), ``"blockwise"`` or ``"reference"``.
         block_size: query rows per block (default 256).
 
@@ -125,6 +133,8 @@ def attention(
         q_pos=q_pos,
         k_pos=k_pos,
         attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        dropout_rng=dropout_rng,
         implementation=implementation,
         block_size=block_size,
     )

@@ -55,6 +55,8 @@ def attention(
     q_pos: Any = None,
     k_pos: Any = None,
     attn_mask: Any = None,
+    dropout_p: float = 0.0,
+    dropout_rng: Any = None,
     implementation: str = "auto",
     block_size: int | None = None,
     **removed: Any,
@@ -96,6 +98,12 @@ def attention(
             ``(B, H, Lq, Lk)`` or broadcastable to it (not ``q``'s layout): bool,
             True where the pair takes part, or float, added to the scores (a
             ``-inf`` is a False). Bias positions stay; a fully hidden row gives 0.
+        dropout_p: attention dropout (SDPA's name) in ``[0, 1)``: each
+            probability is zeroed with this probability, the others scaled by
+            ``1 / (1 - dropout_p)``; the exact materialised path runs
+            (``O(B·H·Lq·Lk)``). 0.0 (the default) is deterministic.
+        dropout_rng: a ``jax.random.key`` (or an int seed), required with
+            ``dropout_p > 0``: JAX has no global RNG.
         implementation: ``"auto"`` (= ``"blockwise"``), ``"blockwise"``,
             ``"reference"`` or ``"cudnn"`` (GPU fp16/bf16; reads a materialised bias).
         block_size: query rows per block (default 256).
@@ -135,6 +143,8 @@ def attention(
         q_pos=q_pos,
         k_pos=k_pos,
         attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        dropout_rng=dropout_rng,
         implementation=implementation,
         block_size=block_size,
     )

@@ -60,6 +60,8 @@ def attention(
     q_pos: Any = None,
     k_pos: Any = None,
     attn_mask: Any = None,
+    dropout_p: float = 0.0,
+    dropout_rng: Any = None,
     implementation: str = "auto",
     block_size: int | None = None,
     **removed: Any,
@@ -100,6 +102,12 @@ def attention(
             the pair *takes part*, or float, added to the scores after the bias
             (``-inf`` = False). Bias positions are unchanged (``key_mask`` moves
             them); a row it hides completely outputs 0; no gradient reaches it.
+        dropout_p: attention dropout, SDPA's: each probability is zeroed with
+            probability ``dropout_p`` in ``[0, 1)`` and the others are scaled by
+            ``1 / (1 - dropout_p)`` (whenever > 0, as in SDPA: pass 0.0 in
+            eval). It runs the exact materialised path (``O(B·H·Lq·Lk)``).
+        dropout_rng: None (PyTorch's global RNG, ``torch.manual_seed``), an
+            int seed or a ``torch.Generator``.
         implementation: ``"auto"``, ``"blockwise"`` (SDPA tiles),
             ``"reference"`` or ``"flash_attn"`` (CUDA fp16/bf16, symmetric ALiBi).
         block_size: query rows per block (default 256).
@@ -138,6 +146,8 @@ def attention(
         q_pos=q_pos,
         k_pos=k_pos,
         attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        dropout_rng=dropout_rng,
         implementation=implementation,
         block_size=block_size,
     )
