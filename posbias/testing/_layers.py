@@ -80,6 +80,9 @@ def functional_cases() -> list[tuple[str, int, int, dict[str, Any]]]:
     for heads, kv in HEAD_CONFIGS:
         tag = f"H={heads}" + (f"/kv={kv}" if kv != heads else "")
         m = _masks(2, 9)
+        rng = np.random.default_rng(heads)
+        pairs = rng.random((2, 1, 9, 9)) > 0.3  # (B, 1, Lq, Lk): True = takes part
+        scores = np.where(rng.random((heads, 9, 9)) > 0.2, rng.normal(size=(heads, 9, 9)), -np.inf)
         cases += [
             (f"{tag} bidirectional", heads, kv, dict(causal=False)),
             (f"{tag} causal", heads, kv, dict(causal=True)),
@@ -88,6 +91,8 @@ def functional_cases() -> list[tuple[str, int, int, dict[str, Any]]]:
             (f"{tag} left-padded", heads, kv, dict(causal=True, key_mask=m["left"])),
             (f"{tag} right-padded", heads, kv, dict(causal=False, key_mask=m["right"])),
             (f"{tag} packed", heads, kv, dict(causal=True, segment_ids=m["segments"])),
+            (f"{tag} bool attn_mask", heads, kv, dict(causal=True, attn_mask=pairs)),
+            (f"{tag} additive attn_mask", heads, kv, dict(causal=False, attn_mask=scores)),
         ]
     return cases
 
