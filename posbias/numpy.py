@@ -37,6 +37,9 @@ def attention(
     scale: float | None = None,
     q_pos: Any = None,
     k_pos: Any = None,
+    attn_mask: Any = None,
+    dropout_p: float = 0.0,
+    dropout_rng: Any = None,
     implementation: str = "auto",
     block_size: int | None = None,
     **removed: Any,
@@ -69,6 +72,15 @@ def attention(
         q_pos: ``(Lq,)`` or ``(B, Lq)`` explicit integer bias positions of the
             queries (``(Lq, 2)`` points for 2-D biases); with ``k_pos``.
         k_pos: the same for the keys.
+        attn_mask: ``(B, H, Lq, Lk)`` or broadcastable (PyTorch SDPA's rule):
+            bool with True = takes part, or additive float (``-inf`` hides a
+            pair exactly like False). Combined with ``causal``/``key_mask``;
+            positions unchanged; rows it hides completely are 0.
+        dropout_p: attention dropout probability in ``[0, 1)`` (zeroed
+            probabilities, survivors scaled by ``1 / (1 - dropout_p)``); the
+            reference computes the ``(B, H, Lq, Lk)`` probabilities anyway.
+        dropout_rng: None (fresh entropy), an int seed or a
+            ``numpy.random.Generator``.
         implementation: ``"auto"`` (= ``"reference"``), ``"reference"`` or ``"blockwise"``.
         block_size: query rows per block (default 256).
 
@@ -80,7 +92,7 @@ def attention(
             dtype, a non-bool ``causal``, ``key_padding_mask=`` (use ``key_mask``).
         InvalidArgumentError: shapes that disagree, a bias of another head
             count, a bad ``scale``, offset or position array, an implementation
-            that cannot run.
+            that cannot run; an ``attn_mask`` that does not broadcast or holds NaN or ``+inf``.
         BackendError: tensors of another framework.
 
     Example:
@@ -105,6 +117,9 @@ def attention(
         scale=scale,
         q_pos=q_pos,
         k_pos=k_pos,
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        dropout_rng=dropout_rng,
         implementation=implementation,
         block_size=block_size,
         compute_dtype="float64",
@@ -188,7 +203,10 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
     Holds portable weights and computes exactly what
     :class:`posbias.torch.MultiHeadAttention`, :class:`posbias.jax.MultiHeadAttention`
     and :class:`posbias.tensorflow.MultiHeadAttention` compute, in float64.
-    Arguments as there; ``layer.positional_bias`` is a :class:`PositionalBias`
+    Arguments and call as there (``mha(x, key=None, value=None, *, key_mask=None,
+    segment_ids=None, attn_mask=None, need_weights=False)``: ``key``/``value``
+    make it cross-attention, ``need_weights=True`` also returns the
+    ``(B, H, Lq, Lk)`` probabilities); ``layer.positional_bias`` is a :class:`PositionalBias`
     (seeded like the other frameworks' layers) or None, and
     ``portable_weights()`` / ``load_portable_weights()`` carry its learnable
     parameters too.
@@ -250,10 +268,14 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
     def __call__(
         self,
         x: Any,
+        key: Any = None,
+        value: Any = None,
         *,
         key_mask: Any = None,
         segment_ids: Any = None,
+        attn_mask: Any = None,
         cache: _problem.KVCache | None = None,
+        need_weights: bool = False,
         **removed: Any,
     ) -> Any:
         return _layers.mha_forward(
@@ -262,8 +284,12 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
             self._project,
             x,
             self.positional_bias,
+            key=key,
+            value=value,
             key_mask=key_mask,
             segment_ids=segment_ids,
+            attn_mask=attn_mask,
             cache=cache,
+            need_weights=need_weights,
             removed=removed,
         )

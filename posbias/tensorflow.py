@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import registry as posbias_registry
+from ._core import conventions
 from ._core import dispatch as _dispatch
 from ._core import layers as _layers
 from ._core import problem as _problem
@@ -45,6 +46,9 @@ def attention(
     scale: float | None = None,
     q_pos: Any = None,
     k_pos: Any = None,
+    attn_mask: Any = None,
+    dropout_p: float = 0.0,
+    dropout_rng: Any = None,
     implementation: str = "auto",
     block_size: int | None = None,
     **removed: Any,
@@ -81,6 +85,16 @@ def attention(
         q_pos: ``(Lq,)`` or ``(B, Lq)`` explicit integer bias positions of the
             queries (``(Lq, 2)`` points for 2-D biases); with ``k_pos``.
         k_pos: the same for the keys.
+        attn_mask: head-major ``(B, H, Lq, Lk)`` or broadcastable to it, though
+            ``q`` is ``(B, L, H, D)``: bool (True: this query sees this key) or
+            float added to the scores (``-inf`` hides). It moves no bias
+            position; a row with nothing visible outputs 0, never NaN.
+        dropout_p: attention dropout in ``[0, 1)``, applied whenever > 0:
+            probabilities zeroed with this probability, the rest scaled by
+            ``1 / (1 - dropout_p)``, on the exact materialised path
+            (``O(B·H·Lq·Lk)`` memory).
+        dropout_rng: None (TensorFlow's global RNG, ``tf.random.set_seed``), an
+            int seed (stateless) or a ``tf.random.Generator``.
         implementation: ``"auto"`` (= ``"blockwise"``), ``"blockwise"`` or ``"reference"``.
         block_size: query rows per block (default 256).
 
@@ -92,7 +106,8 @@ def attention(
             dtype, a non-bool ``causal``, ``key_padding_mask=`` (use ``key_mask``).
         InvalidArgumentError: shapes that disagree, a bias of another head
             count, a bad ``scale``, offset or position array, an implementation
-            that cannot run.
+            that cannot run; an ``attn_mask`` of a wrong shape, or (eagerly) holding NaN or
+            ``+inf``.
         BackendError: tensors of another framework.
 
     Example:
@@ -117,6 +132,9 @@ def attention(
         scale=scale,
         q_pos=q_pos,
         k_pos=k_pos,
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        dropout_rng=dropout_rng,
         implementation=implementation,
         block_size=block_size,
     )
@@ -228,14 +246,29 @@ class PositionalBias(_PosbiasErrorsFromConfig, _layers.BiasParamsMixin, keras.la
 class MultiHeadAttention(
     _PosbiasErrorsFromConfig, _layers.PortableWeightsMixin, keras.layers.Layer
 ):
-    """Multi-head self-attention with a positional bias, GQA and a KV cache (Keras 3).
+    """Multi-head self- or cross-attention with a positional bias, GQA and a KV cache (Keras 3).
 
     Arguments and ``positional_bias`` attribute (a :class:`PositionalBias` layer
     or None) as in :class:`posbias.torch.MultiHeadAttention`, plus Keras layer
     keyword arguments (``name``, ``dtype`` policy such as ``"mixed_bfloat16"``).
 
-    Call: ``layer(x, key_mask=None, segment_ids=None)``; with ``cache=``
-    it returns ``(out, new_cache)`` (see :meth:`init_cache`).
+    Call: ``layer(x, key_mask=None, segment_ids=None, cache=None, *, value=None,
+    key=None, attn_mask=None, return_attention_scores=False)``.
+    ``value``/``key`` ``(B, Lk, E)`` (keywords: the second positional argument
+    stays ``key_mask``) make it cross-attention, with Keras' rule (a missing
+    ``key`` is ``value``) and the bias aligned bottom-right; ``attn_mask`` as in :func:`attention`
+    (``(B, H, Lq, Lk)`` or broadcastable, bool True = attend, or additive).
+    ``dropout`` (Keras' name) in ``[0, 1)`` zeroes each attention probability
+    when called with ``training=True`` (``fit`` does), the others scaled by
+    ``1 / (1 - dropout)``, with ``keras.random.dropout`` and a
+    ``keras.random.SeedGenerator(seed)`` (the same seed drops the same
+    weights); off otherwise. While it is on, the exact materialised path runs
+    (``O(B·H·Lq·Lk)`` memory).
+    With ``cache=`` (self-attention only) it returns ``(out, new_cache)`` (see
+    :meth:`init_cache`). ``return_attention_scores=True`` (Keras' name) also
+    returns the ``(B, H, Lq, Lk)`` attention probabilities, ``(out, scores)``
+    (``(out, scores, new_cache)`` with a cache), from the exact path that
+    materialises them (``O(B·H·Lq·Lk)`` memory).
     """
 
     def __init__(
@@ -251,6 +284,7 @@ class MultiHeadAttention(
         implementation: str = "auto",
         block_size: int | None = None,
         seed: int = 0,
+        dropout: float = 0.0,
         **kwargs: Any,
     ) -> None:
         _check_keras_backend()
@@ -264,8 +298,11 @@ class MultiHeadAttention(
             use_bias=use_bias,
             implementation=implementation,
             block_size=block_size,
+            dropout=dropout,
         )
         self.seed = _layers.check_seed(seed)
+        # Keras' RNG idiom: a seeded generator, so a given seed drops the same weights
+        self.dropout_seed = keras.random.SeedGenerator(self.seed) if dropout else None
         shapes = self.mha_config.shapes()
         self.projections = {
             name: keras.layers.Dense(
@@ -301,10 +338,11 @@ class MultiHeadAttention(
         second = args[1] if len(args) > 1 else None
         if len(getattr(second, "shape", ())) == 3:  # Keras' mha(query, value) idiom
             raise InvalidTypeError(
-                "posbias.tensorflow.MultiHeadAttention is self-attention, called as "
-                "layer(x, key_mask=None, segment_ids=None, cache=None); its second argument is "
-                "a (B, L) key_mask, not a value tensor. For Keras' layer(query, value, ...) "
-                "convention use posbias.keras.MultiHeadAttention."
+                "posbias.tensorflow.MultiHeadAttention is called as layer(x, key_mask=None, "
+                "segment_ids=None, cache=None, *, value=None, key=None, attn_mask=None); its "
+                "second argument is a (B, L) key_mask, not a value tensor: pass value= (and "
+                "key=) by name for cross-attention, or use posbias.keras.MultiHeadAttention "
+                "for Keras' layer(query, value, ...) convention."
             )
         return super().__call__(*args, **kwargs)
 
@@ -314,17 +352,37 @@ class MultiHeadAttention(
         key_mask: Any = None,
         segment_ids: Any = None,
         cache: KVCache | None = None,
+        *,
+        value: Any = None,
+        key: Any = None,
+        attn_mask: Any = None,
+        return_attention_scores: bool = False,
+        training: bool | None = None,
         **removed: Any,
     ) -> Any:
+        drop = None
+        if training is not None and conventions.check_bool("training", training):
+            rate, seed = self.mha_config.dropout, self.dropout_seed
+            if rate > 0:
+
+                def drop(probs: Any) -> Any:
+                    return keras.random.dropout(probs, rate, seed=seed)
+
         return _layers.mha_forward(
             TensorflowBackend(),
             self.mha_config,
             self._project,
             x,
             self.positional_bias,
+            key=key,
+            value=value,
             key_mask=key_mask,
             segment_ids=segment_ids,
+            attn_mask=attn_mask,
             cache=cache,
+            need_weights=return_attention_scores,
+            weights_name="return_attention_scores",
+            dropout=drop,
             removed=removed,
         )
 
@@ -371,4 +429,5 @@ class MultiHeadAttention(
             "implementation": cfg.implementation,
             "block_size": cfg.block_size,
             "seed": self.seed,
+            "dropout": cfg.dropout,
         }

@@ -232,6 +232,36 @@ def test_return_attention_scores():
     assert np.all(np.triu(scores[0], 1) == 0)  # causal
 
 
+def test_dropout_is_off_in_inference_and_unbiased_in_training():
+    layer, _ = _pair(dropout=0.3, seed=5)
+    plain, _ = _pair(seed=5)  # the same weights, no dropout
+    x = _x()
+    eval_out = _np(layer(x, x))
+    np.testing.assert_array_equal(eval_out, _np(plain(x, x)))
+    np.testing.assert_array_equal(_np(layer(x, x, training=False)), eval_out)
+    outs = [_np(layer(x, x, training=True)).astype(np.float64) for _ in range(200)]
+    assert not np.allclose(outs[0], outs[1])  # a fresh mask each call
+    err = np.abs(np.mean(outs, 0) - eval_out).max() / np.abs(eval_out).max()
+    assert err < 0.1, err  # E[out] is the output without dropout (scaled by 1/(1-p))
+    out, scores = layer(x, x, training=True, return_attention_scores=True)
+    _, eval_scores = layer(x, x, return_attention_scores=True)
+    assert not np.allclose(_np(out), eval_out)  # dropped ...
+    np.testing.assert_allclose(_np(scores), _np(eval_scores), atol=1e-6)  # Keras: pre-dropout
+
+
+def test_dropout_is_reproducible_with_the_seed():
+    x = _x()
+    first = [_np(_pair(dropout=0.5, seed=2)[0](x, x, training=True)) for _ in range(2)]
+    np.testing.assert_array_equal(first[0], first[1])
+    other = _np(_pair(dropout=0.5, seed=4)[0](x, x, training=True))
+    assert not np.allclose(first[0], other)
+
+
+def test_dropout_survives_the_config_round_trip():
+    layer, _ = _pair(dropout=0.25)
+    assert MultiHeadAttention.from_config(layer.get_config()).dropout == 0.25
+
+
 # ------------------------------------------------------ Keras idioms
 def test_config_round_trip():
     spec = posbias.get("alibi", num_heads=4, max_bias=4.0)
@@ -398,7 +428,8 @@ def test_a_shared_positional_bias_layer():
         ({"num_heads": "2"}, posbias.InvalidTypeError, "num_heads must be an integer"),
         ({"key_dim": 2.0}, posbias.InvalidTypeError, "key_dim must be an integer"),
         ({"value_dim": 0}, posbias.InvalidArgumentError, "value_dim must be >= 1"),
-        ({"dropout": 0.1}, posbias.InvalidArgumentError, "dropout is not supported yet"),
+        ({"dropout": 1.0}, posbias.InvalidArgumentError, r"dropout must be a probability"),
+        ({"dropout": -0.1}, posbias.InvalidArgumentError, "dropout must be >= 0"),
         ({"dropout": "0"}, posbias.InvalidTypeError, "dropout must be a real number"),
         ({"use_bias": "yes"}, posbias.InvalidTypeError, "use_bias must be a bool"),
         ({"output_shape": (2, 3)}, posbias.InvalidArgumentError, "one feature axis"),

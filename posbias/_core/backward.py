@@ -140,6 +140,8 @@ _AUX_FIELDS = (
     "segment_ids",
     "q_pos",
     "k_pos",
+    "mask_add",
+    "mask_keep",
 )
 
 
@@ -214,11 +216,11 @@ def tile_backward(
     scores = xp.einsum("bhqd,bhkd->bhqk", q, k) * p.scale
     if bias is not None:
         scores = scores + bias
+    scores, visible = p.masked_scores(scores, r0, r1, extent)
     shifted = scores - lse[..., None]
-    visible = p.visible(r0, r1, extent)
     if visible is not None:  # hidden keys (and rows that see none: lse = the lowest float)
         # get exp(lowest) = 0, so no exp overflows (jax_debug_infs, detect_anomaly stay quiet)
-        shifted = xp.where(visible[:, None], shifted, xp.finfo_min(p.compute))
+        shifted = xp.where(visible, shifted, xp.finfo_min(p.compute))
     prob = xp.exp(shifted)
     dv = xp.einsum("bhqk,bhqd->bhkd", prob, dout)
     ds = prob * (xp.einsum("bhqd,bhkd->bhqk", dout, v) - delta[..., None])

@@ -74,6 +74,17 @@ def check_finite_float(
     return value
 
 
+def check_rate(name: str, value: object) -> float:
+    """A dropout probability: a real number in ``[0, 1)`` (1 would drop everything)."""
+    value = check_finite_float(name, value, nonnegative=True)
+    if value >= 1:
+        raise InvalidArgumentError(
+            f"{name} must be a probability in [0, 1) (the fraction of attention weights "
+            f"dropped), got {value}."
+        )
+    return value
+
+
 def check_float_sequence(
     name: str,
     values: object,

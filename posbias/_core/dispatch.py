@@ -20,6 +20,8 @@ from .. import backends as _backends
 from ..errors import InvalidArgumentError
 from . import backward as _backward
 from . import conventions
+from . import weights as _weights
+from .checks import check_rate
 from .problem import LAYOUTS, Problem, prepare
 from .reference import blockwise, reference_tile
 
@@ -38,6 +40,9 @@ ATTENTION_KEYWORDS = (
     "scale",
     "q_pos",
     "k_pos",
+    "attn_mask",
+    "dropout_p",
+    "dropout_rng",
     "implementation",
     "block_size",
 )
@@ -141,16 +146,39 @@ def attend(
     implementation: str = "auto",
     block_size: int | None = None,
     out_dtype: str | None = None,
+    dropout_p: Any = 0.0,
+    dropout_rng: Any = None,
     **options: Any,
 ) -> Any:
     """Attention with an additive bias; ``options`` are :func:`prepare`'s keywords.
 
     See :mod:`posbias._core.problem` for the rules; ``implementation`` and
     ``block_size`` choose the kernel (:func:`select`); the output has
-    ``out_dtype`` (default: the queries' dtype).
+    ``out_dtype`` (default: the queries' dtype). ``dropout_p > 0`` (attention
+    dropout, SDPA's name) runs the exact materialised path
+    (:mod:`posbias._core.weights`): each probability is kept with probability
+    ``1 - dropout_p`` (uniforms from ``xp.uniform(dropout_rng, ...)``, the
+    framework's RNG) and scaled by ``1 / (1 - dropout_p)``, zeroed otherwise.
     """
     check_implementation(implementation)
     block_size = check_block_size(block_size) or DEFAULT_BLOCK_SIZE[xp.name]
+    rate = check_rate("dropout_p", dropout_p)
+    if rate > 0:
+        if implementation not in ("auto", "reference"):
+            raise InvalidArgumentError(
+                f"dropout_p={rate} runs the exact materialised path (the probabilities are "
+                f"dropped), not implementation={implementation!r}: use 'auto' or 'reference'."
+            )
+        xp.uniform(dropout_rng, (0,))  # a clear error for a wrong rng before any work
+
+        def drop(probs: Any) -> Any:
+            keep = xp.uniform(dropout_rng, tuple(xp.shape(probs))) >= rate
+            return xp.where(keep, probs / (1.0 - rate), 0.0)
+
+        out, _ = _weights.attend_with_weights(
+            xp, q, k, v, bias, out_dtype=out_dtype, dropout=drop, **options
+        )
+        return out
     p = prepare(xp, q, k, v, bias, **options)
     out = run(p, implementation, block_size)
     layout = options.get("layout", "bhld")

@@ -16,6 +16,7 @@ parameter of the layer's positional bias.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,7 +27,8 @@ from .. import backends
 from ..errors import InvalidArgumentError, InvalidTypeError
 from ..spec import BiasSpec
 from . import bias_arg, conventions, dispatch, problem
-from .checks import check_int, real_array
+from . import weights as _weights
+from .checks import check_int, check_rate, real_array
 
 PROJECTIONS = ("q", "k", "v", "o")
 
@@ -52,6 +54,7 @@ class MHAConfig:
     use_bias: bool
     implementation: str = "auto"
     block_size: int | None = None
+    dropout: float = 0.0  # attention dropout: the probability of dropping a weight
 
     @classmethod
     def create(
@@ -65,6 +68,8 @@ class MHAConfig:
         use_bias: bool = True,
         implementation: str = "auto",
         block_size: int | None = None,
+        dropout: Any = 0.0,
+        dropout_name: str = "dropout",
     ) -> MHAConfig:
         embed_dim = check_int("embed_dim", embed_dim, minimum=1)
         num_heads = check_int("num_heads", num_heads, minimum=1)
@@ -93,6 +98,7 @@ class MHAConfig:
             conventions.check_bool("use_bias", use_bias),
             dispatch.check_implementation(implementation),
             dispatch.check_block_size(block_size),
+            check_rate(dropout_name, dropout),
         )
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -390,50 +396,85 @@ def mha_forward(
     x: Any,
     bias: Any,
     *,
+    key: Any = None,
+    value: Any = None,
     key_mask: Any = None,
     segment_ids: Any = None,
+    attn_mask: Any = None,
     cache: problem.KVCache | None = None,
+    need_weights: Any = False,
+    weights_name: str = "need_weights",
+    dropout: Callable[[Any], Any] | None = None,
     removed: Mapping[str, Any] | None = None,
     weight_dtype: str | None = None,
 ) -> Any:
-    """Self-attention forward pass; returns ``out`` or ``(out, new_cache)``.
+    """Multi-head attention forward pass: ``out``, then the weights and the cache if asked.
+
+    Returns ``out`` ``(B, Lq, E)``; with ``need_weights=True`` (a strict bool,
+    called ``weights_name`` in the layer's errors) also the attention
+    probabilities ``(B, H, Lq, Lk)`` of :mod:`posbias._core.weights` (the
+    exact path that materialises them: ``O(B·H·Lq·Lk)`` memory), and with a
+    ``cache`` the new cache last: ``out``, ``(out, weights)``,
+    ``(out, new_cache)`` or ``(out, weights, new_cache)``.
+
+    ``dropout``: the framework's dropout of the probabilities, given only
+    while training with ``cfg.dropout > 0`` (None: deterministic). It runs the
+    materialised path too (exact: the dropped probabilities are the weights
+    applied, and returned), since blockwise kernels never hold them.
+
+    Self-attention by default; ``key`` and/or ``value`` ``(B, Lk, E)`` make it
+    cross-attention: queries from ``x``, keys and values from ``key``/``value``
+    (one given alone serves as both: Flax's ``inputs_v`` defaults to
+    ``inputs_k``, Keras' ``key`` to ``value``). The bias is aligned bottom-right (query ``r`` at key
+    slot ``Lk - Lq + r``, :mod:`posbias._core.conventions`), like every
+    attention call. ``key_mask`` ``(B, Lk)`` and ``attn_mask`` (broadcastable
+    to ``(B, H, Lq, Lk)``) are :func:`posbias._core.problem.prepare`'s.
 
     ``removed``: keyword arguments the layer's call does not name (an error
     that explains each, e.g. ``key_padding_mask`` → ``key_mask``).
-    ``weight_dtype``: the projections' dtype, which the input must have (PyTorch
-    layers: an input of another dtype is an error, not a raw matmul failure).
+    ``weight_dtype``: the projections' dtype, which the
+    inputs must have (PyTorch layers: an input of another dtype is an error,
+    not a raw matmul failure).
     """
-    conventions.reject_unknown(
-        "MultiHeadAttention", removed or {}, ("key_mask", "segment_ids", "cache")
-    )
+    known = ("key", "value", "key_mask", "segment_ids", "attn_mask", "cache", weights_name)
+    conventions.reject_unknown("MultiHeadAttention", removed or {}, known)
     if cache is not None and not isinstance(cache, problem.KVCache):
         raise InvalidTypeError(
             f"cache must be the KVCache that layer.init_cache() returns (or the cache a "
             f"previous call returned), got {type(cache).__name__}."
         )
-    x = problem.native(xp, "input", x)
-    shape = xp.shape(x)
-    if len(shape) != 3 or shape[-1] != cfg.embed_dim:
+    x = _layer_input(xp, cfg, "input", x, weight_dtype)
+    cross = key is not None or value is not None
+    if cross and cache is not None:
         raise InvalidArgumentError(
-            f"input must have shape (B, L, embed_dim={cfg.embed_dim}), got {shape}."
+            "KV-cache decoding is self-attention: pass no key/value inputs with cache=."
         )
-    dtype = xp.dtype_name(x.dtype)
-    if dtype not in problem.FLOATS or (weight_dtype is not None and dtype != weight_dtype):
-        expected = (
-            f"of dtype {weight_dtype} (the layer's weights)"
-            if weight_dtype is not None
-            else f"({', '.join(problem.FLOATS)})"
+    if key is not None:
+        key = _layer_input(xp, cfg, "key", key, weight_dtype, like=x)
+    if value is not None:
+        value = _layer_input(xp, cfg, "value", value, weight_dtype, like=x)
+    key = x if not cross else value if key is None else key
+    value = key if value is None else value
+    if cross and xp.shape(value)[1] != xp.shape(key)[1]:
+        raise InvalidArgumentError(
+            f"key and value must have the same length, got shapes {xp.shape(key)} and "
+            f"{xp.shape(value)}."
         )
-        raise InvalidTypeError(
-            f"input must be a floating tensor {expected}, got {dtype or x.dtype}; cast the "
-            "input (or the layer) first."
-        )
+    sources = {"q": x, "k": key, "v": value}
     q, k, v = (
-        einops.rearrange(project(n, x), "b l (h d) -> b h l d", d=cfg.head_dim)
+        einops.rearrange(project(n, sources[n]), "b l (h d) -> b h l d", d=cfg.head_dim)
         for n in ("q", "k", "v")
     )
+    want_weights = conventions.check_bool(weights_name, need_weights)
+    materialised = want_weights or dropout is not None
+    if materialised:  # the exact path that holds the (B, H, Lq, Lk) probabilities
+        run = functools.partial(_weights.attend_with_weights, dropout=dropout)
+    else:
+        run = functools.partial(
+            dispatch.attend, implementation=cfg.implementation, block_size=cfg.block_size
+        )
     if cache is None:
-        out = dispatch.attend(
+        result = run(
             xp,
             q,
             k,
@@ -442,8 +483,7 @@ def mha_forward(
             causal=cfg.causal,
             key_mask=key_mask,
             segment_ids=segment_ids,
-            implementation=cfg.implementation,
-            block_size=cfg.block_size,
+            attn_mask=attn_mask,
         )
         new_cache = None
     else:
@@ -454,7 +494,7 @@ def mha_forward(
         offset = cache.length
         new_cache = cache_write(xp, cache, k, v, key_mask)
         q_dtype = xp.dtype_name(q.dtype)  # a cache may hold another dtype (init_cache(dtype=))
-        out = dispatch.attend(
+        result = run(
             xp,
             q,
             xp.cast(new_cache.k, q_dtype),
@@ -463,11 +503,45 @@ def mha_forward(
             causal=True,
             q_offset=offset,
             key_mask=new_cache.valid,
-            implementation=cfg.implementation,
-            block_size=cfg.block_size,
+            attn_mask=attn_mask,
         )
+    out, probs = result if materialised else (result, None)
     out = project("o", einops.rearrange(out, "b h l d -> b l (h d)"))
-    return out if cache is None else (out, new_cache)
+    outputs = (out, *((probs,) if want_weights else ()), *(() if cache is None else (new_cache,)))
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
+def _layer_input(
+    xp, cfg: MHAConfig, name: str, x: Any, weight_dtype: str | None, like: Any = None
+) -> Any:
+    """``x`` as a checked ``(B, L, embed_dim)`` floating tensor (of ``like``'s batch and dtype)."""
+    x = problem.native(xp, name, x)
+    shape = xp.shape(x)
+    if len(shape) != 3 or shape[-1] != cfg.embed_dim:
+        raise InvalidArgumentError(
+            f"{name} must have shape (B, L, embed_dim={cfg.embed_dim}), got {shape}."
+        )
+    dtype = xp.dtype_name(x.dtype)
+    owner = "the layer's weights"
+    if like is not None:
+        owner = "the layer's weights and the query input" if weight_dtype else "the query input"
+        if shape[0] != xp.shape(like)[0]:
+            raise InvalidArgumentError(
+                f"{name} must have the query input's batch size {xp.shape(like)[0]}, got "
+                f"shape {shape}."
+            )
+        weight_dtype = weight_dtype or xp.dtype_name(like.dtype)
+    if dtype not in problem.FLOATS or (weight_dtype is not None and dtype != weight_dtype):
+        expected = (
+            f"of dtype {weight_dtype} ({owner})"
+            if weight_dtype is not None
+            else f"({', '.join(problem.FLOATS)})"
+        )
+        raise InvalidTypeError(
+            f"{name} must be a floating tensor {expected}, got {dtype or x.dtype}; cast the "
+            "input (or the layer) first."
+        )
+    return x
 
 
 def init_cache(xp, cfg: MHAConfig, batch_size: int, capacity: int, dtype: str) -> problem.KVCache:

@@ -19,6 +19,9 @@ rules of :mod:`posbias._core.conventions`:
 * ``causal``: key slot ``j`` is visible to query slot ``i`` iff ``j <= i``;
 * ``key_mask`` ``(B, Lk)`` bool, True for a real key, hides padded keys;
 * ``segment_ids`` ``(B, Lk)``: queries see keys of their own segment only;
+* ``attn_mask`` broadcastable to ``(B, H, Lq, Lk)`` (every layout): bool, True
+  for a pair that takes part, or floating, added to the scores (``-inf``
+  entries hide the pair, exactly like False); it changes no bias position;
 * bias positions default to the slots; with a key mask they are
   ``cumsum(key_mask) - 1`` and with segments they restart at 0 in every segment,
   so padded or packed sequences get exactly the bias of the unpadded one.
@@ -150,6 +153,49 @@ def check_mask(xp, name: str, mask: Any, batch: int, length: int, *, boolean: bo
     return mask
 
 
+def read_attn_mask(xp, mask: Any, shape: tuple[int, int, int, int], compute: str) -> tuple:
+    """``(add, keep)`` of an ``attn_mask``: 4-D tensors broadcastable to ``shape``, or None.
+
+    ``shape`` is ``(B, H, Lq, Lk)``. A bool mask gives ``keep`` (True: the pair
+    takes part) only; a floating one gives ``add`` (its finite values in
+    ``compute``, 0 where it is ``-inf``) and, when it holds ``-inf`` (or cannot
+    be inspected while tracing), ``keep = mask > -inf``: a ``-inf`` entry is
+    exactly a False, so a row it hides completely outputs 0, not NaN. Eagerly,
+    NaN and ``+inf`` entries are errors.
+    """
+    mask = native(xp, "attn_mask", mask)
+    dtype = xp.dtype_name(mask.dtype) or str(mask.dtype)
+    if dtype != "bool" and dtype not in FLOATS:
+        raise InvalidTypeError(
+            f"attn_mask must be boolean (True: the query/key pair takes part) or floating "
+            f"(added to the scores), got dtype {dtype}; convert with mask.bool() / "
+            "mask.astype(bool) or cast it to a float dtype."
+        )
+    got = xp.shape(mask)
+    padded = (1,) * (4 - len(got)) + tuple(got)
+    if len(got) > 4 or any(n not in (1, want) for n, want in zip(padded, shape, strict=True)):
+        raise InvalidArgumentError(
+            f"attn_mask must be broadcastable to (B, H, Lq, Lk) = {tuple(shape)} (each "
+            f"dimension that size or 1, at most 4 dimensions, in every layout), got shape "
+            f"{tuple(got)}."
+        )
+    mask = mask[(None,) * (4 - len(got))] if len(got) < 4 else mask
+    if dtype == "bool":
+        return None, mask
+    if xp.is_concrete(mask):
+        values = xp.to_numpy(mask).astype(np.float64)
+        bad = np.isnan(values).any() or np.isposinf(values).any()
+        if bad:
+            raise InvalidArgumentError(
+                "attn_mask must not hold NaN or +inf (a float mask is added to the scores; "
+                "use -inf or a bool mask to hide a pair)."
+            )
+        if not np.isneginf(values).any():
+            return xp.cast(mask, compute), None
+    keep = mask > float("-inf")
+    return xp.cast(xp.where(keep, mask, 0.0), compute), keep
+
+
 def read_q_offset(xp, q_offset: Any, batch: int) -> Any:
     """``q_offset``: None, an int, or an integer tensor of shape ``()`` / ``(B,)``."""
     if q_offset is None or is_int(q_offset) or isinstance(q_offset, (bool, float, str)):
@@ -193,6 +239,13 @@ def _select(xp, values: Any, slots: Any) -> Any:
     return xp.where(inside, xp.gather_last(values, index), 0)
 
 
+def _block(mask: Any, r0: int, r1: int, extent: int) -> Any:
+    """Rows ``[r0, r1)`` and keys ``[0, extent)`` of a 4-D mask (broadcast axes kept)."""
+    rows = slice(r0, r1) if mask.shape[2] != 1 else slice(None)
+    keys = slice(0, extent) if mask.shape[3] != 1 else slice(None)
+    return mask[:, :, rows, keys]
+
+
 @dataclasses.dataclass
 class Problem:
     """One attention call, normalised: ``(B, H, L, D)`` tensors and per-row/per-key data.
@@ -226,6 +279,13 @@ class Problem:
     k_pos: Any
     slot_positions: bool  # bias positions are the slots themselves (Toeplitz-friendly)
     points: bool  # explicit (row, col) positions of a 2-D bias: rows along axis -2
+    mask_add: Any = None  # attn_mask's finite values (B|1, H|1, Lq|1, Lk|1) in compute, or None
+    mask_keep: Any = None  # attn_mask's visible pairs (B|1, H|1, Lq|1, Lk|1) bool, or None
+
+    @property
+    def has_attn_mask(self) -> bool:
+        """Whether an ``attn_mask`` was given (kernels without one must refuse or fall back)."""
+        return self.mask_add is not None or self.mask_keep is not None
 
     def _rows(self, pos: Any, r0: int, r1: int) -> Any:
         if self.points:
@@ -253,6 +313,26 @@ class Problem:
             same = self.q_segment[:, r0:r1, None] == self.segment_ids[:, None, :extent]
             visible = same if visible is None else visible & same
         return visible
+
+    def keep(self, r0: int, r1: int, extent: int) -> Any:
+        """``(B|1, H|1, n, K)`` bool: :meth:`visible` and ``attn_mask``'s pairs (None: all)."""
+        visible = self.visible(r0, r1, extent)
+        if visible is not None:
+            visible = visible[:, None]  # one mask for every head
+        if self.mask_keep is not None:
+            keep = _block(self.mask_keep, r0, r1, extent)
+            visible = keep if visible is None else visible & keep
+        return visible
+
+    def masked_scores(self, scores: Any, r0: int, r1: int, extent: int) -> tuple[Any, Any]:
+        """``(scores + attn_mask's values, keep)`` of rows ``[r0, r1)``, keys ``[0, K)``.
+
+        ``scores`` ``(B, H, n, K)`` already hold ``q·kᵀ·scale + bias``; ``keep``
+        is :meth:`keep`: what every path's softmax sees.
+        """
+        if self.mask_add is not None:
+            scores = scores + _block(self.mask_add, r0, r1, extent)
+        return scores, self.keep(r0, r1, extent)
 
     def bias_tile(self, r0: int, r1: int, extent: int) -> Any:
         """The bias of rows ``[r0, r1)`` and keys ``[0, K)``, or None without a bias."""
@@ -283,6 +363,7 @@ def prepare(
     scale: Any = None,
     q_pos: Any = None,
     k_pos: Any = None,
+    attn_mask: Any = None,
     compute_dtype: str | None = None,
 ) -> Problem:
     """Read and check every argument; derive slots, masks and bias positions.
@@ -330,6 +411,10 @@ def prepare(
         segment_ids = check_mask(xp, "segment_ids", segment_ids, batch, k_len, boolean=False)
         q_segment = _select(xp, segment_ids, q_slot)
 
+    mask_add = mask_keep = None
+    if attn_mask is not None:
+        mask_add, mask_keep = read_attn_mask(xp, attn_mask, (batch, heads, q_len, k_len), compute)
+
     slot_positions = q_pos is None and key_mask is None and segment_ids is None
     if arg is not None and q_pos is None:
         if slot_positions:
@@ -362,4 +447,6 @@ def prepare(
         k_pos=k_pos,
         slot_positions=slot_positions,
         points=points and explicit,
+        mask_add=mask_add,
+        mask_keep=mask_keep,
     )

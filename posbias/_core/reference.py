@@ -27,9 +27,7 @@ def reference_partial(p: Problem, r0: int, r1: int) -> _partial.Partial:
     bias = p.bias_tile(r0, r1, extent)
     if bias is not None:
         scores = scores + bias
-    visible = p.visible(r0, r1, extent)
-    if visible is not None:
-        visible = visible[:, None]  # one mask for every head
+    scores, visible = p.masked_scores(scores, r0, r1, extent)
     return _partial.softmax_rows(xp, scores, visible, v, p.compute)
 
 

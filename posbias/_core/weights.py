@@ -23,6 +23,7 @@ path, so its outputs equal theirs to float rounding. It needs
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import einops
@@ -32,17 +33,32 @@ from .problem import LAYOUTS, prepare
 
 
 def attend_with_weights(
-    xp, q: Any, k: Any, v: Any, bias: Any = None, *, out_dtype: str | None = None, **options: Any
+    xp,
+    q: Any,
+    k: Any,
+    v: Any,
+    bias: Any = None,
+    *,
+    out_dtype: str | None = None,
+    dropout: Callable[[Any], Any] | None = None,
+    **options: Any,
 ) -> tuple[Any, Any]:
     """Attention and its probabilities; ``options`` are :func:`~posbias._core.problem.prepare`'s.
 
     ``out = softmax(q·kᵀ·scale + bias + mask)·v`` and ``probs = softmax(...)``.
+    With ``dropout`` (attention dropout, training only), ``probs =
+    dropout(softmax(...))`` — the framework's own inverted dropout (zeroes
+    each probability with the layer's rate and scales the others by
+    ``1 / (1 - rate)``, so ``E[probs]`` is the softmax) with the framework's
+    RNG — and ``out = probs·v``: the weights returned are those applied.
 
     Args:
         xp: the backend of ``q``, ``k``, ``v``.
         q, k, v: as for :func:`posbias._core.dispatch.attend` (``layout=`` option).
         bias: any ``bias=`` form (:func:`posbias._core.bias_arg.read_bias`).
         out_dtype: dtype of both results (default: the queries' dtype).
+        dropout: ``dropout(probs)`` → dropped and rescaled probabilities (same
+            shape, ``p.compute``), or None for none.
 
     Returns:
         ``(out, probs)``: ``out`` in ``q``'s layout; ``probs`` ``(B, H, Lq, Lk)``.
@@ -62,10 +78,10 @@ def attend_with_weights(
         tile = p.bias_tile(0, p.q_len, p.k_len)
         if tile is not None:
             scores = scores + tile
-        visible = p.visible(0, p.q_len, p.k_len)
-        if visible is not None:
-            visible = visible[:, None]  # one mask for every head
+        scores, visible = p.masked_scores(scores, 0, p.q_len, p.k_len)
         probs, _ = partial.probabilities(xp, scores, visible, p.compute)
+        if dropout is not None:
+            probs = dropout(probs)
         out = xp.einsum("bhqk,bhkd->bhqd", probs, vc)
         out, probs = xp.cast(out, dtype), xp.cast(probs, dtype)
     layout = options.get("layout", "bhld")

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import BackendError
+from ..errors import BackendError, InvalidTypeError
 
 #: Canonical dtype names understood by every backend.
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
@@ -254,6 +254,20 @@ class Backend:
         """False while tracing / compiling (values unknown): skip value checks."""
         return True
 
+    #: what ``rng`` of :meth:`uniform` may be, in words (errors)
+    rng_kinds: ClassVar[str] = "None (fresh entropy), an int seed or a numpy.random.Generator"
+
+    def uniform(self, rng: Any, shape: tuple[int, ...]) -> Any:
+        """``shape`` float32 uniform in ``[0, 1)`` from ``rng`` (the framework's RNG idiom).
+
+        Raises :class:`InvalidTypeError` naming ``dropout_rng`` for an ``rng`` the
+        framework does not take (:attr:`rng_kinds`).
+        """
+        if rng is not None and not (is_seed(rng) or isinstance(rng, np.random.Generator)):
+            raise rng_error(self, rng)
+        generator = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        return self.from_numpy(generator.random(shape, dtype=np.float32))
+
     # ------------------------------------------- differentiation (backward pass)
     #: whether :meth:`custom_gradient` and :meth:`vjp` exist (not NumPy)
     autodiff: ClassVar[bool] = False
@@ -275,6 +289,19 @@ class Backend:
         Parameters that ``fn`` does not use get zero gradients.
         """
         raise NotImplementedError(f"{self.name} has no automatic differentiation")
+
+
+def is_seed(value: Any) -> bool:
+    """A non-negative int (not a bool): a seed every framework takes."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0
+
+
+def rng_error(backend: Backend, rng: Any) -> Exception:
+    """The error for a ``dropout_rng`` that ``backend`` does not take."""
+    return InvalidTypeError(
+        f"dropout_rng must be {backend.rng_kinds} for {backend.name}, got {rng!r} of type "
+        f"{type(rng).__name__}."
+    )
 
 
 def check_dtype_name(name: str, known: tuple[str, ...] = FLOAT_DTYPES) -> str:

@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import BackendError
-from ._base import NAMES, Backend, check_dtype_name
+from ._base import NAMES, Backend, check_dtype_name, is_seed, rng_error
 
 
 def _x64() -> bool:
@@ -110,6 +110,15 @@ class JaxBackend(Backend):
     def matmul(self, a, b):
         return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
+    rng_kinds = "a jax.random.key(...) (JAX has no global RNG) or an int seed"
+
+    def uniform(self, rng: Any, shape: tuple[int, ...]) -> Any:
+        if is_seed(rng):
+            rng = jax.random.key(int(rng))
+        elif not _is_key(rng):
+            raise rng_error(self, rng)
+        return jax.random.uniform(rng, shape, jnp.float32)
+
     def is_concrete(self, x) -> bool:
         return not isinstance(x, jax.core.Tracer)
 
@@ -126,3 +135,12 @@ class JaxBackend(Backend):
     def vjp(self, fn, params):
         value, pullback = jax.vjp(fn, dict(params))
         return value, lambda cotangent: pullback(cotangent)[0]
+
+
+def _is_key(x: Any) -> bool:
+    """A JAX PRNG key: typed (``jax.random.key``) or raw ``uint32[2]`` (``PRNGKey``)."""
+    if not isinstance(x, jax.Array):
+        return False
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return x.shape == ()
+    return x.dtype == jnp.uint32 and x.shape == (2,)

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..errors import BackendError
-from ._base import Backend, check_dtype_name
+from ._base import Backend, check_dtype_name, is_seed, rng_error
 
 _DTYPES = {
     "float64": tf.float64,
@@ -138,6 +138,18 @@ class TensorflowBackend(Backend):
     def zeros(self, shape, dtype):
         with self._placed():
             return tf.zeros(shape, dtype=self.native_dtype(dtype))
+
+    rng_kinds = "None (TensorFlow's global RNG), an int seed or a tf.random.Generator"
+
+    def uniform(self, rng: Any, shape: tuple[int, ...]) -> Any:
+        with self._placed():
+            if rng is None:
+                return tf.random.uniform(shape)
+            if is_seed(rng):
+                return tf.random.stateless_uniform(shape, seed=[int(rng), 0])
+            if isinstance(rng, tf.random.Generator):
+                return rng.uniform(shape)
+        raise rng_error(self, rng)
 
     def is_concrete(self, x) -> bool:
         return tf.executing_eagerly()

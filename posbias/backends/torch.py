@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import BackendError
-from ._base import Backend, check_dtype_name
+from ._base import Backend, check_dtype_name, is_seed, rng_error
 
 _DTYPES = {
     "float64": torch.float64,
@@ -133,6 +133,16 @@ class TorchBackend(Backend):
 
     def zeros(self, shape, dtype):
         return torch.zeros(shape, dtype=self.native_dtype(dtype), device=self.device)
+
+    rng_kinds = "None (PyTorch's global RNG), an int seed or a torch.Generator"
+
+    def uniform(self, rng: Any, shape: tuple[int, ...]) -> Any:
+        if is_seed(rng):
+            rng = torch.Generator(device=self.device or "cpu").manual_seed(int(rng))
+        elif rng is not None and not isinstance(rng, torch.Generator):
+            raise rng_error(self, rng)
+        device = rng.device if rng is not None else self.device
+        return torch.rand(shape, generator=rng, device=device).to(self.device)
 
     def is_concrete(self, x) -> bool:
         return not torch.compiler.is_compiling()

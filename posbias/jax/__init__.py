@@ -19,10 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .._core import conventions as _conventions
 from .._core import dispatch as _dispatch
 from .._core import layers as _layers
 from .._core import problem as _problem
 from ..backends.jax import JaxBackend
+from ..errors import InvalidArgumentError, InvalidTypeError
 from ..spec import BiasSpec
 from ._sharded import sharded_attention, unzigzag, zigzag
 
@@ -52,6 +54,9 @@ def attention(
     scale: float | None = None,
     q_pos: Any = None,
     k_pos: Any = None,
+    attn_mask: Any = None,
+    dropout_p: float = 0.0,
+    dropout_rng: Any = None,
     implementation: str = "auto",
     block_size: int | None = None,
     **removed: Any,
@@ -89,6 +94,16 @@ def attention(
         q_pos: ``(Lq,)`` or ``(B, Lq)`` explicit integer bias positions of the
             queries (``(Lq, 2)`` points for 2-D biases); with ``k_pos``.
         k_pos: the same for the keys.
+        attn_mask: like ``jax.nn.dot_product_attention``'s ``mask``, head-major
+            ``(B, H, Lq, Lk)`` or broadcastable to it (not ``q``'s layout): bool,
+            True where the pair takes part, or float, added to the scores (a
+            ``-inf`` is a False). Bias positions stay; a fully hidden row gives 0.
+        dropout_p: attention dropout (SDPA's name) in ``[0, 1)``: each
+            probability is zeroed with this probability, the others scaled by
+            ``1 / (1 - dropout_p)``; the exact materialised path runs
+            (``O(B·H·Lq·Lk)``). 0.0 (the default) is deterministic.
+        dropout_rng: a ``jax.random.key`` (or an int seed), required with
+            ``dropout_p > 0``: JAX has no global RNG.
         implementation: ``"auto"`` (= ``"blockwise"``), ``"blockwise"``,
             ``"reference"`` or ``"cudnn"`` (GPU fp16/bf16; reads a materialised bias).
         block_size: query rows per block (default 256).
@@ -101,7 +116,8 @@ def attention(
             dtype, a non-bool ``causal``, ``key_padding_mask=`` (use ``key_mask``).
         InvalidArgumentError: shapes that disagree, a bias of another head
             count, a bad ``scale``, offset or position array, an implementation
-            that cannot run.
+            that cannot run; an ``attn_mask`` not broadcastable, or (outside ``jit``) with NaN or
+            ``+inf``.
         BackendError: tensors of another framework.
 
     Example:
@@ -126,6 +142,9 @@ def attention(
         scale=scale,
         q_pos=q_pos,
         k_pos=k_pos,
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        dropout_rng=dropout_rng,
         implementation=implementation,
         block_size=block_size,
     )
@@ -174,14 +193,36 @@ class PositionalBias(_layers.BiasParamsMixin, nnx.Module):
 
 
 class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
-    """Multi-head self-attention with a positional bias, GQA and a KV cache (Flax NNX).
+    """Multi-head self- or cross-attention with a positional bias, GQA and a KV cache (Flax NNX).
 
     Arguments and ``positional_bias`` attribute (a :class:`PositionalBias` or
-    None) as in :class:`posbias.torch.MultiHeadAttention`; ``seed`` seeds the
+    None) as in :class:`posbias.torch.MultiHeadAttention`. Call:
+    ``mha(x, inputs_k=None, inputs_v=None, *, key_mask=None, segment_ids=None,
+    attn_mask=None)``, Flax's ``MultiHeadAttention`` argument order:
+    ``inputs_k``/``inputs_v`` ``(B, Lk, E)`` make it cross-attention (a missing
+    ``inputs_k`` is ``x``, a missing ``inputs_v`` is ``inputs_k``), the bias
+    aligned bottom-right; ``attn_mask`` plays Flax's ``mask`` (bool
+    ``(B, H, Lq, Lk)`` or broadcastable, True = attend) and may also be
+    additive (float). ``sow_weights=True`` (Flax's option) sows the
+    ``(B, H, Lq, Lk)`` attention probabilities into the ``nnx.Intermediate``
+    collection as ``attention_weights`` (``out, sown = nnx.capture(mha,
+    nnx.Intermediate)(x, sow_weights=True)``, then
+    ``sown["attention_weights"][0]``); they come from the exact path that
+    materialises them (``O(B·H·Lq·Lk)`` memory). ``seed`` seeds the
     NumPy initialisation shared by every framework; ``param_dtype`` is the
     parameters' dtype; ``precision`` is the projections' matmul precision
     (default ``"highest"``: true float32 on GPUs/TPUs, where JAX's default is
     TF32 / bf16 passes; pass ``None`` for JAX's default).
+
+    Attention dropout, Flax's way: ``dropout_rate`` in ``[0, 1)`` zeroes each
+    attention probability while training (the others scaled by
+    ``1 / (1 - dropout_rate)``) with an ``nnx.Dropout`` driven by the
+    ``dropout`` stream of ``rngs`` (``MultiHeadAttention(..., rngs=nnx.Rngs(0))``,
+    or ``rngs=`` at the call); ``deterministic=True`` (constructor or call) or
+    ``mha.eval()`` turns it off, ``mha.train()`` on again. ``rngs`` drives
+    dropout only: the parameters come from ``seed`` (the initialisation shared
+    by every framework). While dropout is on, the exact materialised path runs
+    (``O(B·H·Lq·Lk)`` memory, docs/layers.md).
 
     Example:
         >>> import jax.numpy as jnp
@@ -209,6 +250,9 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
         seed: int = 0,
         param_dtype: Any = jnp.float32,
         precision: Any = "highest",
+        dropout_rate: float = 0.0,
+        deterministic: bool = False,
+        rngs: nnx.Rngs | None = None,
     ) -> None:
         self.mha_config = _layers.MHAConfig.create(
             embed_dim,
@@ -219,6 +263,19 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
             use_bias=use_bias,
             implementation=implementation,
             block_size=block_size,
+            dropout=dropout_rate,
+            dropout_name="dropout_rate",
+        )
+        if rngs is not None and not isinstance(rngs, (nnx.Rngs, nnx.RngStream)):
+            raise InvalidTypeError(
+                f"rngs must be an nnx.Rngs (its 'dropout' stream drives attention dropout), "
+                f"got {type(rngs).__name__}."
+            )
+        # Flax's own dropout (its RNG stream, model.train()/model.eval() toggle `deterministic`)
+        self.attention_dropout = nnx.Dropout(
+            self.mha_config.dropout,
+            deterministic=_conventions.check_bool("deterministic", deterministic),
+            rngs=rngs,
         )
         shapes = self.mha_config.shapes()
         rngs = nnx.Rngs(_layers.check_seed(seed))  # a clear error before Flax sees it
@@ -244,26 +301,60 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
     def __call__(
         self,
         x: jnp.ndarray,
+        inputs_k: Any = None,
+        inputs_v: Any = None,
         *,
         key_mask: Any = None,
         segment_ids: Any = None,
+        attn_mask: Any = None,
         cache: KVCache | None = None,
+        sow_weights: bool = False,
+        deterministic: bool | None = None,
+        rngs: Any = None,
         **removed: Any,
     ) -> Any:
-        return _layers.mha_forward(
+        drop = self._dropout(deterministic, rngs)
+        result = _layers.mha_forward(
             JaxBackend(),
             self.mha_config,
             self._project,
             x,
             self.positional_bias,
+            key=x if inputs_k is None and inputs_v is not None else inputs_k,  # Flax's rule
+            value=inputs_v,
             key_mask=key_mask,
             segment_ids=segment_ids,
+            attn_mask=attn_mask,
             cache=cache,
+            need_weights=sow_weights,
+            weights_name="sow_weights",
+            dropout=drop,
             removed=removed,
         )
+        if sow_weights is not True:
+            return result
+        out, weights, *new_cache = result
+        self.sow(nnx.Intermediate, "attention_weights", weights)
+        return (out, *new_cache) if new_cache else out
 
     def _project(self, name: str, x: jnp.ndarray) -> jnp.ndarray:
         return getattr(self, f"{name}_proj")(x)
+
+    def _dropout(self, deterministic: Any, rngs: Any) -> Any:
+        """The probabilities' dropout of this call, or None (rate 0 or deterministic)."""
+        layer = self.attention_dropout
+        if deterministic is None:
+            deterministic = layer.deterministic
+        deterministic = _conventions.check_bool("deterministic", deterministic)
+        if deterministic or self.mha_config.dropout == 0:
+            return None
+        if rngs is None and layer.rngs is None:
+            raise InvalidArgumentError(
+                f"dropout_rate={self.mha_config.dropout} while training needs random keys: "
+                "pass rngs=nnx.Rngs(dropout=...) to the constructor or the call, or "
+                "deterministic=True (mha.eval()) to turn dropout off."
+            )
+        return lambda probs: layer(probs, deterministic=False, rngs=rngs)
 
     def init_cache(self, batch_size: int, capacity: int, dtype: Any = None) -> KVCache:
         """An empty KV cache (dtype: the parameters' dtype by default)."""

@@ -29,6 +29,8 @@ def why_not(p: Problem) -> str | None:
         return "cuDNN attention needs arrays on a GPU."
     if p.in_dtype not in ("float16", "bfloat16"):
         return f"cuDNN attention takes float16/bfloat16 inputs, not {p.in_dtype}."
+    if p.has_attn_mask:
+        return "an attn_mask is not mapped to cuDNN attention; use implementation='blockwise'."
     if not (isinstance(p.q_offset, int) and p.segment_ids is None and p.key_mask is None):
         return "padding masks, segment_ids and per-sequence offsets are not mapped to cuDNN."
     if p.causal and p.q_offset != 0:

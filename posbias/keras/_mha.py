@@ -12,7 +12,7 @@ from .._core import dispatch as _dispatch
 from .._core import layers as _layers
 from .._core import masks as _masks
 from .._core import weights as _weights
-from .._core.checks import check_finite_float, check_int, check_num_heads
+from .._core.checks import check_int, check_num_heads, check_rate
 from ..errors import InvalidArgumentError, InvalidTypeError
 from . import _args, _engine
 from ._bias import PosbiasErrorsFromConfig, PositionalBias
@@ -35,7 +35,13 @@ class MultiHeadAttention(PosbiasErrorsFromConfig, _layers.PortableWeightsMixin, 
         num_heads: ``H``.
         key_dim: size of each query/key head (``D``; scores are scaled by ``1/√D``).
         value_dim: size of each value head (default ``key_dim``).
-        dropout: attention dropout; only ``0.0`` (dropout is not supported yet).
+        dropout: attention dropout, Keras': the probability in ``[0, 1)`` of
+            zeroing each attention probability when called with ``training=True``
+            (``fit`` does; the others scaled by ``1 / (1 - dropout)``), with
+            ``keras.random.dropout`` and a ``keras.random.SeedGenerator(seed)``.
+            While it is on, the exact materialised path runs (``O(B·H·Lq·Lk)``
+            memory); ``return_attention_scores`` gives the scores before
+            dropout, as Keras does.
         use_bias: biases in the four projections.
         output_shape: output feature size (an int; default: the query's feature size).
         attention_axes: None or 1 (the sequence axis of ``(B, L, E)`` inputs).
@@ -142,19 +148,15 @@ class MultiHeadAttention(PosbiasErrorsFromConfig, _layers.PortableWeightsMixin, 
         self.value_dim = (
             self.key_dim if value_dim is None else check_int("value_dim", value_dim, minimum=1)
         )
-        self.dropout = check_finite_float("dropout", dropout, nonnegative=True)
-        if self.dropout != 0.0:
-            raise InvalidArgumentError(
-                f"dropout={dropout}: attention dropout is not supported yet by posbias.keras "
-                "(it needs the blockwise backward engine); use dropout=0.0, or dropout on the "
-                "layer's output."
-            )
+        self.dropout = check_rate("dropout", dropout)
         self.use_bias = conventions.check_bool("use_bias", use_bias)
         self.output_dim = _args.output_dim(output_shape)
         self.attention_axes = _args.attention_axes(attention_axes)
         self.implementation = _dispatch.check_implementation(implementation)
         self.block_size = _dispatch.check_block_size(block_size)
         self.seed = _layers.check_seed(seed)
+        # Keras' RNG idiom: a seeded generator, so a given seed drops the same weights
+        self.dropout_seed = keras.random.SeedGenerator(self.seed) if self.dropout else None
         self.kernel_initializer = (
             None
             if kernel_initializer is None
@@ -250,8 +252,7 @@ class MultiHeadAttention(PosbiasErrorsFromConfig, _layers.PortableWeightsMixin, 
         conventions.reject_unknown("MultiHeadAttention", removed, ("value", *_args.CALL_KEYWORDS))
         causal = conventions.check_bool("use_causal_mask", use_causal_mask)
         want_scores = conventions.check_bool("return_attention_scores", return_attention_scores)
-        if training is not None:
-            conventions.check_bool("training", training)
+        training = training is not None and conventions.check_bool("training", training)
         own_mask = _engine.get_keras_mask(query)
         query_mask = own_mask if query_mask is None else query_mask
         if value is None:  # self-attention: the query's mask is the value's
@@ -284,8 +285,19 @@ class MultiHeadAttention(PosbiasErrorsFromConfig, _layers.PortableWeightsMixin, 
         bias = self.positional_bias
         if bias is not None and not bias.spec.learnable:
             bias = bias.spec  # values are a pure function of positions: cacheable tables
-        if want_scores:
-            out, scores = _weights.attend_with_weights(xp, q, k, v, bias, **options)
+        softmax: list[Any] = []  # Keras returns the scores before dropout
+
+        def drop(probs: Any) -> Any:
+            softmax.append(probs)
+            return keras.random.dropout(probs, self.dropout, seed=self.dropout_seed)
+
+        dropping = training and self.dropout > 0
+        if want_scores or dropping:
+            out, scores = _weights.attend_with_weights(
+                xp, q, k, v, bias, dropout=drop if dropping else None, **options
+            )
+            if softmax:
+                scores = xp.cast(softmax[0], xp.dtype_name(scores.dtype))
         else:
             out = _dispatch.attend(
                 xp,

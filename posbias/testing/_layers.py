@@ -80,6 +80,9 @@ def functional_cases() -> list[tuple[str, int, int, dict[str, Any]]]:
     for heads, kv in HEAD_CONFIGS:
         tag = f"H={heads}" + (f"/kv={kv}" if kv != heads else "")
         m = _masks(2, 9)
+        rng = np.random.default_rng(heads)
+        pairs = rng.random((2, 1, 9, 9)) > 0.3  # (B, 1, Lq, Lk): True = takes part
+        scores = np.where(rng.random((heads, 9, 9)) > 0.2, rng.normal(size=(heads, 9, 9)), -np.inf)
         cases += [
             (f"{tag} bidirectional", heads, kv, dict(causal=False)),
             (f"{tag} causal", heads, kv, dict(causal=True)),
@@ -88,6 +91,8 @@ def functional_cases() -> list[tuple[str, int, int, dict[str, Any]]]:
             (f"{tag} left-padded", heads, kv, dict(causal=True, key_mask=m["left"])),
             (f"{tag} right-padded", heads, kv, dict(causal=False, key_mask=m["right"])),
             (f"{tag} packed", heads, kv, dict(causal=True, segment_ids=m["segments"])),
+            (f"{tag} bool attn_mask", heads, kv, dict(causal=True, attn_mask=pairs)),
+            (f"{tag} additive attn_mask", heads, kv, dict(causal=False, attn_mask=scores)),
         ]
     return cases
 
@@ -175,10 +180,22 @@ def check_layers(backend: str) -> LayerCell:
         bi_layer = module.MultiHeadAttention(embed, heads, causal=False, num_kv_heads=kv, seed=7)
         layer.load_portable_weights(ref_layer.portable_weights())  # moved across frameworks
         bi_layer.load_portable_weights(bi_ref.portable_weights())
-        x = np.random.default_rng(index).normal(size=(batch, length, embed)).astype(np.float32)
+        rng = np.random.default_rng(index)
+        x = rng.normal(size=(batch, length, embed)).astype(np.float32)
+        kv = rng.normal(size=(batch, length + 4, embed)).astype(np.float32)
         m = _masks(batch, length)
+        keep = rng.random((batch, 1, length, length + 4)) > 0.3
+        add = rng.normal(size=(heads, length, length + 4)).astype(np.float32)
         native = xp.from_numpy(x)
         cases = {
+            "cross-attention, bool attn_mask": (
+                cross_attention(layer, backend, native, xp.from_numpy(kv), xp.from_numpy(keep)),
+                ref_layer(x, kv, attn_mask=keep),
+            ),
+            "cross-attention, additive attn_mask": (
+                cross_attention(bi_layer, backend, native, xp.from_numpy(kv), xp.from_numpy(add)),
+                bi_ref(x, kv, attn_mask=add),
+            ),
             "causal": (layer(native), ref_layer(x)),
             "bidirectional": (bi_layer(native), bi_ref(x)),
             "left-padded": (
@@ -210,6 +227,17 @@ def check_layers(backend: str) -> LayerCell:
                 cell.failures.append(f"H={heads}/kv={kv} {label}: normwise error {err:.3g} > {tol}")
     cell.seconds = time.perf_counter() - start
     return cell
+
+
+def cross_attention(layer: Any, backend: str, x: Any, kv: Any, attn_mask: Any = None) -> Any:
+    """``layer`` attending from ``x`` to ``kv`` in its framework's idiom (keys = values = kv).
+
+    ``posbias.tensorflow``'s second positional argument is ``key_mask``: it takes
+    ``value=`` by name; the others take ``(x, key/inputs_k)`` positionally.
+    """
+    if backend == "tensorflow":
+        return layer(x, value=kv, attn_mask=attn_mask)
+    return layer(x, kv, attn_mask=attn_mask)
 
 
 def attention_jobs(backend_names: list[str], dtypes: list[str]) -> list[tuple[str, str]]:

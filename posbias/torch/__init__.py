@@ -59,6 +59,9 @@ def attention(
     scale: float | None = None,
     q_pos: Any = None,
     k_pos: Any = None,
+    attn_mask: Any = None,
+    dropout_p: float = 0.0,
+    dropout_rng: Any = None,
     implementation: str = "auto",
     block_size: int | None = None,
     **removed: Any,
@@ -95,6 +98,16 @@ def attention(
         q_pos: ``(Lq,)`` or ``(B, Lq)`` explicit integer bias positions of the
             queries (``(Lq, 2)`` points for 2-D biases); with ``k_pos``.
         k_pos: the same for the keys.
+        attn_mask: as SDPA's: broadcastable to ``(B, H, Lq, Lk)``; bool True =
+            the pair *takes part*, or float, added to the scores after the bias
+            (``-inf`` = False). Bias positions are unchanged (``key_mask`` moves
+            them); a row it hides completely outputs 0; no gradient reaches it.
+        dropout_p: attention dropout, SDPA's: each probability is zeroed with
+            probability ``dropout_p`` in ``[0, 1)`` and the others are scaled by
+            ``1 / (1 - dropout_p)`` (whenever > 0, as in SDPA: pass 0.0 in
+            eval). It runs the exact materialised path (``O(B·H·Lq·Lk)``).
+        dropout_rng: None (PyTorch's global RNG, ``torch.manual_seed``), an
+            int seed or a ``torch.Generator``.
         implementation: ``"auto"``, ``"blockwise"`` (SDPA tiles),
             ``"reference"`` or ``"flash_attn"`` (CUDA fp16/bf16, symmetric ALiBi).
         block_size: query rows per block (default 256).
@@ -107,7 +120,7 @@ def attention(
             dtype, a non-bool ``causal``, ``key_padding_mask=`` (use ``key_mask``).
         InvalidArgumentError: shapes that disagree, a bias of another head
             count, a bad ``scale``, offset or position array, an implementation
-            that cannot run.
+            that cannot run; an ``attn_mask`` of another shape or with NaN/``+inf``.
         BackendError: tensors of another framework.
 
     Example:
@@ -132,6 +145,9 @@ def attention(
         scale=scale,
         q_pos=q_pos,
         k_pos=k_pos,
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        dropout_rng=dropout_rng,
         implementation=implementation,
         block_size=block_size,
     )
@@ -193,7 +209,7 @@ class PositionalBias(_layers.BiasParamsMixin, nn.Module):
 
 
 class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
-    """Multi-head self-attention with a positional bias, GQA and a KV cache.
+    """Multi-head self- or cross-attention with a positional bias, GQA and a KV cache.
 
     Args:
         embed_dim: model width ``E``.
@@ -207,9 +223,29 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
             ``"auto"``; docs/performance.md).
         block_size: query rows per block of the blockwise kernel (default 256).
         seed: seed of the NumPy initialisation shared by every framework.
+        dropout: attention dropout, ``nn.MultiheadAttention``'s: the probability
+            in ``[0, 1)`` of zeroing each attention probability while training
+            (the others scaled by ``1 / (1 - dropout)``), with PyTorch's RNG
+            (``torch.manual_seed`` reproduces it); off after ``model.eval()``.
+            While it is on, the exact materialised path runs (``O(B·H·Lq·Lk)``
+            memory, docs/layers.md).
 
-    Call: ``mha(x, key_mask=None, segment_ids=None)`` → ``(B, L, E)``;
-    with ``cache=`` it returns ``(out, new_cache)`` (see :meth:`init_cache`).
+    Call: ``mha(x, key=None, value=None, *, key_mask=None, segment_ids=None,
+    attn_mask=None)`` → ``(B, Lq, E)``, ``nn.MultiheadAttention``'s argument
+    order: ``key``/``value`` ``(B, Lk, E)`` make it cross-attention (a missing
+    ``key`` is ``x``, a missing ``value`` is ``key``), the bias aligned
+    bottom-right (the last query sits at the last key). ``key_mask`` ``(B, Lk)``
+    (True = real key; ``key_padding_mask=`` is an error saying so) and
+    ``attn_mask`` are :func:`attention`'s (``attn_mask`` broadcastable to
+    ``(B, H, Lq, Lk)``, bool True = takes part, or float added to the scores).
+    With ``cache=`` (self-attention only) it returns ``(out, new_cache)`` (see
+    :meth:`init_cache`). ``need_weights=True`` also returns the attention
+    probabilities ``(B, H, Lq, Lk)`` per head, ``(out, weights)`` (then
+    ``(out, weights, new_cache)`` with a cache), from the exact path that
+    *materialises* them (``O(B·H·Lq·Lk)`` memory, no blockwise kernel). The
+    default is False, unlike ``nn.MultiheadAttention``'s ``need_weights=True``
+    (which averages over heads): posbias never builds the ``Lq × Lk`` scores
+    unless asked, and returns ``out`` alone, as it always has.
 
     Attributes:
         positional_bias: the :class:`PositionalBias` module (None for
@@ -244,6 +280,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
         implementation: str = "auto",
         block_size: int | None = None,
         seed: int = 0,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.mha_config = _layers.MHAConfig.create(
@@ -255,6 +292,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
             use_bias=use_bias,
             implementation=implementation,
             block_size=block_size,
+            dropout=dropout,
         )
         shapes = self.mha_config.shapes()
         for name in _layers.PROJECTIONS:
@@ -268,22 +306,38 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
         *,
         key_mask: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        need_weights: bool = False,
         **removed: Any,
     ) -> Any:
         weight = self.q_proj.weight
+        rate = self.mha_config.dropout
+        drop = None
+        if self.training and rate > 0:  # nn.Dropout's rule: model.eval() turns it off
+
+            def drop(probs: torch.Tensor) -> torch.Tensor:
+                return nn.functional.dropout(probs, rate, training=True)
+
         return _layers.mha_forward(
             TorchBackend(weight.device),
             self.mha_config,
             self._project,
             x,
             self.positional_bias,
+            key=key,
+            value=value,
             key_mask=key_mask,
             segment_ids=segment_ids,
+            attn_mask=attn_mask,
             cache=cache,
+            need_weights=need_weights,
+            dropout=drop,
             removed=removed,
             weight_dtype=TorchBackend().dtype_name(weight.dtype),
         )

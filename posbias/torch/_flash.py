@@ -45,6 +45,8 @@ def why_not(p: Problem) -> str | None:
         return "FlashAttention needs CUDA tensors."
     if p.in_dtype not in ("float16", "bfloat16"):
         return f"FlashAttention takes float16/bfloat16 inputs, not {p.in_dtype}."
+    if p.has_attn_mask:
+        return "an attn_mask is not mapped to FlashAttention; use implementation='blockwise'."
     if not (p.slot_positions and isinstance(p.q_offset, int)):
         return (
             "padding masks, segment_ids, explicit positions and per-sequence offsets "

@@ -78,7 +78,7 @@ def tile_fn(p: Problem) -> Any:
 
 def _toeplitz_table(p: Problem) -> torch.Tensor | None:
     """``(H, Lq + Lk - 1)``: column ``t`` holds ``F(d_min + t)`` (None: no fast path)."""
-    if not (p.slot_positions and isinstance(p.q_offset, int)):
+    if not (p.slot_positions and isinstance(p.q_offset, int)) or p.has_attn_mask:
         return None
     if p.bias is not None and not p.bias.toeplitz:
         return None
@@ -143,14 +143,18 @@ def _masked_tile(p: Problem, r0: int, r1: int) -> torch.Tensor:
 def masked_block(p: Problem, r0: int, r1: int, extent: int) -> tuple:
     """``(q, k, v, mask, visible)`` of rows ``[r0, r1)`` against keys ``[0, extent)``.
 
-    ``mask`` ``(B|1, H, n, K)`` is the bias with hidden keys at the lowest float
-    (None: no bias and nothing hidden); ``visible`` ``(B|1, 1, n, K)`` or None.
+    ``mask`` ``(B|1, H, n, K)`` is the bias (plus ``attn_mask``'s values) with
+    hidden keys at the lowest float (None: no bias and nothing hidden);
+    ``visible`` ``(B|1, H|1, n, K)`` or None.
     """
     dtype = _dtype(p)
     mask = p.bias_tile(r0, r1, extent)
-    visible = p.visible(r0, r1, extent)
+    if p.mask_add is not None:
+        zero = torch.zeros((), dtype=_dtype(p), device=p.q.device)
+        mask, visible = p.masked_scores(zero if mask is None else mask, r0, r1, extent)
+    else:
+        visible = p.keep(r0, r1, extent)
     if visible is not None:
-        visible = visible[:, None]
         base = torch.zeros((), dtype=dtype, device=p.q.device) if mask is None else mask
         mask = torch.where(visible, base.to(dtype), torch.finfo(dtype).min)
     elif mask is not None:
