@@ -189,6 +189,34 @@ def test_torch_callable_bias_keeps_autograd_through_the_tiles():
 
 
 @torch_only
+@pytest.mark.parametrize("bias", ["alibi", "t5", None])
+def test_torch_training_with_a_value_head_size_of_its_own(bias):
+    """v's head size differs from q/k's (Keras value_dim): PyTorch's fused CPU kernel
+    needs one head size, so these take the engine's blocks; float64 reference."""
+    import torch
+
+    import posbias.torch
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 10, 8, generator=gen), torch.randn(2, 4, 13, 8, generator=gen)
+    v = torch.randn(2, 4, 13, 5, generator=gen)
+    module = bias and posbias.torch.PositionalBias(bias, num_heads=4)
+    grads = []
+    for dtype, implementation in ((torch.float32, "auto"), (torch.float64, "reference")):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = posbias.torch.attention(
+            *leaves, module, causal=True, implementation=implementation, block_size=4
+        )
+        out.square().sum().backward()
+        params = [] if module is None else [p.grad.clone() for p in module.parameters()]
+        if module is not None:
+            module.zero_grad()
+        grads.append([t.grad.double() for t in leaves] + [g.double() for g in params])
+    for got, ref in zip(*grads, strict=True):
+        assert (got - ref).abs().max() <= TOL * ref.abs().max()
+
+
+@torch_only
 def test_torch_gradients_do_not_depend_on_threads():
     """Head groups shared out to threads: any thread count gives the same result."""
     import torch

@@ -51,6 +51,8 @@ def blocks(p: Problem, block_size: int) -> torch.Tensor:
     """``(B, H, Lq, D)`` rows of ``p`` in ``p.compute``, differentiable when asked."""
     if not (_needs_grad(p) and _engine.supported(p)) or torch.compiler.is_compiling():
         return blockwise(p, _sdpa.tile_fn(p), block_size)
+    if p.v.shape[-1] != p.q.shape[-1]:  # PyTorch's fused CPU kernel needs one head size
+        return _engine.attention(p, block_size)[0]
     if p.has_attn_mask:  # the engine's backward blocks apply attn_mask; the fused ones do not
         return _engine.attention(p, block_size, forward_fn=forward)[0]
     return _engine.attention(p, block_size, forward_fn=forward, backward_fn=backward)[0]
