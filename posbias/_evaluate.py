@@ -116,7 +116,8 @@ def _compute_in_chunks(spec: BiasSpec, xp: Any, q: Any, k: Any, heads: Any, para
     Tiles concatenate exactly, so the result is the same as one call.
     """
     q_len, k_len = xp.shape(q)[-1], xp.shape(k)[-1]
-    batch = max([s[0] for s in (xp.shape(q), xp.shape(k)) if len(s) == 2] or [1])
+    batches = [s[0] for s in (xp.shape(q), xp.shape(k)) if len(s) == 2] or [1]
+    batch = None if None in batches else max(batches)
     if q_len is None or k_len is None or batch is None:  # unknown while tracing
         return _compute(spec, xp, q, k, heads, params)
     per_row = 4 * max(1, spec.temporaries_per_entry()) * len(heads) * k_len * batch

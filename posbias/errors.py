@@ -27,6 +27,11 @@ __all__ = [
 class PosBiasError(Exception):
     """Base class of every error raised by posbias."""
 
+    # Exception's own constructor (not ValueError's, TypeError's, ...): frameworks that
+    # re-raise an error with more context keep its type then (TensorFlow's AutoGraph
+    # does so only for this constructor; otherwise it wraps posbias errors in StagingError)
+    __init__ = Exception.__init__
+
 
 class InvalidArgumentError(PosBiasError, ValueError):
     """An argument has the right type but an unusable value (negative, NaN, ...)."""

@@ -33,6 +33,9 @@ __all__ = ["KVCache", "MultiHeadAttention", "PositionalBias", "attention"]
 KVCache = _problem.KVCache
 
 
+# AutoGraph must not rewrite posbias: its Python control flow runs on static values
+# at trace time, and a converted function's errors would come back as StagingError
+@tf.autograph.experimental.do_not_convert
 def attention(
     q: tf.Tensor,
     k: tf.Tensor,

@@ -304,6 +304,33 @@ def test_fit_trains_the_projections_and_the_bias_table(jit):
     assert np.abs(_np(layer.positional_bias.bias_params["table"]) - table).max() > 1e-4
 
 
+def test_fit_with_a_partial_last_batch_and_variable_lengths():
+    """A last batch of another size makes Keras trace with an unknown batch size
+    (the TensorFlow backend raised inside the bias's chunking), and
+    keras.Input((None,)) leaves the length to the data: one length per model on
+    the TensorFlow backend (a clear error after, documented), any on JAX and PyTorch."""
+    model, _ = _model()
+    history = model.fit(_ids(), np.ones((8, 1)), epochs=2, batch_size=5, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    inputs = keras.Input((None,), dtype="int32")
+    hidden = keras.layers.Embedding(20, 16, mask_zero=True)(inputs)
+    hidden = MultiHeadAttention(2, 8, bias="t5")(hidden, hidden, use_causal_mask=True)
+    model = keras.Model(
+        inputs, keras.layers.Dense(1)(keras.layers.GlobalAveragePooling1D()(hidden))
+    )
+    model.compile("adam", "mse")
+    rng = np.random.default_rng(0)
+    first = model.fit(rng.integers(1, 20, (7, 6)), np.ones((7, 1)), batch_size=4, verbose=0)
+    assert np.isfinite(first.history["loss"]).all()
+    longer = rng.integers(1, 20, (7, 9))
+    if KERAS_BACKEND != "tensorflow":
+        assert np.isfinite(model.fit(longer, np.ones((7, 1)), verbose=0).history["loss"]).all()
+        return
+    # a second length makes Keras retrace with an unknown length
+    with pytest.raises(posbias.InvalidArgumentError, match="need known heads, lengths"):
+        model.fit(longer, np.ones((7, 1)), verbose=0)
+
+
 def test_jit_compiled_predict_matches_eager():
     model, _ = _model()
     ids = _ids()

@@ -99,6 +99,24 @@ def test_no_queries_give_an_empty_output_and_no_keys_zeros(backend):
         module.attention(empty, empty, empty, "alibi")
 
 
+@pytest.mark.skipif("torch" not in BACKENDS, reason="PyTorch not under test")
+def test_empty_inputs_still_have_a_gradient_graph():
+    """No rows or no keys with requires_grad: zero gradients, not PyTorch's "element 0
+    of tensors does not require grad" from an output without a graph."""
+    import torch
+
+    import posbias.torch as pt
+
+    module = pt.PositionalBias("t5", num_heads=4)
+    q = torch.randn(1, 4, 5, 8, requires_grad=True)
+    k, v = (torch.randn(1, 2, 7, 8, requires_grad=True) for _ in "kv")
+    pt.attention(q[:, :, :0], k, v, module).sum().backward()
+    out = pt.attention(q, k[:, :, :0], v[:, :, :0], module, causal=False)
+    out.sum().backward()
+    assert out.shape == (1, 4, 5, 8) and not out.any()
+    assert not q.grad.any() and not v.grad.any()
+
+
 # ------------------------------------------------------------- TensorFlow float64
 def test_tensorflow_float64_with_masks():
     """finfo(float64).min went through a float32 constant: a raw ValueError before."""
@@ -530,3 +548,26 @@ def test_zigzag_reads_its_arguments_strictly():
         zigzag(x, "2")
     with pytest.raises(posbias.InvalidArgumentError, match="axis=5"):
         zigzag(x, 2, axis=5)
+
+
+@pytest.mark.skipif("tensorflow" not in BACKENDS, reason="TensorFlow not under test")
+def test_tf_function_with_an_unknown_length_raises_ours_and_an_unknown_batch_runs():
+    """posbias lays out its blocks at trace time: an unknown length is a clear error,
+    an unknown batch size (Keras' partial last batch) runs, with key_mask too."""
+    import tensorflow as tf
+
+    import posbias.tensorflow as ptf
+
+    x = tf.random.normal((2, 8, 4, 8))
+    mask = tf.constant(np.arange(8)[None] >= np.array([[3], [0]]))
+    unknown_batch = tf.function(
+        lambda q, m: ptf.attention(q, q, q, "t5", causal=True, key_mask=m),
+        input_signature=[tf.TensorSpec((None, 8, 4, 8)), tf.TensorSpec((None, 8), tf.bool)],
+    )
+    eager = ptf.attention(x, x, x, "t5", causal=True, key_mask=mask)
+    np.testing.assert_allclose(unknown_batch(x, mask).numpy(), eager.numpy(), atol=1e-6)
+    unknown_length = tf.function(
+        lambda q: ptf.attention(q, q, q, "alibi"), input_signature=[tf.TensorSpec((2, None, 4, 8))]
+    )
+    with pytest.raises(posbias.InvalidArgumentError, match="need known heads, lengths"):
+        unknown_length(x)

@@ -89,7 +89,7 @@ def run(p: Problem, implementation: str, block_size: int) -> Any:
     """Compute ``p`` with the chosen implementation; ``(B, H, Lq, D)`` in ``p.compute``."""
     name = select(p, implementation)
     if p.q_len == 0 or p.k_len == 0:  # no rows, or rows that see no key: zeros
-        return p.xp.zeros((p.batch, p.heads, p.q_len, p.xp.shape(p.v)[-1]), p.compute)
+        return _empty(p)
     if name == "reference":
         return reference_tile(p, 0, p.q_len)
     if name == "blockwise":
@@ -101,6 +101,16 @@ def run(p: Problem, implementation: str, block_size: int) -> Any:
             return _backward.attention(p, block_size)[0]
         return blockwise(p, reference_tile if kernel is None else kernel.tile(p), block_size)
     return _KERNELS[(p.xp.name, name)].run(p)
+
+
+def _empty(p: Problem) -> Any:
+    """The zeros of a problem without rows or keys, still a function of the empty input
+    (so that autodiff finds a graph: zero gradients, not a "no grad" error)."""
+    xp = p.xp
+    zeros = xp.zeros((p.batch, p.heads, p.q_len, xp.shape(p.v)[-1]), p.compute)
+    empty = p.q if p.q_len == 0 else p.v  # (B, H, 0, D): sums over its length axis are 0
+    total = xp.sum_keepdims(xp.sum_keepdims(xp.cast(empty, p.compute), -1), 2)
+    return zeros + total[:, :1]
 
 
 def select(p: Problem, implementation: str) -> str:

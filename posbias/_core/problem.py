@@ -110,8 +110,17 @@ def check_qkv(xp, q, k, v, layout: str) -> tuple[int, int, int, int, int]:
             "to one (the output has q's dtype, scores are float32 or float64)."
         )
     names = "(B, H, L, D)" if layout == "bhld" else "(B, L, H, D)"
+    given = f"q {qs}, k {ks}, v {vs}"
     if layout == "blhd":
         qs, ks, vs = ((s[0], s[2], s[1], s[3]) for s in (qs, ks, vs))
+    if None in (*qs[1:], *ks[1:], *vs[1:]):
+        raise InvalidArgumentError(
+            f"q, k, v need known heads, lengths and head dims {names} while tracing, got "
+            f"{given} (None: unknown; only the batch size may be): posbias "
+            "lays out its blocks when the function is traced. Give tf.function no "
+            "input_signature (it traces once per shape) or one with fixed lengths, or pad "
+            "sequences to a few fixed lengths."
+        )
     if not (qs[0] == ks[0] == vs[0]):
         raise InvalidArgumentError(
             f"q, k, v disagree on the batch size: {qs[0]}, {ks[0]}, {vs[0]}."

@@ -272,13 +272,16 @@ class Backend:
     #: whether :meth:`custom_gradient` and :meth:`vjp` exist (not NumPy)
     autodiff: ClassVar[bool] = False
 
-    def custom_gradient(self, forward, backward):
+    def custom_gradient(self, forward, backward, recompute=None):
         """A differentiable function of tensors with a hand-written gradient.
 
         ``forward(*inputs)`` returns ``(outputs, saved)``: a tuple of output
         tensors and a tuple of tensors (or None) kept for the backward pass;
         ``backward(saved, cotangents)`` returns one gradient per input.
         Cotangents of outputs that were not used arrive as zeros or None.
+        ``recompute(*inputs)`` (optional) gives the same outputs in plain
+        differentiable operations: a framework whose hand-written backward is
+        not itself differentiable uses it for higher derivatives.
         """
         raise NotImplementedError(f"{self.name} has no automatic differentiation")
 

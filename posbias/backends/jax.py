@@ -124,7 +124,8 @@ class JaxBackend(Backend):
 
     autodiff = True
 
-    def custom_gradient(self, forward, backward):
+    def custom_gradient(self, forward, backward, recompute=None):
+        # JAX differentiates the backward itself (it is written in jax operations)
         @jax.custom_vjp
         def fn(*inputs):
             return forward(*inputs)[0]

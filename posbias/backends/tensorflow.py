@@ -156,7 +156,7 @@ class TensorflowBackend(Backend):
 
     autodiff = True
 
-    def custom_gradient(self, forward, backward):
+    def custom_gradient(self, forward, backward, recompute=None):
         @tf.custom_gradient
         def fn(*inputs):
             outputs, saved = forward(*inputs)

@@ -149,8 +149,8 @@ class TorchBackend(Backend):
 
     autodiff = True
 
-    def custom_gradient(self, forward, backward):
-        return lambda *inputs: _CustomGradient.apply(forward, backward, *inputs)
+    def custom_gradient(self, forward, backward, recompute=None):
+        return lambda *inputs: _CustomGradient.apply(forward, backward, recompute, *inputs)
 
     def vjp(self, fn, params):
         with torch.enable_grad():
@@ -174,12 +174,38 @@ class _CustomGradient(torch.autograd.Function):
     """``Backend.custom_gradient`` as a ``torch.autograd.Function``."""
 
     @staticmethod
-    def forward(ctx, forward, backward, *inputs):
+    def forward(ctx, forward, backward, recompute, *inputs):
         outputs, saved = forward(*inputs)
-        ctx.backward_fn = backward
-        ctx.save_for_backward(*saved)
+        ctx.backward_fn, ctx.recompute = backward, recompute
+        ctx.save_for_backward(*inputs, *saved)
+        ctx.count = len(inputs)
         return outputs
 
     @staticmethod
     def backward(ctx, *cotangents):
-        return (None, None, *ctx.backward_fn(ctx.saved_tensors, cotangents))
+        inputs, saved = ctx.saved_tensors[: ctx.count], ctx.saved_tensors[ctx.count :]
+        if torch.is_grad_enabled() and ctx.recompute is not None:
+            # backward(create_graph=True): a gradient that is itself differentiable, through
+            # the same function in plain operations (the hand-written one writes in place)
+            return (None, None, None, *_differentiable_grads(ctx.recompute, inputs, cotangents))
+        return (None, None, None, *ctx.backward_fn(saved, cotangents))
+
+
+def _differentiable_grads(recompute, inputs, cotangents) -> list[Any]:
+    """The vector-Jacobian product of ``recompute`` at ``inputs``, with its own graph."""
+    # one node per argument (q, k and v may be one tensor): a gradient per argument
+    inputs = [x.view_as(x) if x.requires_grad else x for x in inputs]
+    outputs = recompute(*inputs)
+    pairs = [(o, c) for o, c in zip(outputs, cotangents, strict=True) if c is not None]
+    wanted = [i for i, x in enumerate(inputs) if x.requires_grad]
+    grads = torch.autograd.grad(
+        [o for o, _ in pairs],
+        [inputs[i] for i in wanted],
+        [c for _, c in pairs],
+        create_graph=True,
+        allow_unused=True,
+    )
+    result: list[Any] = [None] * len(inputs)
+    for i, g in zip(wanted, grads, strict=True):
+        result[i] = g
+    return result

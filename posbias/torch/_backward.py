@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from .._core import backward as _engine
 from .._core import partial as _partial
 from .._core.problem import Problem
-from .._core.reference import blockwise
+from .._core.reference import blockwise, reference_tile
 from . import _sdpa
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -49,6 +49,10 @@ _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 def blocks(p: Problem, block_size: int) -> torch.Tensor:
     """``(B, H, Lq, D)`` rows of ``p`` in ``p.compute``, differentiable when asked."""
+    if torch._C._are_functorch_transforms_active():
+        # torch.func (grad, vjp, vmap, jacrev, ...) transforms plain PyTorch operations
+        # (SDPA's fused kernels give no gradient of a learnable bias there)
+        return blockwise(p, reference_tile, block_size)
     if not (_needs_grad(p) and _engine.supported(p)) or torch.compiler.is_compiling():
         return blockwise(p, _sdpa.tile_fn(p), block_size)
     if p.v.shape[-1] != p.q.shape[-1]:  # PyTorch's fused CPU kernel needs one head size
