@@ -178,6 +178,42 @@ def test_torch_attn_mask_has_no_gradient_and_the_inputs_do():
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+@pytest.mark.parametrize("implementation", ["auto", "reference"])
+def test_a_float_attn_mask_is_a_constant_on_every_path(implementation):
+    """No path returns a mask gradient (JAX's blockwise path returned zeros, its
+    reference path values, PyTorch values, TensorFlow None: a silent difference)."""
+    mask = np.random.default_rng(0).normal(size=(LQ, LK)).astype(np.float32)
+    q, k, v = (t.astype(np.float32) for t in _qkv())
+    if "torch" in FRAMEWORKS:
+        import torch
+
+        m = torch.tensor(mask, requires_grad=True)
+        tq = torch.tensor(q, requires_grad=True)
+        out = _module("torch").attention(tq, torch.tensor(k), torch.tensor(v), "alibi",
+                                         attn_mask=m, implementation=implementation)  # fmt: skip
+        out.square().sum().backward()
+        assert m.grad is None and tq.grad is not None
+    if "jax" in FRAMEWORKS:
+        import jax
+
+        def loss(m):
+            out = _module("jax").attention(*(np.swapaxes(t, 1, 2) for t in (q, k, v)), "alibi",
+                                           attn_mask=m, implementation=implementation)  # fmt: skip
+            return (out**2).sum()
+
+        assert not np.asarray(jax.grad(loss)(mask)).any()
+    if "tensorflow" in FRAMEWORKS:
+        import tensorflow as tf
+
+        m = tf.Variable(mask)
+        with tf.GradientTape() as tape:
+            out = _module("tensorflow").attention(
+                *(tf.constant(np.swapaxes(t, 1, 2)) for t in (q, k, v)), "alibi",
+                attn_mask=m, implementation=implementation)  # fmt: skip
+            loss = tf.reduce_sum(out**2)
+        assert tape.gradient(loss, m) is None
+
+
 # ------------------------------------------------------------------ wrong inputs
 @pytest.mark.parametrize(
     "mask, error, match",

@@ -109,7 +109,11 @@ def test_numpy_layer_attn_mask_is_the_attention_mask():
         (dict(key=_x(batch=3, length=8)), InvalidArgumentError, "query input's batch size 2"),
         (dict(key=_x(length=8).astype(np.float64)), InvalidTypeError, "key must be a floating"),
         (dict(key=_x(length=8), value=_x(length=6)), InvalidArgumentError, "same length"),
-        (dict(value=_x(length=8).astype(np.int32)), InvalidTypeError, "value must be a float"),
+        (
+            dict(key=_x(length=8), value=_x(length=8).astype(np.int32)),
+            InvalidTypeError,
+            "value must be a float",
+        ),
         (dict(attn_mask=np.ones((2, 1, 5, 6), bool)), InvalidArgumentError, "attn_mask must"),
         (dict(attn_mask=np.ones((5, 5), np.int64)), InvalidTypeError, "attn_mask must be boolean"),
         (dict(mask=np.ones((5, 5), bool)), InvalidTypeError, r"Did you mean .*attn_mask"),
@@ -382,3 +386,16 @@ def test_tensorflow_dropout_round_trips_its_config_and_reads_training_strictly()
     assert again.mha_config.dropout == 0.25
     with pytest.raises(InvalidTypeError, match="training"):
         layer(_x(), training="yes")
+
+
+@pytest.mark.skipif("jax" not in FRAMEWORKS, reason="jax not under test")
+def test_flax_inputs_v_without_inputs_k_is_an_error_as_in_flax():
+    import jax.numpy as jnp
+
+    import posbias.jax as pj
+
+    mha = pj.MultiHeadAttention(16, 2, bias="t5")
+    x, y = jnp.ones((1, 5, 16)), jnp.zeros((1, 5, 16))
+    with pytest.raises(InvalidArgumentError, match="inputs_v without inputs_k"):
+        mha(x, inputs_v=y)
+    np.testing.assert_array_equal(np.asarray(mha(x, y)), np.asarray(mha(x, y, y)))

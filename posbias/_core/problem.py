@@ -191,6 +191,9 @@ def read_attn_mask(xp, mask: Any, shape: tuple[int, int, int, int], compute: str
     mask = mask[(None,) * (4 - len(got))] if len(got) < 4 else mask
     if dtype == "bool":
         return None, mask
+    # a constant on every path: the blockwise backward passes return no mask gradient,
+    # so none returns one (rather than zeros on some paths and values on others)
+    mask = xp.stop_gradient(mask)
     if xp.is_concrete(mask):
         values = xp.to_numpy(mask).astype(np.float64)
         bad = np.isnan(values).any() or np.isposinf(values).any()

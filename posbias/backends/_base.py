@@ -190,6 +190,10 @@ class Backend:
     def relu(self, x):
         return self.xp.maximum(x, 0)
 
+    def stop_gradient(self, x):
+        """``x`` as a constant for automatic differentiation (NumPy: ``x``)."""
+        return x
+
     def take(self, table, index):
         return table[index]
 

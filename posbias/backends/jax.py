@@ -124,6 +124,9 @@ class JaxBackend(Backend):
 
     autodiff = True
 
+    def stop_gradient(self, x):
+        return jax.lax.stop_gradient(x)
+
     def custom_gradient(self, forward, backward, recompute=None):
         # JAX differentiates the backward itself (it is written in jax operations)
         @jax.custom_vjp

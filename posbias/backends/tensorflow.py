@@ -156,6 +156,9 @@ class TensorflowBackend(Backend):
 
     autodiff = True
 
+    def stop_gradient(self, x):
+        return tf.stop_gradient(x)
+
     def custom_gradient(self, forward, backward, recompute=None):
         @tf.custom_gradient
         def fn(*inputs):

@@ -149,6 +149,9 @@ class TorchBackend(Backend):
 
     autodiff = True
 
+    def stop_gradient(self, x):
+        return x.detach()
+
     def custom_gradient(self, forward, backward, recompute=None):
         return lambda *inputs: _CustomGradient.apply(forward, backward, recompute, *inputs)
 

@@ -313,6 +313,11 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
         rngs: Any = None,
         **removed: Any,
     ) -> Any:
+        if inputs_k is None and inputs_v is not None:  # Flax's own rule
+            raise InvalidArgumentError(
+                "inputs_v without inputs_k: give inputs_k (alone it serves as key and value) "
+                "or both, as flax.nnx.MultiHeadAttention requires."
+            )
         drop = self._dropout(deterministic, rngs)
         result = _layers.mha_forward(
             JaxBackend(),
@@ -320,7 +325,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
             self._project,
             x,
             self.positional_bias,
-            key=x if inputs_k is None and inputs_v is not None else inputs_k,  # Flax's rule
+            key=inputs_k,
             value=inputs_v,
             key_mask=key_mask,
             segment_ids=segment_ids,
