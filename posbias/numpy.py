@@ -12,14 +12,17 @@ Layout ``(B, H, L, D)`` like PyTorch's SDPA. Inputs are computed in float64
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
 
+from ._core import conventions
 from ._core import dispatch as _dispatch
 from ._core import layers as _layers
 from ._core import problem as _problem
 from .backends.numpy import NumpyBackend
+from .errors import InvalidTypeError
 
 __all__ = ["MultiHeadAttention", "PositionalBias", "attention"]
 
@@ -231,7 +234,16 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
         implementation: str = "auto",
         block_size: int | None = None,
         seed: int = 0,
+        **removed: Any,
     ) -> None:
+        if "dropout" in removed:
+            raise InvalidTypeError(
+                "posbias.numpy.MultiHeadAttention has no dropout (it is the float64 "
+                "reference, for inference and parity checks): use a framework's layer."
+            )
+        conventions.reject_unknown(
+            "posbias.numpy.MultiHeadAttention", removed, inspect.signature(type(self)).parameters
+        )
         self.mha_config = _layers.MHAConfig.create(
             embed_dim,
             num_heads,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from test_fast_attention import LAYOUT, _module
 
-from conftest import native, to_np
+from conftest import FRAMEWORKS, native, to_np
 from posbias.errors import InvalidArgumentError, InvalidTypeError
 
 B, H, L = 2, 4, 32
@@ -83,10 +83,22 @@ def test_dropout_is_reproducible_and_off_at_zero(backend):
         (dict(dropout_p="0.1"), InvalidTypeError, "dropout_p must be a real number"),
         (dict(dropout_p=True), InvalidTypeError, "dropout_p must be a real number"),
         (dict(dropout_p=0.1, dropout_rng="seed"), InvalidTypeError, "dropout_rng must be"),
-        (dict(dropout_p=0.1, dropout_rng=-1), InvalidTypeError, "dropout_rng must be"),
+        (dict(dropout_p=0.1, dropout_rng=-1), InvalidArgumentError, r"in \[0, 2\*\*32\)"),
+        (dict(dropout_p=0.1, dropout_rng=2**70), InvalidArgumentError, r"in \[0, 2\*\*32\)"),
+        (dict(dropout_p=0.0, dropout_rng="seed"), InvalidTypeError, "dropout_rng must be"),
         (dict(dropout_p=0.1, implementation="blockwise"), InvalidArgumentError, "materialised"),
     ],
-    ids=["one", "negative", "string", "bool", "rng string", "rng negative", "implementation"],
+    ids=[
+        "one",
+        "negative",
+        "string",
+        "bool",
+        "rng string",
+        "rng negative",
+        "rng too large",
+        "rng checked unused",
+        "implementation",
+    ],
 )
 def test_bad_dropout_arguments_are_errors_that_name_them(backend, kwargs, error, match):
     q, k, v = _probes()
@@ -116,3 +128,22 @@ def test_jax_dropout_needs_a_key_and_works_under_jit_and_grad():
     grad = jax.jit(jax.grad(loss))(x, key)
     assert np.isfinite(np.asarray(grad)).all()
     np.testing.assert_allclose(jax.jit(loss)(x, key), loss(x, key), rtol=1e-6)
+
+
+def test_layer_dropout_configuration_errors():
+    """numpy's reference layer has no dropout; Flax rngs need a dropout stream."""
+    import posbias.numpy as pnp
+
+    with pytest.raises(InvalidTypeError, match="has no dropout"):
+        pnp.MultiHeadAttention(16, 2, dropout=0.1)
+    if "jax" not in FRAMEWORKS:
+        return
+    from flax import nnx
+
+    import posbias.jax as pj
+
+    with pytest.raises(InvalidArgumentError, match="no 'dropout'"):
+        pj.MultiHeadAttention(16, 2, dropout_rate=0.3, rngs=nnx.Rngs(params=1))
+    layer = pj.MultiHeadAttention(16, 2, dropout_rate=0.3)
+    with pytest.raises(InvalidTypeError, match=r"rngs must be an nnx\.Rngs"):
+        layer(np.ones((1, 4, 16), np.float32), rngs=0)

@@ -173,13 +173,14 @@ def attend(
     check_implementation(implementation)
     block_size = check_block_size(block_size) or DEFAULT_BLOCK_SIZE[xp.name]
     rate = check_rate("dropout_p", dropout_p)
+    if dropout_rng is not None:
+        xp.uniform(dropout_rng, (0,))  # a clear error for a wrong rng, also when unused
     if rate > 0:
         if implementation not in ("auto", "reference"):
             raise InvalidArgumentError(
                 f"dropout_p={rate} runs the exact materialised path (the probabilities are "
                 f"dropped), not implementation={implementation!r}: use 'auto' or 'reference'."
             )
-        xp.uniform(dropout_rng, (0,))  # a clear error for a wrong rng before any work
 
         def drop(probs: Any) -> Any:
             keep = xp.uniform(dropout_rng, tuple(xp.shape(probs))) >= rate

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import BackendError, InvalidTypeError
+from ..errors import BackendError, InvalidArgumentError, InvalidTypeError
 
 #: Canonical dtype names understood by every backend.
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
@@ -298,13 +298,26 @@ class Backend:
         raise NotImplementedError(f"{self.name} has no automatic differentiation")
 
 
+#: int seeds every framework takes as they are (JAX without x64 keeps 32 bits)
+SEED_LIMIT = 2**32
+
+
 def is_seed(value: Any) -> bool:
-    """A non-negative int (not a bool): a seed every framework takes."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0
+    """An int (not a bool) in ``[0, 2**32)``: a seed every framework takes as it is."""
+    return (
+        isinstance(value, (int, np.integer))
+        and not isinstance(value, bool)
+        and 0 <= value < SEED_LIMIT
+    )
 
 
 def rng_error(backend: Backend, rng: Any) -> Exception:
     """The error for a ``dropout_rng`` that ``backend`` does not take."""
+    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+        return InvalidArgumentError(
+            f"dropout_rng={rng}: an int seed must be in [0, 2**32) (JAX keeps 32 bits of a "
+            "seed, so larger ones would collide)."
+        )
     return InvalidTypeError(
         f"dropout_rng must be {backend.rng_kinds} for {backend.name}, got {rng!r} of type "
         f"{type(rng).__name__}."

@@ -266,11 +266,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
             dropout=dropout_rate,
             dropout_name="dropout_rate",
         )
-        if rngs is not None and not isinstance(rngs, (nnx.Rngs, nnx.RngStream)):
-            raise InvalidTypeError(
-                f"rngs must be an nnx.Rngs (its 'dropout' stream drives attention dropout), "
-                f"got {type(rngs).__name__}."
-            )
+        _check_rngs(rngs)
         # Flax's own dropout (its RNG stream, model.train()/model.eval() toggle `deterministic`)
         self.attention_dropout = nnx.Dropout(
             self.mha_config.dropout,
@@ -353,6 +349,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
         deterministic = _conventions.check_bool("deterministic", deterministic)
         if deterministic or self.mha_config.dropout == 0:
             return None
+        _check_rngs(rngs)
         if rngs is None and layer.rngs is None:
             raise InvalidArgumentError(
                 f"dropout_rate={self.mha_config.dropout} while training needs random keys: "
@@ -376,3 +373,22 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
         layer.kernel.set_value(jnp.asarray(kernel, layer.kernel.get_value().dtype))
         if layer.bias is not None:
             layer.bias.set_value(jnp.asarray(bias, layer.bias.get_value().dtype))
+
+
+def _check_rngs(rngs: Any) -> None:
+    """``rngs=`` of the layer or a call: None, an ``nnx.RngStream`` or an ``nnx.Rngs``
+    with a ``dropout`` stream (or a ``default`` one, which Flax falls back to)."""
+    if rngs is None or isinstance(rngs, nnx.RngStream):
+        return
+    if not isinstance(rngs, nnx.Rngs):
+        raise InvalidTypeError(
+            f"rngs must be an nnx.Rngs (its 'dropout' stream drives attention dropout), "
+            f"got {type(rngs).__name__}."
+        )
+    try:
+        rngs.dropout  # noqa: B018 (a lookup; no key is drawn)
+    except (AttributeError, KeyError):
+        raise InvalidArgumentError(
+            "rngs has no 'dropout' (or 'default') stream for attention dropout: use "
+            "nnx.Rngs(0) or nnx.Rngs(params=..., dropout=...)."
+        ) from None
