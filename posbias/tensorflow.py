@@ -20,13 +20,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from . import registry as posbias_registry
 from ._core import conventions
 from ._core import dispatch as _dispatch
 from ._core import layers as _layers
 from ._core import problem as _problem
 from .backends.tensorflow import TensorflowBackend
-from .errors import BackendError, InvalidTypeError, PosBiasError
+from .errors import BackendError, InvalidTypeError
 
 __all__ = ["KVCache", "MultiHeadAttention", "PositionalBias", "attention"]
 
@@ -152,23 +151,10 @@ def _check_keras_backend() -> None:
         )
 
 
-class _PosbiasErrorsFromConfig:
-    """Keras wraps every exception of ``from_config`` in a TypeError; posbias's errors
-    (a bad config value) surface as themselves."""
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Any:
-        try:
-            return super().from_config(config)
-        except TypeError as exc:
-            cause = exc.__cause__ or exc.__context__
-            if isinstance(cause, PosBiasError):
-                raise cause from None
-            raise
-
-
 @keras.saving.register_keras_serializable(package="posbias")
-class PositionalBias(_PosbiasErrorsFromConfig, _layers.BiasParamsMixin, keras.layers.Layer):
+class PositionalBias(
+    _layers.PosbiasErrorsFromConfig, _layers.KerasBiasParamsMixin, keras.layers.Layer
+):
     """The bias as a Keras layer: ``layer(q_pos, k_pos)`` → ``(H, Lq, Lk)`` float32.
 
     Args:
@@ -194,31 +180,9 @@ class PositionalBias(_PosbiasErrorsFromConfig, _layers.BiasParamsMixin, keras.la
         **kwargs: Any,
     ) -> None:
         _check_keras_backend()
-        hyper = dict(bias_options or {})
-        if isinstance(bias, str):  # the named bias's hyper-parameters may come as keywords
-            names = (
-                set(posbias_registry.registered()[bias].parameter_names())
-                if (bias in posbias_registry.registered())
-                else set()
-            )
-            hyper.update({k: kwargs.pop(k) for k in list(kwargs) if k in names})
+        hyper = _layers.split_bias_keywords(bias, bias_options, kwargs)
         super().__init__(**kwargs)
-        self.spec = _layers.make_spec(bias, num_heads, hyper)
-        self.seed = seed
-        initial = self._initial_params(seed)
-        self.bias_params = {
-            name: self.add_weight(
-                name=name,
-                shape=value.shape,
-                initializer="zeros",
-                dtype="float32",
-                trainable=True,
-                autocast=False,
-            )
-            for name, value in initial.items()
-        }
-        self._write_params(initial)
-        self.built = True
+        self._build_bias_params(bias, num_heads, hyper, seed)
 
     def call(
         self,
@@ -238,16 +202,10 @@ class PositionalBias(_PosbiasErrorsFromConfig, _layers.BiasParamsMixin, keras.la
     def _read_param(self, name: str) -> Any:
         return tf.convert_to_tensor(self.bias_params[name])
 
-    def _write_param(self, name: str, value: np.ndarray) -> None:
-        self.bias_params[name].assign(value)
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "bias": self.spec.to_config(), "seed": self.seed}
-
 
 @keras.saving.register_keras_serializable(package="posbias")
 class MultiHeadAttention(
-    _PosbiasErrorsFromConfig, _layers.PortableWeightsMixin, keras.layers.Layer
+    _layers.PosbiasErrorsFromConfig, _layers.PortableWeightsMixin, keras.layers.Layer
 ):
     """Multi-head self- or cross-attention with a positional bias, GQA and a KV cache (Keras 3).
 

@@ -23,8 +23,8 @@ from typing import Any
 import einops
 import numpy as np
 
-from .. import backends
-from ..errors import InvalidArgumentError, InvalidTypeError
+from .. import backends, registry
+from ..errors import InvalidArgumentError, InvalidTypeError, PosBiasError
 from ..spec import BiasSpec
 from . import bias_arg, conventions, dispatch, problem
 from . import weights as _weights
@@ -292,6 +292,66 @@ class BiasParamsMixin:
 
 #: prefix of the positional bias's parameters in portable layer weights
 BIAS_PREFIX = "positional_bias."
+
+
+def split_bias_keywords(bias: Any, bias_options: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A named bias's hyper-parameters: ``bias_options`` plus those given as keywords.
+
+    The keywords that are hyper-parameters of the registered ``bias`` are moved out
+    of ``kwargs``; what remains are the layer's own arguments (Keras ``name``, ...).
+    """
+    hyper = dict(bias_options or {})
+    if isinstance(bias, str) and bias in registry.registered():
+        names = set(registry.registered()[bias].parameter_names())
+        hyper.update({k: kwargs.pop(k) for k in list(kwargs) if k in names})
+    return hyper
+
+
+class KerasBiasParamsMixin(BiasParamsMixin):
+    """``BiasParamsMixin`` of a Keras layer (``posbias.keras``, ``posbias.tensorflow``):
+    the parameters are float32 Keras weights, never autocast, saved in ``.keras``
+    files; the config holds the spec's config and the seed. The layer implements
+    ``_read_param`` in its framework's terms."""
+
+    def _build_bias_params(self, bias: Any, num_heads: Any, hyper: Any, seed: Any) -> None:
+        """Set ``spec`` and ``seed``; create the parameters from the seeded initial values."""
+        self.spec = make_spec(bias, num_heads, hyper)
+        self.seed = check_seed(seed)
+        initial = self._initial_params(self.seed)
+        self.bias_params = {
+            name: self.add_weight(
+                name=name,
+                shape=value.shape,
+                initializer="zeros",
+                dtype="float32",
+                trainable=True,
+                autocast=False,
+            )
+            for name, value in initial.items()
+        }
+        self._write_params(initial)
+        self.built = True
+
+    def _write_param(self, name: str, value: np.ndarray) -> None:
+        self.bias_params[name].assign(value)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "bias": self.spec.to_config(), "seed": self.seed}
+
+
+class PosbiasErrorsFromConfig:
+    """Keras wraps every exception of ``from_config`` in a TypeError; posbias's errors
+    (a bad config value) surface as themselves."""
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Any:
+        try:
+            return super().from_config(config)
+        except TypeError as exc:
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, PosBiasError):
+                raise cause from None
+            raise
 
 
 class PortableWeightsMixin:

@@ -5,31 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import keras
-import numpy as np
 
-from .. import registry as posbias_registry
 from .._core import layers as _layers
-from ..errors import PosBiasError
 from . import _engine
 
 
-class PosbiasErrorsFromConfig:
-    """Keras wraps every exception of ``from_config`` in a TypeError; posbias's errors
-    (a bad config value) surface as themselves."""
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Any:
-        try:
-            return super().from_config(config)
-        except TypeError as exc:
-            cause = exc.__cause__ or exc.__context__
-            if isinstance(cause, PosBiasError):
-                raise cause from None
-            raise
-
-
 @keras.saving.register_keras_serializable(package="posbias.keras")
-class PositionalBias(PosbiasErrorsFromConfig, _layers.BiasParamsMixin, keras.layers.Layer):
+class PositionalBias(
+    _layers.PosbiasErrorsFromConfig, _layers.KerasBiasParamsMixin, keras.layers.Layer
+):
     """The bias as a Keras 3 layer on any Keras backend: ``layer(q_pos, k_pos)`` → ``(H, Lq, Lk)``.
 
     ``bias[h, i, j]`` of the spec at query positions ``q_pos`` and key positions
@@ -71,27 +55,9 @@ class PositionalBias(PosbiasErrorsFromConfig, _layers.BiasParamsMixin, keras.lay
         **kwargs: Any,
     ) -> None:
         _engine.keras_backend()
-        hyper = dict(bias_options or {})
-        if isinstance(bias, str) and bias in posbias_registry.registered():
-            names = set(posbias_registry.registered()[bias].parameter_names())
-            hyper.update({k: kwargs.pop(k) for k in list(kwargs) if k in names})
+        hyper = _layers.split_bias_keywords(bias, bias_options, kwargs)
         super().__init__(**kwargs)
-        self.spec = _layers.make_spec(bias, num_heads, hyper)
-        self.seed = _layers.check_seed(seed)
-        initial = self._initial_params(self.seed)
-        self.bias_params = {
-            name: self.add_weight(
-                name=name,
-                shape=value.shape,
-                initializer="zeros",
-                dtype="float32",
-                trainable=True,
-                autocast=False,
-            )
-            for name, value in initial.items()
-        }
-        self._write_params(initial)
-        self.built = True
+        self._build_bias_params(bias, num_heads, hyper, seed)
 
     def call(
         self,
@@ -112,9 +78,3 @@ class PositionalBias(PosbiasErrorsFromConfig, _layers.BiasParamsMixin, keras.lay
     def _read_param(self, name: str) -> Any:
         # the variable's current value: under JAX's stateless calls (fit, jit) the traced one
         return keras.ops.convert_to_tensor(self.bias_params[name])
-
-    def _write_param(self, name: str, value: np.ndarray) -> None:
-        self.bias_params[name].assign(value)
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "bias": self.spec.to_config(), "seed": self.seed}

@@ -15,11 +15,13 @@ from .._core import weights as _weights
 from .._core.checks import check_int, check_num_heads, check_rate
 from ..errors import InvalidArgumentError, InvalidTypeError
 from . import _args, _engine
-from ._bias import PosbiasErrorsFromConfig, PositionalBias
+from ._bias import PositionalBias
 
 
 @keras.saving.register_keras_serializable(package="posbias.keras")
-class MultiHeadAttention(PosbiasErrorsFromConfig, _layers.PortableWeightsMixin, keras.layers.Layer):
+class MultiHeadAttention(
+    _layers.PosbiasErrorsFromConfig, _layers.PortableWeightsMixin, keras.layers.Layer
+):
     """``keras.layers.MultiHeadAttention`` with a positional bias, on every Keras backend.
 
     ``out = softmax(q·kᵀ/√key_dim + bias[h, i, j] + mask)·v``, then the output
