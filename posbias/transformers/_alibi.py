@@ -80,6 +80,25 @@ def falcon_info(module: Any) -> AlibiInfo:
     return AlibiInfo(alibi_spec(slopes.numpy(), multiplier=scale), scale)
 
 
+def _attend(
+    self: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout_p: Any, weights: Any
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ALiBi models' attention once their projections and cache update are done:
+    causal, padded keys from Hugging Face's 2-D mask, the model's ALiBi and scale."""
+    info: AlibiInfo = self._posbias
+    _common.check_dropout(dropout_p, self.training)
+    return _common.attend(
+        query,
+        key,
+        value,
+        info.spec,
+        key_mask=_common.key_mask(attention_mask, query.shape[0], key.shape[-2]),
+        causal=True,
+        scale=info.scale,
+        weights=bool(weights),
+    )
+
+
 def bloom_forward(
     self: Any,
     hidden_states: torch.Tensor,
@@ -94,21 +113,11 @@ def bloom_forward(
     """``BloomAttention.forward`` with posbias attention (``alibi`` is not read)."""
     from transformers.models.bloom.modeling_bloom import dropout_add
 
-    info: AlibiInfo = self._posbias
-    batch_size = hidden_states.shape[0]
     query, key, value = self._reshape(self.query_key_value(hidden_states))
     if layer_past is not None:
         key, value = layer_past.update(key, value, self.layer_idx)
-    _common.check_dropout(self.attention_dropout.p, self.training)
-    context, probs = _common.attend(
-        query,
-        key,
-        value,
-        info.spec,
-        key_mask=_common.key_mask(attention_mask, batch_size, key.shape[-2]),
-        causal=True,
-        scale=info.scale,
-        weights=bool(output_attentions),
+    context, probs = _attend(
+        self, query, key, value, attention_mask, self.attention_dropout.p, output_attentions
     )
     context = _common.merge_heads(context)
     if self.pretraining_tp > 1 and self.slow_but_exact:  # as BloomAttention does it
@@ -132,7 +141,6 @@ def mpt_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``MptAttention.forward`` with posbias attention (``position_bias`` is not read)."""
-    info: AlibiInfo = self._posbias
     batch_size, seq_length = hidden_states.shape[:2]
     mixed = self.Wqkv(hidden_states)
     if self.clip_qkv:
@@ -143,17 +151,8 @@ def mpt_forward(
     )
     if cache is not None:
         key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
-    _common.check_dropout(self.attn_dropout_p, self.training)
-    context, probs = _common.attend(
-        query,
-        key,
-        value,
-        info.spec,
-        key_mask=_common.key_mask(attention_mask, batch_size, key.shape[-2]),
-        causal=True,
-        scale=info.scale,
-        weights=getattr(self, "_posbias_weights", False),
-    )
+    weights = getattr(self, "_posbias_weights", False)
+    context, probs = _attend(self, query, key, value, attention_mask, self.attn_dropout_p, weights)
     return self.out_proj(_common.merge_heads(context)), probs
 
 
@@ -179,7 +178,6 @@ def falcon_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``FalconAttention.forward`` (``alibi=True``) with posbias attention."""
-    info: AlibiInfo = self._posbias
     num_kv_heads = self.num_heads if self.new_decoder_architecture else self.num_kv_heads
     query, key, value = self._split_heads(self.query_key_value(hidden_states))
     batch_size, q_length, _, _ = query.shape
@@ -188,15 +186,7 @@ def falcon_forward(
     value = value.transpose(1, 2).reshape(batch_size, num_kv_heads, q_length, self.head_dim)
     if layer_past is not None:
         key, value = layer_past.update(key, value, self.layer_idx)
-    _common.check_dropout(self.attention_dropout.p, self.training)
-    context, probs = _common.attend(
-        query,
-        key,
-        value,
-        info.spec,
-        key_mask=_common.key_mask(attention_mask, batch_size, key.shape[-2]),
-        causal=True,
-        scale=info.scale,
-        weights=bool(output_attentions),
+    context, probs = _attend(
+        self, query, key, value, attention_mask, self.attention_dropout.p, output_attentions
     )
     return self.dense(_common.merge_heads(context)), probs
