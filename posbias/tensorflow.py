@@ -49,6 +49,8 @@ def attention(
     q_pos: Any = None,
     k_pos: Any = None,
     attn_mask: Any = None,
+    log_gates: Any = None,
+    log_gates_after: Any = None,
     dropout_p: float = 0.0,
     dropout_rng: Any = None,
     implementation: str = "auto",
@@ -91,6 +93,15 @@ def attention(
             ``q`` is ``(B, L, H, D)``: bool (True: this query sees this key) or
             float added to the scores (``-inf`` hides). It moves no bias
             position; a row with nothing visible outputs 0, never NaN.
+        log_gates: ``(B, Lk, H)`` floating per-token log-gates ``g <= 0`` (one per
+            query head and key slot; FoX ``logsigmoid``, CABLE ``-softplus``): adds
+            ``Σ_{s=j+1..i} g[s]`` for key slot ``j <= i`` (the query's own slot ``i``),
+            on top of ``bias`` (data-dependent ALiBi, docs/gates.md). Computed in float32
+            without subtracting large cumulative sums; padded keys contribute 0; gradients
+            flow to it. Queries must sit at key slots (``0 <= q_offset <= Lk - Lq``).
+        log_gates_after: ``(B, Lk, H)`` log-gates of keys after the query, for
+            ``causal=False`` (required there with ``log_gates``): adds
+            ``Σ_{s=i+1..j} g'[s]`` for ``j > i``.
         dropout_p: attention dropout in ``[0, 1)``, applied whenever > 0:
             probabilities zeroed with this probability, the rest scaled by
             ``1 / (1 - dropout_p)``, on the exact materialised path
@@ -135,6 +146,8 @@ def attention(
         q_pos=q_pos,
         k_pos=k_pos,
         attn_mask=attn_mask,
+        log_gates=log_gates,
+        log_gates_after=log_gates_after,
         dropout_p=dropout_p,
         dropout_rng=dropout_rng,
         implementation=implementation,

@@ -56,6 +56,7 @@ from typing import Any
 import einops
 
 from . import conventions
+from . import gates as _gates
 from .problem import Problem
 from .reference import SEQUENCED, blockwise, reference_partial, sequenced
 
@@ -98,17 +99,22 @@ def attention(
     backward_fn = backward_fn or backward
     params = learnable_params(p)
     names = sorted(params) if params else []
+    gates = [] if p.gates is None else p.gates.inputs()
+    gate_names = _gates.NAMES[: len(gates)]
     # every tensor goes in as an input (JAX's custom_vjp must not close over tracers)
     aux = [
         f for f in _AUX_FIELDS if getattr(p, f) is not None and not isinstance(getattr(p, f), int)
     ]
     count = 3 + len(names)
+    differentiable = count + len(gates)
 
     def rebuild(inputs):
         q, k, v = inputs[:3]
         values = dict(zip(names, inputs[3:count], strict=True))
         bias = p.bias.with_params(values) if names else p.bias
-        fields = dict(zip(aux, inputs[count:], strict=True))
+        fields = dict(zip(aux, inputs[differentiable:], strict=True))
+        if gates:
+            fields["gates"] = _gates.Gates.build(xp, *inputs[count:differentiable])
         return dataclasses.replace(p, q=q, k=k, v=v, bias=bias, **fields), values
 
     def fwd(*inputs):
@@ -124,12 +130,16 @@ def attention(
             xp.cast(g, xp.dtype_name(t.dtype)) for g, t in zip((dq, dk, dv), inputs, strict=False)
         ]
         grads += [xp.cast(dparams[n], xp.dtype_name(values[n].dtype)) for n in names]
+        grads += [
+            xp.cast(dparams[n], xp.dtype_name(t.dtype))
+            for n, t in zip(gate_names, inputs[count:differentiable], strict=True)
+        ]
         return (*grads, *(None for _ in aux))
 
     def textbook(*inputs):  # the same function in plain operations, for higher derivatives
         return forward(rebuild(inputs)[0], block_size)
 
-    inputs = (p.q, p.k, p.v, *(params[n] for n in names), *(getattr(p, f) for f in aux))
+    inputs = (p.q, p.k, p.v, *(params[n] for n in names), *gates, *(getattr(p, f) for f in aux))
     return xp.custom_gradient(fwd, bwd, recompute=textbook)(*inputs)
 
 
@@ -314,6 +324,7 @@ class BiasGradient:
     def __init__(self, p: Problem, params: Params | None) -> None:
         self.p = p
         self.params = dict(params) if params else None
+        self.gates = None if p.gates is None else GateGradient(p)
         self.diagonal = self.params is not None and toeplitz_at_slots(p)
         self._pullback: Any = None
         self._tile_dims = 0
@@ -332,29 +343,37 @@ class BiasGradient:
         if self.params is None or self.diagonal:
             return p.bias_tile(r0, r1, extent)
         tile, self._pullback = p.xp.vjp(
-            lambda prm: dataclasses.replace(p, bias=p.bias.with_params(dict(prm))).bias_tile(
+            lambda prm: dataclasses.replace(p, bias=p.bias.with_params(dict(prm))).positional_tile(
                 r0, r1, extent
             ),
             self.params,
         )
         self._tile_dims = len(p.xp.shape(tile))
+        if p.gates is not None:
+            tile = tile + p.gates.tile(p.xp, p.q_slot[..., r0:r1], extent, p.causal)
         return tile
+
+    @property
+    def active(self) -> bool:
+        """Whether there is anything to reduce ``dS`` for (bias parameters or gates)."""
+        return self.params is not None or self.gates is not None
 
     def add(self, r0: int, r1: int, extent: int, ds: Any) -> list[Any]:
         """Reduce one block's ``dS`` ``(B, H, n, extent)``; the reductions made (to sequence)."""
+        done = [] if self.gates is None else self.gates.add(r0, r1, extent, ds)
         if self.params is None:
-            return []
+            return done
         xp = self.p.xp
         if self.diagonal:
             sums = diagonal_sums(xp, xp.sum(ds, 0))
             self.add_diagonals(self.block_d_min(r0, r1), sums)
-            return [sums]
+            return [*done, sums]
         if self._tile_dims == 3:  # one tile for every sequence of the batch
             ds = xp.sum(ds, 0)
         grads = self._pullback(ds)
         self._accumulate(grads)
         self._pullback = None
-        return list(grads.values())
+        return [*done, *grads.values()]
 
     def block_d_min(self, r0: int, r1: int) -> int:
         """The first diagonal ``d = j - i`` of rows ``[r0, r1)`` against keys ``[0, ...)``."""
@@ -365,15 +384,18 @@ class BiasGradient:
         self._diagonals.append((d_first - self.d_min, sums))
 
     def result(self) -> dict[str, Any] | None:
-        """``{name: gradient}`` of the parameters (None when there are none)."""
+        """``{name: gradient}`` of the parameters and of the gates (their names in
+        :data:`posbias._core.gates.NAMES`); None when there are neither."""
+        gates = {} if self.gates is None else self.gates.result()
         if self.params is None:
-            return None
+            return gates or None
         if self.diagonal:
             self._accumulate(self._pull_diagonals())
         if self._grads is None:  # no block saw a key
             xp = self.p.xp
-            return {n: xp.zeros(xp.shape(v), self.p.compute) for n, v in self.params.items()}
-        return self._grads
+            zeros = {n: xp.zeros(xp.shape(v), self.p.compute) for n, v in self.params.items()}
+            return {**zeros, **gates}
+        return {**self._grads, **gates}
 
     # ---------------------------------------------------------------- internals
     def _pull_diagonals(self) -> dict[str, Any]:
@@ -402,6 +424,71 @@ class BiasGradient:
             self._grads = dict(grads)
         else:
             self._grads = {n: self._grads[n] + grads[n] for n in self._grads}
+
+
+class GateGradient:
+    """The gradients of ``log_gates`` (and ``log_gates_after``) reduced from ``dS``.
+
+    For ``j <= i`` the bias is ``G[i] − G[j]``: a block adds its row sums of
+    ``dS`` to ``dG`` at the queries' slots and subtracts its column sums at the
+    keys'; for ``j > i`` (``log_gates_after``) the bias is ``G'[j] − G'[i]``,
+    the mirror image. ``dg = Σ_{t >= s} dG[t]`` (:func:`gates.reverse_cumsum`).
+    """
+
+    def __init__(self, p: Problem) -> None:
+        self.p = p
+        self.bidirectional = p.gates.after is not None
+        self.rows: list[tuple[int, tuple[Any, Any]]] = []  # per block: (B, H, n) row sums
+        self.cols: list[Any] = [None, None]  # running (B, H, Lk) column sums: j <= i, j > i
+
+    def add(self, r0: int, r1: int, extent: int, ds: Any) -> list[Any]:
+        """Reduce one block's ``dS`` ``(B, H, n, extent)``; the sums made (to sequence)."""
+        p, xp = self.p, self.p.xp
+        if self.bidirectional:
+            later = xp.arange(extent)[None, None, :] > _as_rows(p.q_slot[..., r0:r1])[:, :, None]
+            upper = xp.where(later[:, None], ds, 0.0)
+            parts = (ds - upper, upper)
+        else:
+            parts = (ds,)
+        sums = tuple(xp.sum(part, -1) for part in parts)
+        for index, part in enumerate(parts):
+            cols = xp.sum(part, -2)
+            if extent < p.k_len:
+                pad = xp.zeros((p.batch, p.heads, p.k_len - extent), p.compute)
+                cols = xp.concat([cols, pad], -1)
+            total = self.cols[index]
+            self.cols[index] = cols if total is None else total + cols
+        self.rows.append((r0, sums))
+        return [*sums, *(c for c in self.cols if c is not None)]
+
+    def result(self) -> dict[str, Any]:
+        """``{"log_gates": dg}`` (and ``"log_gates_after"``), ``(B, H, Lk)`` in ``p.compute``."""
+        p, xp = self.p, self.p.xp
+        grads = {}
+        for index, name in enumerate(_gates.NAMES[: 1 + self.bidirectional]):
+            cols = self.cols[index]
+            if cols is None:
+                cols = xp.zeros((p.batch, p.heads, p.k_len), p.compute)
+            at_slots = _gates.place_rows(xp, self._row_sums(index), p.q_offset, p.k_len)
+            d_big_g = at_slots - cols if index == 0 else cols - at_slots
+            grads[name] = _gates.reverse_cumsum(xp, d_big_g, -1)
+        return grads
+
+    def _row_sums(self, index: int) -> Any:
+        p, xp = self.p, self.p.xp
+        parts, filled = [], 0
+        for r0, sums in self.rows:
+            if r0 > filled:
+                parts.append(xp.zeros((p.batch, p.heads, r0 - filled), p.compute))
+            parts.append(sums[index])
+            filled = r0 + xp.shape(sums[index])[-1]
+        if filled < p.q_len:  # rows that see no key
+            parts.append(xp.zeros((p.batch, p.heads, p.q_len - filled), p.compute))
+        return parts[0] if len(parts) == 1 else xp.concat(parts, -1)
+
+
+def _as_rows(slots: Any) -> Any:
+    return slots if len(slots.shape) == 2 else slots[None]
 
 
 def toeplitz_at_slots(p: Problem) -> bool:

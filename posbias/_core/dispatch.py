@@ -41,6 +41,8 @@ ATTENTION_KEYWORDS = (
     "q_pos",
     "k_pos",
     "attn_mask",
+    "log_gates",
+    "log_gates_after",
     "dropout_p",
     "dropout_rng",
     "implementation",

@@ -43,8 +43,10 @@ from .. import backends as _backends
 from .. import positions as _positions
 from ..errors import InvalidArgumentError, InvalidTypeError
 from . import conventions
+from . import gates as _gates
 from .bias_arg import BiasArg, read_bias
 from .checks import check_int, is_int
+from .gates import Gates
 
 LAYOUTS = {"bhld": "b h l d", "blhd": "b l h d"}
 FLOATS = ("float16", "bfloat16", "float32", "float64")
@@ -293,6 +295,7 @@ class Problem:
     points: bool  # explicit (row, col) positions of a 2-D bias: rows along axis -2
     mask_add: Any = None  # attn_mask's finite values (B|1, H|1, Lq|1, Lk|1) in compute, or None
     mask_keep: Any = None  # attn_mask's visible pairs (B|1, H|1, Lq|1, Lk|1) bool, or None
+    gates: Gates | None = None  # log_gates= (data-dependent forget gates), or None
 
     @property
     def has_attn_mask(self) -> bool:
@@ -346,8 +349,22 @@ class Problem:
             scores = scores + _block(self.mask_add, r0, r1, extent)
         return scores, self.keep(r0, r1, extent)
 
+    @property
+    def has_bias(self) -> bool:
+        """Whether scores get an additive bias (a positional bias or ``log_gates``)."""
+        return self.bias is not None or self.gates is not None
+
     def bias_tile(self, r0: int, r1: int, extent: int) -> Any:
-        """The bias of rows ``[r0, r1)`` and keys ``[0, K)``, or None without a bias."""
+        """The bias of rows ``[r0, r1)`` and keys ``[0, K)`` (a positional bias plus the
+        ``log_gates`` decay), or None without either."""
+        tile = self.positional_tile(r0, r1, extent)
+        if self.gates is None:
+            return tile
+        gate = self.gates.tile(self.xp, self.q_slot[..., r0:r1], extent, self.causal)
+        return gate if tile is None else tile + gate
+
+    def positional_tile(self, r0: int, r1: int, extent: int) -> Any:
+        """The positional bias of rows ``[r0, r1)`` and keys ``[0, K)``, or None."""
         if self.bias is None:
             return None
         q_pos, k_pos = self._rows(self.q_pos, r0, r1), self._rows(self.k_pos, 0, extent)
@@ -376,6 +393,8 @@ def prepare(
     q_pos: Any = None,
     k_pos: Any = None,
     attn_mask: Any = None,
+    log_gates: Any = None,
+    log_gates_after: Any = None,
     compute_dtype: str | None = None,
 ) -> Problem:
     """Read and check every argument; derive slots, masks and bias positions.
@@ -427,6 +446,23 @@ def prepare(
     if attn_mask is not None:
         mask_add, mask_keep = read_attn_mask(xp, attn_mask, (batch, heads, q_len, k_len), compute)
 
+    gates = _gates.read(
+        xp,
+        log_gates,
+        log_gates_after,
+        layout=layout,
+        batch=batch,
+        heads=heads,
+        k_len=k_len,
+        q_len=q_len,
+        causal=causal,
+        q_offset=q_offset,
+        key_mask=key_mask,
+        segment_ids=segment_ids,
+        compute=compute,
+        native=native,
+    )
+
     slot_positions = q_pos is None and key_mask is None and segment_ids is None
     if arg is not None and q_pos is None:
         if slot_positions:
@@ -461,4 +497,5 @@ def prepare(
         points=points and explicit,
         mask_add=mask_add,
         mask_keep=mask_keep,
+        gates=gates,
     )

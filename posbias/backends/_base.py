@@ -238,6 +238,10 @@ class Backend:
     def cumsum(self, x, axis):
         return self.xp.cumsum(x, axis)
 
+    def flip(self, x, axis):
+        """``x`` in reverse order along ``axis``."""
+        return self.xp.flip(x, axis)
+
     def amax(self, x, axis, keepdims=False):
         return self.xp.max(x, axis, keepdims=keepdims)
 

@@ -129,6 +129,9 @@ class TensorflowBackend(Backend):
     def cumsum(self, x, axis):
         return tf.math.cumsum(x, axis=axis)
 
+    def flip(self, x, axis):
+        return tf.reverse(x, [axis])
+
     def amax(self, x, axis, keepdims=False):
         return tf.reduce_max(x, axis=axis, keepdims=keepdims)
 

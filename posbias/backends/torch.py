@@ -125,6 +125,9 @@ class TorchBackend(Backend):
     def cumsum(self, x, axis):
         return torch.cumsum(x, dim=axis)
 
+    def flip(self, x, axis):
+        return torch.flip(x, dims=(axis,))
+
     def amax(self, x, axis, keepdims=False):
         return torch.amax(x, dim=axis, keepdim=keepdims)
 

@@ -60,6 +60,8 @@ def attention(
     q_pos: Any = None,
     k_pos: Any = None,
     attn_mask: Any = None,
+    log_gates: Any = None,
+    log_gates_after: Any = None,
     dropout_p: float = 0.0,
     dropout_rng: Any = None,
     implementation: str = "auto",
@@ -102,6 +104,15 @@ def attention(
             the pair *takes part*, or float, added to the scores after the bias
             (``-inf`` = False). Bias positions are unchanged (``key_mask`` moves
             them); a row it hides completely outputs 0; no gradient reaches it.
+        log_gates: ``(B, H, Lk)`` floating per-token log-gates ``g <= 0`` (one per
+            query head and key slot; FoX ``logsigmoid``, CABLE ``-softplus``): adds
+            ``Σ_{s=j+1..i} g[s]`` for key slot ``j <= i`` (the query's own slot ``i``),
+            on top of ``bias`` (data-dependent ALiBi, docs/gates.md). Computed in float32
+            without subtracting large cumulative sums; padded keys contribute 0; gradients
+            flow to it. Queries must sit at key slots (``0 <= q_offset <= Lk - Lq``).
+        log_gates_after: ``(B, H, Lk)`` log-gates of keys after the query, for
+            ``causal=False`` (required there with ``log_gates``): adds
+            ``Σ_{s=i+1..j} g'[s]`` for ``j > i``.
         dropout_p: attention dropout, SDPA's: each probability is zeroed with
             probability ``dropout_p`` in ``[0, 1)`` and the others are scaled by
             ``1 / (1 - dropout_p)`` (whenever > 0, as in SDPA: pass 0.0 in
@@ -146,6 +157,8 @@ def attention(
         q_pos=q_pos,
         k_pos=k_pos,
         attn_mask=attn_mask,
+        log_gates=log_gates,
+        log_gates_after=log_gates_after,
         dropout_p=dropout_p,
         dropout_rng=dropout_rng,
         implementation=implementation,

@@ -66,7 +66,8 @@ def _needs_grad(p: Problem) -> bool:
     if not torch.is_grad_enabled():
         return False
     params = _engine.learnable_params(p) or {}
-    return any(t.requires_grad for t in (p.q, p.k, p.v, *params.values()))
+    gates = [] if p.gates is None else p.gates.inputs()
+    return any(t.requires_grad for t in (p.q, p.k, p.v, *params.values(), *gates))
 
 
 # ---------------------------------------------------------------- forward
@@ -272,7 +273,7 @@ class _Backward:
         for dk, dv, _ in results[1:]:
             self.dk += dk
             self.dv += dv
-        if self.params:
+        if results[0][2] is not None:  # bias parameters or gates
             self.param_grads = dict(results[0][2])
             for _, _, grads in results[1:]:
                 self.param_grads = {n: g + grads[n] for n, g in self.param_grads.items()}
@@ -297,7 +298,7 @@ class _Backward:
                 tile = None if bias is None else (bias[hs] if bias.dim() == 3 else bias[b, hs])
                 seen = None if visible is None else visible[b if visible.shape[0] > 1 else 0]
                 self._group(work, g0, r0, r1, extent, tile, seen, block_ds[g0 : g0 + self.group])
-            if self.params:
+            if bias_grad.active:
                 ds = block_ds.view(p.batch, p.heads, n, extent + n)[..., :extent]
                 bias_grad.add(r0, r1, extent, ds)
         return dk, dv, bias_grad.result()

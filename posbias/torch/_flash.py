@@ -54,6 +54,8 @@ def why_not(p: Problem) -> str | None:
         )
     if p.q_offset != conventions.default_q_offset(p.q_len, p.k_len):
         return "FlashAttention aligns queries bottom-right; q_offset must be Lk - Lq."
+    if p.gates is not None:
+        return "log_gates are not mapped to FlashAttention; use implementation='blockwise'."
     if p.bias is not None and p.bias.symmetric_slopes() is None:
         return "only symmetric ALiBi (bias = -m·|i - j|) or no bias maps to FlashAttention."
     if _load() is None:

@@ -80,6 +80,8 @@ def _toeplitz_table(p: Problem) -> torch.Tensor | None:
     """``(H, Lq + Lk - 1)``: column ``t`` holds ``F(d_min + t)`` (None: no fast path)."""
     if not (p.slot_positions and isinstance(p.q_offset, int)) or p.has_attn_mask:
         return None
+    if p.gates is not None:  # data-dependent: no table of diagonals
+        return None
     if p.bias is not None and not p.bias.toeplitz:
         return None
     if p.causal and p.q_offset < 0:
