@@ -24,6 +24,7 @@ def on_pre_build(config, **kwargs) -> None:
     make_gallery = _load_make_gallery()
     names = make_gallery.main(quiet=True)
     make_gallery.concept_figures()
+    make_gallery.gates_figure()
     lines = [
         "# Gallery",
         "",

@@ -76,6 +76,50 @@ def concept_figures() -> None:
     plt.close(fig)
 
 
+def gates_figure() -> None:
+    """docs/gates.md: log-gates of one sequence, the bias they make, ALiBi beside it."""
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    length = 32
+    g = np.full(length, -0.05)
+    g[12] = -3.0  # a token that closes the gate: what came before it fades
+    g[24] = -1.0
+    # the bias posbias adds, read from one attention problem's tile (rows: queries)
+    from posbias._core import problem
+    from posbias.backends.numpy import NumpyBackend
+
+    xp = NumpyBackend(compute_dtype="float64")
+    z = np.zeros((1, 1, length, 1))
+    p = problem.prepare(xp, z, z, z, causal=True, log_gates=g[None, None])
+    gate = np.where(
+        np.tril(np.ones((length, length), bool)), p.bias_tile(0, length, length)[0, 0], np.nan
+    )
+    alibi = posbias.get("alibi", num_heads=8).bias(length, length, heads=[0])[0]
+    alibi = np.where(np.tril(np.ones((length, length), bool)), alibi, np.nan)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    axes[0].bar(range(length), g, color="tab:blue")
+    axes[0].set_title("log-gates g[s] of one head")
+    axes[0].set_xlabel("slot s")
+    for ax, values, title in (
+        (axes[1], gate, "log_gates bias: Σ g[j+1..i]"),
+        (axes[2], alibi, "ALiBi head 0 (fixed slope)"),
+    ):
+        image = ax.imshow(values, cmap="viridis", interpolation="nearest")
+        ax.set_title(title)
+        ax.set_xlabel("key j")
+        ax.set_ylabel("query i")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle("Forget gates: each token chooses its slope (slot 12 closes the gate)")
+    fig.tight_layout()
+    fig.savefig(OUT / "concept_gates.png", dpi=100)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     main()
     concept_figures()
+    gates_figure()
