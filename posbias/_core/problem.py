@@ -25,6 +25,10 @@ rules of :mod:`posbias._core.conventions`:
 * bias positions default to the slots; with a key mask they are
   ``cumsum(key_mask) - 1`` and with segments they restart at 0 in every segment,
   so padded or packed sequences get exactly the bias of the unpadded one.
+* ``log_gates`` ``(B, H, Lk)`` (``(B, Lk, H)`` in the ``blhd`` layout): data-
+  dependent forget gates, ``Σ_{s=j+1..i} g[s]`` added to the bias of key slot
+  ``j <= i`` (:mod:`posbias._core.gates`), with ``log_gates_after`` for keys
+  after the query when bidirectional.
 * A query row with no visible key outputs zeros (never NaN).
 
 Every argument is read here once; every path (functions, layers, distributed)
