@@ -25,9 +25,16 @@ from .._core.dispatch import Kernel, register_kernel
 from ..backends.torch import TorchBackend
 from ..spec import BiasSpec
 from . import _backward, _flash, _sdpa
-from ._flex import mask_mod
+from ._flex import gate_score_mod, mask_mod
 
-__all__ = ["KVCache", "MultiHeadAttention", "PositionalBias", "attention", "mask_mod"]
+__all__ = [
+    "KVCache",
+    "MultiHeadAttention",
+    "PositionalBias",
+    "attention",
+    "gate_score_mod",
+    "mask_mod",
+]
 
 KVCache = _problem.KVCache
 

@@ -13,6 +13,9 @@ bottom-right, like everywhere in posbias).
   diagonal (built once, by ``spec.bias``), so nothing ``Lq × Lk`` exists.
 * Other biases depend on both positions; pass them to
   :func:`posbias.torch.attention` instead.
+* Forget gates (``log_gates=``, FoX, CABLE): :func:`gate_score_mod` reads
+  ``G = cumsum(g)`` from a captured ``(B, H, Lk)`` table pair and composes
+  with any of the above (``score_mod=``).
 
 Example:
     >>> import posbias, posbias.torch, torch
@@ -35,6 +38,8 @@ from typing import Any
 import torch
 
 from .._core import conventions
+from .._core import gates as _gates
+from .._core import problem as _problem
 from .._core.checks import MAX_POSITION, check_int
 from ..errors import InvalidArgumentError, InvalidTypeError
 from ..spec import BiasSpec
@@ -244,3 +249,120 @@ def mask_mod(
         return keep
 
     return posbias_mask_mod
+
+
+def gate_score_mod(
+    log_gates: torch.Tensor,
+    q_len: int | None = None,
+    *,
+    log_gates_after: torch.Tensor | None = None,
+    causal: bool = True,
+    q_offset: Any = None,
+    key_mask: torch.Tensor | None = None,
+    score_mod: Any = None,
+) -> Any:
+    """A FlexAttention ``score_mod`` adding the forget-gate bias of ``log_gates=``.
+
+    ``score + G[b, h, i] − G[b, h, kv_idx]`` with ``G = cumsum(log_gates)`` and
+    ``i = q_offset + q_idx`` the query's own key slot (``q_offset`` defaults to
+    ``Lk − q_len``: bottom-right, as :func:`posbias.torch.attention`), i.e.
+    ``Σ_{s = kv_idx+1 .. i} g[s]``. With ``causal=False`` the keys after the
+    query get ``Σ_{s = i+1 .. kv_idx} g'[s]`` from ``log_gates_after``. The
+    arguments mean what they mean in :func:`posbias.torch.attention` and are
+    checked by the same code (``(B, H, Lk)`` floating gates ``<= 0``; queries at
+    key slots; ``key_mask`` padded keys contribute 0). The score_mod adds the
+    bias only: pair it with :func:`mask_mod` (``causal=True``, ``key_mask``,
+    ``segment_ids``: contiguous segments need no more, the sum between two
+    tokens of one segment stays inside it) in a ``create_block_mask``.
+
+    ``score_mod``: another ``score_mod`` (e.g. ``spec.score_mod(Lq, Lk)``)
+    applied first, so a positional bias and the gates add in one call.
+
+    **Precision.** ``G`` grows like ``L·|g|`` and a float32 table of ``G`` would
+    lose the digits of nearby pairs (at ``L = 32768``, ``g ≈ −0.05``:
+    ``|G| ≈ 1638``, float32 steps ``1.2e-4`` against a bias of ``≈ −0.05``). So
+    ``G`` is summed in float64 (on the CPU for MPS tensors) and captured as a
+    float32 pair ``hi + lo`` (``hi = float32(G)``, ``lo = float32(G − hi)``);
+    the score_mod adds ``(hi[i] − hi[j]) + (lo[i] − lo[j])``: the float32
+    rounding of the exact difference (about ``2⁻²⁴`` relative to the pair's
+    bias, at any length that fits in memory), at the cost of two more gathers
+    per score than a single table. The gradient to ``log_gates`` flows through
+    the captured tables where FlexAttention's backward runs (CUDA, or eager on
+    CPU; its compiled CPU backward does not exist).
+
+    Raises:
+        InvalidArgumentError: as :func:`posbias.torch.attention` with ``log_gates=``;
+            neither ``q_len`` nor ``q_offset`` (the query slots are unknown).
+        InvalidTypeError: non-tensor or non-floating gates, a non-bool ``key_mask``.
+    """
+    from ..backends.torch import TorchBackend
+
+    causal = conventions.check_bool("causal", causal)
+    if not isinstance(log_gates, torch.Tensor) or log_gates.ndim != 3:
+        raise InvalidTypeError(
+            "log_gates must be a (B, H, Lk) torch tensor of log-gates (<= 0), got "
+            f"{type(log_gates).__name__} of shape {tuple(getattr(log_gates, 'shape', ()))}."
+        )
+    batch, heads, k_len = log_gates.shape
+    xp = TorchBackend(log_gates.device)
+    q_len = None if q_len is None else check_int("q_len", q_len, minimum=1)
+    q_offset = _problem.read_q_offset(xp, q_offset, batch)
+    if q_offset is None:
+        if q_len is None:
+            raise InvalidArgumentError(
+                "gate_score_mod needs q_len (or q_offset) to place the queries at their key slots."
+            )
+        q_offset = conventions.default_q_offset(q_len, k_len)
+    if key_mask is not None:
+        key_mask = _problem.check_mask(xp, "key_mask", key_mask, batch, k_len, boolean=True)
+    gates = _gates.read(
+        xp,
+        log_gates,
+        log_gates_after,
+        layout="bhld",
+        batch=batch,
+        heads=heads,
+        k_len=k_len,
+        q_len=q_len or 1,
+        causal=causal,
+        q_offset=q_offset,
+        key_mask=key_mask,
+        segment_ids=None,
+        compute="float32",
+        native=_problem.native,
+    )
+    before = _hi_lo(gates.before)
+    after = None if gates.after is None else _hi_lo(gates.after)
+    if isinstance(q_offset, int):
+        offset = torch.tensor([q_offset], device=log_gates.device)
+    else:
+        offset = q_offset.reshape(-1).to(log_gates.device)
+    per_batch = offset.numel() > 1
+
+    def posbias_gate_score_mod(score, b, h, q_idx, kv_idx):
+        if score_mod is not None:
+            score = score_mod(score, b, h, q_idx, kv_idx)
+        slot = q_idx + offset[b if per_batch else 0]
+        bias = _difference(before, b, h, slot, kv_idx)
+        if after is not None:
+            bias = torch.where(kv_idx > slot, _difference(after, b, h, kv_idx, slot), bias)
+        return score + bias
+
+    return posbias_gate_score_mod
+
+
+def _hi_lo(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``G = cumsum(g)`` summed in float64 as a float32 pair ``hi + lo`` (differentiable)."""
+    wide = g.to("cpu") if g.device.type == "mps" else g  # MPS has no float64
+    total = torch.cumsum(wide.to(torch.float64), -1)
+    hi = total.to(torch.float32)
+    lo = (total - hi.to(torch.float64)).to(torch.float32)
+    return hi.to(g.device), lo.to(g.device)
+
+
+def _difference(table: tuple[torch.Tensor, torch.Tensor], b, h, i, j) -> torch.Tensor:
+    """``G[b, h, i] − G[b, h, j]`` from the ``(hi, lo)`` pair; NaN for a slot outside it."""
+    hi, lo = table
+    (hi_i, inside_i), (hi_j, inside_j) = _take(hi, i, b, h), _take(hi, j, b, h)
+    (lo_i, _), (lo_j, _) = _take(lo, i, b, h), _take(lo, j, b, h)
+    return _nan_unless(inside_i & inside_j, (hi_i - hi_j) + (lo_i - lo_j))
