@@ -225,7 +225,9 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
     ``(B, H, Lq, Lk)`` probabilities); ``layer.positional_bias`` is a :class:`PositionalBias`
     (seeded like the other frameworks' layers) or None, and
     ``portable_weights()`` / ``load_portable_weights()`` carry its learnable
-    parameters too.
+    parameters too. ``gate="forgetting"`` / ``"cable"`` is the frameworks'
+    forget gate (FoX, arXiv:2503.02130; CABLE, arXiv:2503.08067), its
+    ``"gate.kernel"`` / ``"gate.bias"`` projection computed in float64 here.
 
     Example:
         >>> import numpy as np
@@ -247,6 +249,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
         implementation: str = "auto",
         block_size: int | None = None,
         seed: int = 0,
+        gate: str | None = None,
         **removed: Any,
     ) -> None:
         if "dropout" in removed:
@@ -266,6 +269,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
             use_bias=use_bias,
             implementation=implementation,
             block_size=block_size,
+            gate=gate,
         )
         self.positional_bias = _layers.layer_bias(
             bias, num_heads, PositionalBias, lambda: PositionalBias(bias, num_heads, seed=seed)
@@ -283,9 +287,11 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
 
     def _project(self, name: str, x: np.ndarray) -> np.ndarray:
         out = x.astype(np.float64) @ self.weights[f"{name}.kernel"].astype(np.float64)
-        if self.mha_config.use_bias:
-            out = out + self.weights[f"{name}.bias"].astype(np.float64)
-        return out
+        bias = self.weights.get(f"{name}.bias")  # use_bias=True, and always for the gate
+        return out if bias is None else out + bias.astype(np.float64)
+
+    def _backend(self) -> NumpyBackend:
+        return NumpyBackend()
 
     def init_cache(self, batch_size: int, capacity: int) -> _problem.KVCache:
         return _layers.init_cache(NumpyBackend(), self.mha_config, batch_size, capacity, "float64")
@@ -304,7 +310,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin):
         **removed: Any,
     ) -> Any:
         return _layers.mha_forward(
-            NumpyBackend(),
+            self._backend(),
             self.mha_config,
             self._project,
             x,

@@ -243,7 +243,24 @@ class MultiHeadAttention(
     returns the ``(B, H, Lq, Lk)`` attention probabilities, ``(out, scores)``
     (``(out, scores, new_cache)`` with a cache), from the exact path that
     materialises them (``O(B·H·Lq·Lk)`` memory).
+
+    ``gate="forgetting"`` (FoX, arXiv:2503.02130) or ``"cable"`` (CABLE,
+    arXiv:2503.08067) adds a data-dependent forget gate as in
+    :class:`posbias.torch.MultiHeadAttention`: the layer owns ``gate_proj``, a
+    float32 ``keras.layers.Dense(H)`` (``2·H`` units when ``causal=False``;
+    kernel ``N(0, 0.02²)``, bias 0; float32 also under a ``mixed_bfloat16``
+    policy); ``log_gates(x)`` returns its log-gates ``(B, L, H)``, the layout of
+    :func:`attention`'s ``log_gates=``.
+
+    Example:
+        >>> import numpy as np
+        >>> fox = MultiHeadAttention(32, 4, bias=None, causal=True, gate="forgetting")
+        >>> x = np.ones((1, 6, 32), np.float32)
+        >>> tuple(fox(x).shape), tuple(fox.log_gates(x).shape)   # (B, L, H) gates <= 0
+        ((1, 6, 32), (1, 6, 4))
     """
+
+    attention_layout = "blhd"
 
     def __init__(
         self,
@@ -259,6 +276,7 @@ class MultiHeadAttention(
         block_size: int | None = None,
         seed: int = 0,
         dropout: float = 0.0,
+        gate: str | None = None,
         **kwargs: Any,
     ) -> None:
         _check_keras_backend()
@@ -273,19 +291,22 @@ class MultiHeadAttention(
             implementation=implementation,
             block_size=block_size,
             dropout=dropout,
+            gate=gate,
         )
         self.seed = _layers.check_seed(seed)
         # Keras' RNG idiom: a seeded generator, so a given seed drops the same weights
         self.dropout_seed = keras.random.SeedGenerator(self.seed) if dropout else None
         shapes = self.mha_config.shapes()
+        # the gate in float32 (float64 in a float64 layer), also under a mixed policy
+        gate_dtype = "float64" if self.dtype_policy.variable_dtype == "float64" else "float32"
         self.projections = {
             name: keras.layers.Dense(
                 shapes[f"{name}.kernel"][1],
-                use_bias=use_bias,
+                use_bias=f"{name}.bias" in shapes,
                 name=f"{name}_proj",
-                dtype=self.dtype_policy,
+                dtype=gate_dtype if name == "gate" else self.dtype_policy,
             )
-            for name in _layers.PROJECTIONS
+            for name in self._projection_names()
         }
         for name, layer in self.projections.items():
             setattr(self, f"{name}_proj", layer)
@@ -343,7 +364,7 @@ class MultiHeadAttention(
                     return keras.random.dropout(probs, rate, seed=seed)
 
         return _layers.mha_forward(
-            TensorflowBackend(),
+            self._backend(),
             self.mha_config,
             self._project,
             x,
@@ -362,6 +383,15 @@ class MultiHeadAttention(
 
     def _project(self, name: str, x: Any) -> Any:
         return self.projections[name](x)
+
+    def _backend(self) -> TensorflowBackend:
+        return TensorflowBackend()
+
+    def log_gates(self, x: Any) -> Any:
+        self._ensure_built()
+        return super().log_gates(x)
+
+    log_gates.__doc__ = _layers.PortableWeightsMixin.log_gates.__doc__
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return input_shape
@@ -404,4 +434,5 @@ class MultiHeadAttention(
             "block_size": cfg.block_size,
             "seed": self.seed,
             "dropout": cfg.dropout,
+            "gate": cfg.gate,
         }

@@ -10,7 +10,10 @@ Portable weights: ``{"q.kernel": (E, H·D), "q.bias": (H·D,), "k.kernel": (E, H
 "k.bias", "v.kernel", "v.bias", "o.kernel": (H·D, E), "o.bias": (E,)}`` as
 NumPy arrays (kernels in ``x @ kernel`` orientation; ``*.bias`` entries only
 with ``use_bias=True``), plus ``"positional_bias.<name>"`` for each learnable
-parameter of the layer's positional bias.
+parameter of the layer's positional bias, and with a forget gate
+(``gate="forgetting"`` or ``"cable"``) ``"gate.kernel"`` ``(E, H)`` and
+``"gate.bias"`` ``(H,)`` (``(E, 2·H)`` and ``(2·H,)`` for a bidirectional layer:
+the first ``H`` columns make ``log_gates``, the last ``H`` ``log_gates_after``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,20 @@ from . import weights as _weights
 from .checks import check_int, check_rate, real_array
 
 PROJECTIONS = ("q", "k", "v", "o")
+#: the ``gate=`` values of the layers: FoX's forget gate and CABLE's bias
+GATES = ("forgetting", "cable")
+#: the standard deviation of the gate projection's initial kernel (FoX's and CABLE's code)
+GATE_INIT_STD = 0.02
+
+
+def check_gate(gate: Any) -> str | None:
+    """``gate`` if it is None or one of :data:`GATES`, else a clear error."""
+    if gate is None or (isinstance(gate, str) and gate in GATES):
+        return gate
+    raise InvalidArgumentError(
+        f"gate must be one of {list(GATES)} or None (FoX's forget gate logsigmoid(x·W + b), "
+        f"CABLE's -softplus(x·W + b), or no gate), got {gate!r}."
+    )
 
 
 def make_spec(bias: Any, num_heads: int | None, hyper: Mapping[str, Any]) -> BiasSpec:
@@ -55,6 +72,14 @@ class MHAConfig:
     implementation: str = "auto"
     block_size: int | None = None
     dropout: float = 0.0  # attention dropout: the probability of dropping a weight
+    gate: str | None = None  # data-dependent forget gate: one of GATES or None
+
+    @property
+    def gate_heads(self) -> int:
+        """Outputs of the gate projection: ``H`` (causal), ``2·H`` (``g``, ``g'``), 0 (none)."""
+        if self.gate is None:
+            return 0
+        return self.num_heads * (1 if self.causal else 2)
 
     @classmethod
     def create(
@@ -70,6 +95,7 @@ class MHAConfig:
         block_size: int | None = None,
         dropout: Any = 0.0,
         dropout_name: str = "dropout",
+        gate: Any = None,
     ) -> MHAConfig:
         embed_dim = check_int("embed_dim", embed_dim, minimum=1)
         num_heads = check_int("num_heads", num_heads, minimum=1)
@@ -99,6 +125,7 @@ class MHAConfig:
             dispatch.check_implementation(implementation),
             dispatch.check_block_size(block_size),
             check_rate(dropout_name, dropout),
+            check_gate(gate),
         )
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -107,15 +134,29 @@ class MHAConfig:
         out = {"q.kernel": (e, q), "k.kernel": (e, kv), "v.kernel": (e, kv), "o.kernel": (q, e)}
         if self.use_bias:
             out.update({"q.bias": (q,), "k.bias": (kv,), "v.bias": (kv,), "o.bias": (e,)})
+        if self.gate is not None:  # the gate projection always has a bias (b_f of both papers)
+            out.update({"gate.kernel": (e, self.gate_heads), "gate.bias": (self.gate_heads,)})
         return out
 
 
 def init_weights(cfg: MHAConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded NumPy initial projection weights (Glorot-uniform kernels, zero biases), float32.
 
-    Every framework initialises from this, so equal seeds give equal layers.
+    Every framework initialises from this, so equal seeds give equal layers. The
+    gate projection (``gate=``) draws its kernel from ``N(0, 0.02²)`` with a zero
+    bias, as the official code of FoX (zhixuan-lin/forgetting-transformer) and
+    CABLE (axiomlab/Cable) initialise it, from its own stream of the seed (the
+    other projections are those of a layer without gate).
     """
-    return init_from_shapes(cfg.shapes(), seed)
+    shapes = cfg.shapes()
+    gate = {name: shapes.pop(name) for name in ("gate.kernel", "gate.bias") if name in shapes}
+    weights = init_from_shapes(shapes, seed)
+    if gate:
+        rng = np.random.default_rng([check_seed(seed), 1])
+        kernel = rng.normal(0.0, GATE_INIT_STD, size=gate["gate.kernel"])
+        weights["gate.kernel"] = kernel.astype(np.float32)
+        weights["gate.bias"] = np.zeros(gate["gate.bias"], np.float32)
+    return weights
 
 
 def init_from_shapes(shapes: Mapping[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
@@ -361,11 +402,18 @@ class PortableWeightsMixin:
     framework's ``PositionalBias`` or None) and implements
     ``_read_projection(name)`` → ``(kernel, bias or None)`` as
     NumPy-convertible arrays in ``x @ kernel`` orientation, and
-    ``_write_projection(name, kernel, bias)``.
+    ``_write_projection(name, kernel, bias)``, for each name of
+    :data:`PROJECTIONS` and ``"gate"`` when ``mha_config.gate`` is set.
     """
 
     mha_config: MHAConfig
     positional_bias: Any
+
+    def _projection_names(self) -> tuple[str, ...]:
+        """The projections the layer owns: q, k, v, o and, with ``gate=``, the gate's."""
+        # posbias.keras layers describe their projections without an MHAConfig (no gate)
+        cfg = getattr(self, "mha_config", None)
+        return PROJECTIONS + (("gate",) if cfg is not None and cfg.gate is not None else ())
 
     def _read_projection(self, name: str) -> tuple[Any, Any]:
         raise NotImplementedError
@@ -373,12 +421,54 @@ class PortableWeightsMixin:
     def _write_projection(self, name: str, kernel: np.ndarray, bias: np.ndarray | None) -> None:
         raise NotImplementedError
 
+    #: the layout of the framework's ``attention``: ``"bhld"`` (PyTorch, NumPy) or ``"blhd"``
+    attention_layout = "bhld"
+
+    def _backend(self) -> Any:
+        """The backend of the layer's tensors (its device)."""
+        raise NotImplementedError
+
+    def _project(self, name: str, x: Any) -> Any:
+        raise NotImplementedError
+
+    def log_gates(self, x: Any) -> Any:
+        """The forget gate's per-token log-gates of the layer input ``x`` ``(B, L, E)``.
+
+        ``g = logsigmoid(x·W + b)`` (``gate="forgetting"``, FoX, arXiv:2503.02130) or
+        ``g = -softplus(x·W + b)`` (``gate="cable"``, CABLE, arXiv:2503.08067), computed
+        in float32 (float64 for float64 inputs): exactly the ``log_gates=`` (and
+        ``log_gates_after=``) the layer passes to ``attention``, where key slot ``j`` of
+        query slot ``i`` gets ``Σ_{s=j+1..i} g[s]``.
+
+        Returns:
+            ``(B, H, L)`` (PyTorch, NumPy) or ``(B, L, H)`` (JAX, TensorFlow), the
+            layout of the framework's ``attention(log_gates=)``; a bidirectional layer
+            (``causal=False``) returns ``(log_gates, log_gates_after)``.
+
+        Raises:
+            InvalidArgumentError: the layer has no gate (``gate=None``) or ``x`` has
+                the wrong shape.
+            InvalidTypeError: ``x`` is not a floating tensor.
+        """
+        cfg = self.mha_config
+        if cfg.gate is None:
+            raise InvalidArgumentError(
+                "log_gates() needs a layer with a forget gate: gate='forgetting' or 'cable', "
+                "got gate=None."
+            )
+        xp = self._backend()
+        x = _layer_input(xp, cfg, "input", x, None)
+        gates = _gate_options(cfg, gate_log_gates(xp, cfg, self._project, x))
+        if self.attention_layout != "bhld":
+            gates = {name: einops.rearrange(g, "b h l -> b l h") for name, g in gates.items()}
+        return gates["log_gates"] if cfg.causal else (gates["log_gates"], gates["log_gates_after"])
+
     def _init_projections(self, seed: Any) -> None:
         """Write the seeded initial projection weights (:func:`init_weights`)."""
         self._write_projections(init_weights(self.mha_config, seed))
 
     def _write_projections(self, arrays: Mapping[str, np.ndarray]) -> None:
-        for name in PROJECTIONS:
+        for name in self._projection_names():
             bias = arrays.get(f"{name}.bias")
             self._write_projection(
                 name,
@@ -409,13 +499,16 @@ class PortableWeightsMixin:
         (kernels in ``x @ kernel`` orientation; ``*.bias`` only with
         ``use_bias=True``), plus ``"positional_bias.<name>"`` for each learnable
         parameter of the positional bias (the arrays of
-        ``layer.positional_bias.export_params()``).
+        ``layer.positional_bias.export_params()``), and with ``gate=`` the gate
+        projection ``"gate.kernel"`` ``(E, H)`` and ``"gate.bias"`` ``(H,)``
+        (``2·H`` columns for a bidirectional layer: ``log_gates``, then
+        ``log_gates_after``).
 
         Returns:
             ``dict[str, numpy.ndarray]``, float32, shapes of :meth:`portable_shapes`.
         """
         out = {}
-        for name in PROJECTIONS:
+        for name in self._projection_names():
             kernel, bias = self._read_projection(name)
             out[f"{name}.kernel"] = np.array(kernel, dtype=np.float32)
             if bias is not None:
@@ -520,6 +613,15 @@ def mha_forward(
             f"key and value must have the same length, got shapes {xp.shape(key)} and "
             f"{xp.shape(value)}."
         )
+    gates = None
+    if cfg.gate is not None:
+        if cross:
+            raise InvalidArgumentError(
+                f"gate={cfg.gate!r} is self-attention: the forget gates are per token of the "
+                "input and summed between a query's slot and a key's, so pass no key/value "
+                "inputs (or make the layer with gate=None for cross-attention)."
+            )
+        gates = gate_log_gates(xp, cfg, project, x)
     sources = {"q": x, "k": key, "v": value}
     q, k, v = (
         einops.rearrange(project(n, sources[n]), "b l (h d) -> b h l d", d=cfg.head_dim)
@@ -544,6 +646,7 @@ def mha_forward(
             key_mask=key_mask,
             segment_ids=segment_ids,
             attn_mask=attn_mask,
+            **_gate_options(cfg, gates),
         )
         new_cache = None
     else:
@@ -552,7 +655,7 @@ def mha_forward(
         if segment_ids is not None:
             raise InvalidArgumentError("segment_ids are not supported with a KV cache.")
         offset = cache.length
-        new_cache = cache_write(xp, cache, k, v, key_mask)
+        new_cache = cache_write(xp, cache, k, v, key_mask, log_gates=gates)
         q_dtype = xp.dtype_name(q.dtype)  # a cache may hold another dtype (init_cache(dtype=))
         result = run(
             xp,
@@ -564,11 +667,40 @@ def mha_forward(
             q_offset=offset,
             key_mask=new_cache.valid,
             attn_mask=attn_mask,
+            log_gates=new_cache.log_gates,
         )
     out, probs = result if materialised else (result, None)
     out = project("o", einops.rearrange(out, "b h l d -> b l (h d)"))
     outputs = (out, *((probs,) if want_weights else ()), *(() if cache is None else (new_cache,)))
     return outputs[0] if len(outputs) == 1 else outputs
+
+
+def gate_log_gates(xp, cfg: MHAConfig, project: Callable[[str, Any], Any], x: Any) -> Any:
+    """``(B, n, L)`` log-gates of the layer input ``x`` ``(B, L, E)`` (``n = cfg.gate_heads``).
+
+    ``z = x·W + b`` (``project("gate", ·)``, computed in float32; float64 for float64
+    inputs and for a projection that computes in float64, the NumPy layer's), then
+    FoX's ``g = logsigmoid(z)`` (``gate="forgetting"``, arXiv:2503.02130) or CABLE's
+    ``g = -softplus(z)`` (``gate="cable"``, arXiv:2503.08067), both as
+    ``-softplus(±z) = -(relu(±z) + log1p(exp(-|z|)))`` (stable, never positive).
+    """
+    compute = "float64" if xp.dtype_name(x.dtype) == "float64" else "float32"
+    z = project("gate", xp.cast(x, compute))
+    z = xp.cast(z, "float64" if xp.dtype_name(z.dtype) == "float64" else "float32")
+    z = einops.rearrange(z, "b l h -> b h l")
+    s = -z if cfg.gate == "forgetting" else z  # g = -softplus(s)
+    return -(xp.relu(s) + xp.log1p(xp.exp(-xp.abs(s))))
+
+
+def _gate_options(cfg: MHAConfig, gates: Any) -> dict[str, Any]:
+    """``log_gates=`` (and ``log_gates_after=`` for a bidirectional layer) of ``gates``
+    ``(B, n, L)`` from :func:`gate_log_gates`; nothing without a gate."""
+    if gates is None:
+        return {}
+    heads = cfg.num_heads
+    if cfg.causal:
+        return {"log_gates": gates}
+    return {"log_gates": gates[:, :heads], "log_gates_after": gates[:, heads:]}
 
 
 def _layer_input(
@@ -609,12 +741,17 @@ def init_cache(xp, cfg: MHAConfig, batch_size: int, capacity: int, dtype: str) -
     batch_size = check_int("batch_size", batch_size, minimum=1)
     capacity = check_int("capacity", capacity, minimum=1)
     shape = (batch_size, cfg.num_kv_heads, capacity, cfg.head_dim)
+    log_gates = None
+    if cfg.gate is not None:  # per-slot g (float32; float64 caches: float64), not cumsum G
+        gate_dtype = "float64" if dtype == "float64" else "float32"
+        log_gates = xp.zeros((batch_size, cfg.num_heads, capacity), gate_dtype)
     return problem.KVCache(
         k=xp.zeros(shape, dtype),
         v=xp.zeros(shape, dtype),
         valid=xp.zeros((batch_size, capacity), "bool"),
         length=xp.as_int(xp.zeros((batch_size,), "int32")),
         overflow=xp.zeros((batch_size,), "bool"),
+        log_gates=log_gates,
     )
 
 
@@ -622,7 +759,7 @@ def check_cache(xp, cache: problem.KVCache) -> None:
     """Every field of a ``KVCache`` is this framework's tensor of the right shape and dtype."""
     for name in problem.KVCache._fields:
         value = getattr(cache, name)
-        if value is None and name == "overflow":
+        if value is None and name in ("overflow", "log_gates"):
             continue
         if backends.check_framework(xp, f"cache.{name}", value) != xp.name:
             raise InvalidTypeError(
@@ -638,6 +775,10 @@ def check_cache(xp, cache: problem.KVCache) -> None:
         "length": (1, ("int32", "int64"), (batch,)),
         "overflow": (1, ("bool",), (batch,)),
     }
+    gates = cache.log_gates
+    if gates is not None:  # (B, H, capacity): H query heads, checked against the layer's
+        heads = xp.shape(gates)[1] if len(xp.shape(gates)) == 3 else None
+        expected["log_gates"] = (3, problem.FLOATS, (batch, heads, expected["valid"][2][1]))
     for name, (ndim, dtypes, want) in expected.items():
         value = getattr(cache, name)
         if value is None:
@@ -651,9 +792,26 @@ def check_cache(xp, cache: problem.KVCache) -> None:
             )
 
 
-def cache_write(xp, cache: problem.KVCache, k: Any, v: Any, valid: Any) -> problem.KVCache:
-    """Write ``T`` new keys/values ``(B, H_kv, T, D)`` at each sequence's next slots."""
+def cache_write(
+    xp, cache: problem.KVCache, k: Any, v: Any, valid: Any, log_gates: Any = None
+) -> problem.KVCache:
+    """Write ``T`` new keys/values ``(B, H_kv, T, D)`` (and a gated layer's log-gates
+    ``(B, H, T)``) at each sequence's next slots."""
     check_cache(xp, cache)
+    if (log_gates is None) != (cache.log_gates is None):
+        raise InvalidArgumentError(
+            (
+                "the cache holds forget gates but the layer has gate=None"
+                if log_gates is None
+                else "the layer has a forget gate (gate=) but the cache holds no log-gates"
+            )
+            + ": was the cache made by another layer? Use this layer's init_cache()."
+        )
+    if log_gates is not None and xp.shape(cache.log_gates)[1] != xp.shape(log_gates)[1]:
+        raise InvalidArgumentError(
+            f"the cache holds log-gates of {xp.shape(cache.log_gates)[1]} heads, the layer "
+            f"has {xp.shape(log_gates)[1]}: was the cache made by another layer?"
+        )
     batch, heads, capacity, dim = xp.shape(cache.k)
     new_batch, new_heads, steps, new_dim = xp.shape(k)
     if new_batch != batch:
@@ -694,10 +852,17 @@ def cache_write(xp, cache: problem.KVCache, k: Any, v: Any, valid: Any) -> probl
     new_v = xp.einsum("bst,bhtd->bhsd", weights, xp.cast(v, dtype))
     hit_valid = xp.sum(xp.as_int(onehot & valid[:, None, :]), -1) > 0
     where_heads = writing[:, None, :, None]
+    new_gates = None
+    if log_gates is not None:  # g per slot (0 at padding): attention sums it chunkwise
+        gate_dtype = xp.dtype_name(cache.log_gates.dtype)
+        log_gates = xp.where(valid[:, None, :], xp.cast(log_gates, gate_dtype), 0.0)
+        placed = xp.einsum("bst,bht->bhs", xp.cast(onehot, gate_dtype), log_gates)
+        new_gates = xp.where(writing[:, None, :], placed, cache.log_gates)
     return problem.KVCache(
         k=xp.where(where_heads, new_k, cache.k),
         v=xp.where(where_heads, new_v, cache.v),
         valid=xp.where(writing, hit_valid, cache.valid),
         length=cache.length + steps,
         overflow=overflow,
+        log_gates=new_gates,
     )

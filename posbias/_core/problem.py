@@ -68,6 +68,10 @@ class KVCache(NamedTuple):
             sequence is invalid. Eagerly this is an error; under ``jax.jit`` /
             ``nnx.jit``, ``tf.function`` or ``torch.compile`` values cannot raise,
             so check ``cache.overflow`` (docs/layers.md).
+        log_gates: ``(B, H, capacity)`` float32 per-slot log-gates ``g`` of a layer
+            with a forget gate (``gate=``), None otherwise. The cache keeps ``g``,
+            not its cumulative sum ``G``: attention sums it chunkwise, which keeps
+            float32 precision at any length (:mod:`posbias._core.gates`).
     """
 
     k: Any
@@ -75,6 +79,7 @@ class KVCache(NamedTuple):
     valid: Any
     length: Any
     overflow: Any = None
+    log_gates: Any = None
 
 
 def native(xp, name: str, x: Any) -> Any:

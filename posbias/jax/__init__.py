@@ -237,6 +237,15 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
     by every framework). While dropout is on, the exact materialised path runs
     (``O(B·H·Lq·Lk)`` memory, docs/layers.md).
 
+    ``gate="forgetting"`` (FoX, arXiv:2503.02130) or ``"cable"`` (CABLE,
+    arXiv:2503.08067) adds a data-dependent forget gate as in
+    :class:`posbias.torch.MultiHeadAttention`: the layer owns ``gate_proj``
+    (an ``nnx.Linear(E, H)``, ``2·H`` outputs when ``causal=False``; kernel
+    ``N(0, 0.02²)``, bias 0), computed in float32 whatever ``param_dtype`` (the
+    input is cast to float32, and ``nnx.Linear`` promotes);
+    ``log_gates(x)`` returns its log-gates ``(B, L, H)``, the layout of
+    :func:`attention`'s ``log_gates=``.
+
     Example:
         >>> import jax.numpy as jnp
         >>> mha = MultiHeadAttention(32, 4, causal=True, num_kv_heads=2)
@@ -246,7 +255,12 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
         >>> y2, cache = mha(x[:, 4:], cache=cache)
         >>> bool(jnp.allclose(jnp.concatenate([y1, y2], 1), mha(x), atol=1e-5))
         True
+        >>> fox = MultiHeadAttention(32, 4, bias=None, causal=True, gate="forgetting")
+        >>> fox(x).shape, fox.log_gates(x).shape      # log_gates: (B, L, H), all <= 0
+        ((1, 6, 32), (1, 6, 4))
     """
+
+    attention_layout = "blhd"
 
     def __init__(
         self,
@@ -266,6 +280,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
         dropout_rate: float = 0.0,
         deterministic: bool = False,
         rngs: nnx.Rngs | None = None,
+        gate: str | None = None,
     ) -> None:
         self.mha_config = _layers.MHAConfig.create(
             embed_dim,
@@ -278,6 +293,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
             block_size=block_size,
             dropout=dropout_rate,
             dropout_name="dropout_rate",
+            gate=gate,
         )
         _check_rngs(rngs)
         # Flax's own dropout (its RNG stream, model.train()/model.eval() toggle `deterministic`)
@@ -288,7 +304,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
         )
         shapes = self.mha_config.shapes()
         rngs = nnx.Rngs(_layers.check_seed(seed))  # a clear error before Flax sees it
-        for name in _layers.PROJECTIONS:
+        for name in self._projection_names():
             fan_in, fan_out = shapes[f"{name}.kernel"]
             setattr(
                 self,
@@ -296,7 +312,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
                 nnx.Linear(
                     fan_in,
                     fan_out,
-                    use_bias=use_bias,
+                    use_bias=f"{name}.bias" in shapes,
                     param_dtype=param_dtype,
                     precision=precision,
                     rngs=rngs,
@@ -329,7 +345,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
             )
         drop = self._dropout(deterministic, rngs)
         result = _layers.mha_forward(
-            JaxBackend(),
+            self._backend(),
             self.mha_config,
             self._project,
             x,
@@ -353,6 +369,9 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
 
     def _project(self, name: str, x: jnp.ndarray) -> jnp.ndarray:
         return getattr(self, f"{name}_proj")(x)
+
+    def _backend(self) -> JaxBackend:
+        return JaxBackend()
 
     def _dropout(self, deterministic: Any, rngs: Any) -> Any:
         """The probabilities' dropout of this call, or None (rate 0 or deterministic)."""

@@ -249,6 +249,18 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
             (``torch.manual_seed`` reproduces it); off after ``model.eval()``.
             While it is on, the exact materialised path runs (``O(B·H·Lq·Lk)``
             memory, docs/layers.md).
+        gate: a data-dependent forget gate on top of ``bias`` (self-attention only):
+            ``"forgetting"`` (FoX, Lin et al. 2025, arXiv:2503.02130:
+            ``g = logsigmoid(x·W + b)``), ``"cable"`` (CABLE, Veisi et al. 2025,
+            arXiv:2503.08067: ``g = -softplus(x·W + b)``) or None. The layer owns the
+            projection ``gate_proj = nn.Linear(E, H)`` (``2·H`` outputs when
+            ``causal=False``: ``log_gates`` then ``log_gates_after``, as
+            x-transformers' ``DataDependentAlibi``), initialised as in both papers'
+            code (kernel ``N(0, 0.02²)``, bias 0) and computed in float32; query
+            slot ``i`` and key slot ``j <= i`` get ``Σ_{s=j+1..i} g[s]`` (the
+            ``log_gates=`` of :func:`attention`; ``log_gates(x)`` returns them).
+            Padding, packing and KV-cache decoding work as without a gate (the
+            cache keeps the per-slot ``g``).
 
     Call: ``mha(x, key=None, value=None, *, key_mask=None, segment_ids=None,
     attn_mask=None)`` → ``(B, Lq, E)``, ``nn.MultiheadAttention``'s argument
@@ -285,6 +297,12 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
         >>> y2, cache = mha(x[:, 4:], cache=cache)        # two more tokens
         >>> torch.allclose(torch.cat([y1, y2], 1), mha(x), atol=1e-6)
         True
+
+    A Forgetting Transformer layer (no positional bias, FoX's forget gate):
+
+        >>> fox = MultiHeadAttention(32, 4, bias=None, causal=True, gate="forgetting")
+        >>> fox(x).shape, fox.log_gates(x).shape      # log_gates: (B, H, L), all <= 0
+        (torch.Size([1, 6, 32]), torch.Size([1, 4, 6]))
     """
 
     def __init__(
@@ -301,6 +319,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
         block_size: int | None = None,
         seed: int = 0,
         dropout: float = 0.0,
+        gate: str | None = None,
     ) -> None:
         super().__init__()
         self.mha_config = _layers.MHAConfig.create(
@@ -313,11 +332,13 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
             implementation=implementation,
             block_size=block_size,
             dropout=dropout,
+            gate=gate,
         )
         shapes = self.mha_config.shapes()
-        for name in _layers.PROJECTIONS:
+        for name in self._projection_names():
             fan_in, fan_out = shapes[f"{name}.kernel"]
-            setattr(self, f"{name}_proj", nn.Linear(fan_in, fan_out, bias=use_bias))
+            linear = nn.Linear(fan_in, fan_out, bias=f"{name}.bias" in shapes)
+            setattr(self, f"{name}_proj", linear)
         self.positional_bias = _layers.layer_bias(
             bias, num_heads, PositionalBias, lambda: PositionalBias(bias, num_heads, seed=seed)
         )
@@ -345,7 +366,7 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
                 return nn.functional.dropout(probs, rate, training=True)
 
         return _layers.mha_forward(
-            TorchBackend(weight.device),
+            self._backend(),
             self.mha_config,
             self._project,
             x,
@@ -363,7 +384,13 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
         )
 
     def _project(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return getattr(self, f"{name}_proj")(x)
+        layer = getattr(self, f"{name}_proj")
+        if name == "gate":  # computed in x's dtype (float32), also in a bfloat16 module
+            return nn.functional.linear(x, layer.weight.to(x.dtype), layer.bias.to(x.dtype))
+        return layer(x)
+
+    def _backend(self) -> TorchBackend:
+        return TorchBackend(self.q_proj.weight.device)
 
     def init_cache(self, batch_size: int, capacity: int, dtype: Any = None) -> KVCache:
         """An empty KV cache on this module's device (dtype: the module's by default)."""
