@@ -34,3 +34,17 @@ def test_torch_example_under_torchrun():
             "2", str(EXAMPLES / "torch_distributed.py")]  # fmt: skip
     out = _run(argv)
     assert "rank 0/2: ring" in out and "rank 1/2: ring" in out
+
+
+@pytest.mark.skipif("jax" not in pt.backends_under_test(), reason="JAX is not under test")
+def test_jax_gates_example():
+    out = _run([sys.executable, str(EXAMPLES / "jax_gates.py")])
+    assert "devices: 4, gates: max |sharded - single device|" in out
+
+
+@pytest.mark.skipif("torch" not in pt.backends_under_test(), reason="PyTorch is not under test")
+def test_torch_gates_example_under_torchrun():
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            "2", str(EXAMPLES / "torch_gates.py")]  # fmt: skip
+    out = _run(argv)
+    assert "rank 0/2: gates ring" in out and "rank 1/2: gates ring" in out

@@ -25,6 +25,14 @@ the bias positions of a padded batch are the *global* ``cumsum(key_mask) - 1``,
 found by an exclusive scan of per-chunk counts (:func:`mask_positions`: one
 all-gather of ``B × chunks`` integers), so sharded equals single-device for
 every bias, shift-invariant or not.
+
+Forget gates (``log_gates=``, :mod:`posbias._core.gates`) work the same way:
+each device holds the gates of its own key slots, and a tile between query
+chunk ``I`` and key chunk ``J < I`` adds ``Σ_{s=j+1..i} g[s]`` as three sums
+that are never differences of large cumulative sums — the gates after ``j``
+in chunk ``J`` (travelling with the keys), the gates up to ``i`` in chunk
+``I``, and the totals of the chunks strictly between, from one exchange of
+per-chunk totals (:class:`RingGates`).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import numpy as np
 from ..errors import InvalidArgumentError
 from . import backward as _backward
 from . import conventions, layouts
+from . import gates as _gates
 from . import partial as _partial
 from . import problem as _problem
 
@@ -101,8 +110,10 @@ def make_tile(
     ring: Ring,
     bias: Any = None,
     own_backward: bool = False,
+    gates: bool = False,
 ):
-    """``tile(q, k, v, q_slot, k_slot, causal, masks=(q_seg, k_seg, k_real), q_pos, k_pos)``.
+    """``tile(q, k, v, q_slot, k_slot, causal, masks=(q_seg, k_seg, k_real), q_pos, k_pos,
+    gate=None)``.
 
     One tile ``(out, lse)`` of :func:`posbias._core.partial.tile`. With
     ``own_backward`` and ``bias`` (the read ``bias=``, or None for no bias) on a
@@ -113,16 +124,27 @@ def make_tile(
     Otherwise (a plain callable or a 2-D bias, a bias chosen per device by a
     traced head index, ``checkpoint_tiles=False``) the framework's autodiff goes
     through the tile, checkpointed by the ring's framework.
+
+    ``gates``: the call has ``log_gates``; each tile then gets ``gate=``, the
+    pieces of :meth:`RingGates.pieces`, and adds their bias (the framework's
+    autodiff differentiates it, checkpointed like any tile).
     """
 
-    def fn(q, k, v, q_slot, k_slot, visible, q_pos, k_pos, causal):
+    def fn(q, k, v, q_slot, k_slot, visible, q_pos, k_pos, gate, causal):
+        add = bias_fn
+        if gate is not None:
+
+            def add(q_pos, k_pos, dtype):
+                decay = gate_bias(xp, gate, causal)
+                return decay if bias_fn is None else bias_fn(q_pos, k_pos, dtype) + decay
+
         return _partial.tile(
             xp,
             q,
             k,
             v,
             scale=scale,
-            bias_fn=bias_fn,
+            bias_fn=add,
             q_slot=q_slot,
             k_slot=k_slot,
             causal=causal,
@@ -136,17 +158,29 @@ def make_tile(
     causal_fn, plain_fn = (ring.checkpoint(lambda *a, c=c: fn(*a, causal=c)) for c in (True, False))
     own = (
         own_backward
+        and not gates
         and xp.autodiff
         and getattr(ring, "checkpoint_tiles", True)
         and (bias is None or (bias.spec is not None and not bias.points))
     )
 
-    def tile(q, k, v, q_slot, k_slot, causal, masks=(None, None, None), q_pos=None, k_pos=None):
+    def tile(
+        q,
+        k,
+        v,
+        q_slot,
+        k_slot,
+        causal,
+        masks=(None, None, None),
+        q_pos=None,
+        k_pos=None,
+        gate=None,
+    ):
         if own:
             return _own_tile(xp, q, k, v, q_slot, k_slot, causal, masks, q_pos, k_pos)
         run = causal_fn if causal else plain_fn
         visible = _partial.key_visibility(*masks)
-        return run(q, k, v, q_slot, k_slot, visible, q_pos, k_pos)
+        return run(q, k, v, q_slot, k_slot, visible, q_pos, k_pos, gate)
 
     def _own_tile(xp, q, k, v, q_slot, k_slot, causal, masks, q_pos, k_pos):
         if kv_group > 1:  # K/V travel un-repeated; the repeat's gradient sums the group
@@ -181,6 +215,147 @@ def make_tile(
         return _backward.attention(p, q_len)  # a tile is one block
 
     return tile
+
+
+def gate_bias(xp, pieces: Any, causal: bool) -> Any:
+    """``(B, H, n, K)``: the forget-gate bias of a tile from its :meth:`RingGates.pieces`.
+
+    A piece is ``(rows, cols, None)`` for a pair of different chunks (the bias
+    ``rows[i] + cols[j]``: every term a sum of gates of one sign, nothing
+    cancels) or ``(None, None, (g, g'))`` for a chunk against itself
+    (:meth:`posbias._core.gates.Gates.tile` on the chunk's own gates).
+    """
+    blocks = []
+    for row in pieces:
+        parts = []
+        for rows, cols, chunk in row:
+            if chunk is None:
+                parts.append(rows[..., :, None] + cols[..., None, :])
+            else:
+                size = xp.shape(chunk[0])[-1]
+                own = _gates.Gates.build(xp, *chunk)
+                parts.append(own.tile(xp, xp.arange(size), size, causal))
+        blocks.append(parts[0] if len(parts) == 1 else xp.concat(parts, -1))
+    return blocks[0] if len(blocks) == 1 else xp.concat(blocks, -2)
+
+
+def prefix_sums(xp, g: Any) -> Any:
+    """``out[..., i] = Σ_{s <= i} g[..., s]`` of ``(B, H, S)``, chunked like
+    :func:`posbias._core.gates.chunk_sums` (within-chunk sums plus earlier chunks' totals)."""
+    local, totals = _gates.chunk_sums(xp, g)
+    zero = xp.zeros((*xp.shape(totals)[:-1], 1), xp.dtype_name(g.dtype))
+    before = xp.concat([zero, xp.cumsum(totals, -1)[..., :-1]], -1)  # earlier chunks' totals
+    per_slot = einops.repeat(before, "b h c -> b h (c s)", s=_gates.CHUNK)
+    return local + per_slot[..., : xp.shape(g)[-1]]
+
+
+def suffix_sums(xp, g: Any) -> Any:
+    """``out[..., j] = Σ_{s > j} g[..., s]`` of ``(B, H, S)`` (0 at the last slot)."""
+    inclusive = xp.flip(prefix_sums(xp, xp.flip(g, -1)), -1)
+    zero = xp.zeros((*xp.shape(g)[:-1], 1), xp.dtype_name(g.dtype))
+    return xp.concat([inclusive[..., 1:], zero], -1)
+
+
+class RingGates:
+    """This device's forget gates (``log_gates=``, ``log_gates_after=``) on the ring.
+
+    Each device holds ``g`` (and ``g'``) of its own key slots ``(B, H, L_local)``,
+    read, checked and masked by :func:`posbias._core.gates.read`. For a tile of
+    query chunk ``I`` against key chunk ``J < I`` the bias of query ``i`` and
+    key ``j`` is
+
+        Σ_{s=j+1..i} g[s] = cols[j] + T(J < c < I) + rows[i]
+
+    with ``cols[j] = Σ_{s in J, s > j} g[s]`` (computed by the keys' owner, it
+    travels with the keys), ``rows[i] = Σ_{s in I, s <= i} g[s]`` and
+    ``T(J < c < I)`` the totals of the chunks strictly between: one exchange of
+    per-chunk totals (``B·H`` scalars per chunk, differentiable) gives every
+    device every total. All three terms have the sign of the gates, so the sum
+    is exact to a few float32 roundings of the *bias* (no difference of two
+    large cumulative sums). Keys after the query (``causal=False``) are the
+    mirror image with ``g'``; a chunk against itself is
+    :meth:`posbias._core.gates.Gates.tile` on its own gates.
+    """
+
+    def __init__(self, ring: Ring, order: str, before: Any, after: Any = None) -> None:
+        xp = self.xp = ring.xp
+        per = layouts.chunks_per_device(order)
+        self.size = size = xp.shape(before)[-1] // per
+        self.ids = layouts.chunk_ids(order, ring.n, ring.me)
+
+        def cut(g):
+            return (
+                [None] * per
+                if g is None
+                else [g[..., a * size : (a + 1) * size] for a in range(per)]
+            )
+
+        self.chunks = list(zip(cut(before), cut(after), strict=True))
+        self.rows = [
+            (prefix_sums(xp, b), None if a is None else suffix_sums(xp, a)) for b, a in self.chunks
+        ]
+        cols = [
+            (suffix_sums(xp, b), None if a is None else prefix_sums(xp, a)) for b, a in self.chunks
+        ]
+        #: what travels with the keys: ``(cols of g, cols of g')``, ``(B, H, L_local)`` each
+        self.keys = tuple(
+            None if parts[0] is None else parts[0] if per == 1 else xp.concat(list(parts), -1)
+            for parts in zip(*cols, strict=True)
+        )
+        self.totals = [
+            None if g is None else _every_total(ring, order, cut(g)) for g in (before, after)
+        ]
+
+    def between(self, low: Any, high: Any, which: int) -> Any:
+        """``(B, H)``: the totals of the chunks strictly between chunk ``low`` and ``high``."""
+        xp, totals = self.xp, self.totals[which]
+        ids = xp.arange(xp.shape(totals)[-1])
+        inside = (ids > low) & (ids < high)
+        return xp.sum(xp.where(inside, totals, 0.0), -1)
+
+    def piece(self, a: int, b: int, keys: tuple, k_chunk: Any, own: bool, causal: bool) -> tuple:
+        """The piece of query chunk ``a`` (local index) against chunk ``b`` of the key
+        block ``keys`` (what travelled: :attr:`keys`), global chunk ``k_chunk``;
+        ``own``: the key block is this device's."""
+        if own and a == b:
+            return (None, None, self.chunks[a])
+        xp, size = self.xp, self.size
+        cols = [None if t is None else t[..., b * size : (b + 1) * size] for t in keys]
+        q_chunk = self.ids[a]
+        rows, rows_after = self.rows[a]
+        earlier = (rows + self.between(k_chunk, q_chunk, 0)[..., None], cols[0])
+        if causal or rows_after is None:  # keys of later chunks are hidden
+            return (*earlier, None)
+        later = (rows_after + self.between(q_chunk, k_chunk, 1)[..., None], cols[1])
+        before = k_chunk < q_chunk
+        if isinstance(before, (bool, np.bool_)):
+            return (*(earlier if before else later), None)
+        return (*(xp.where(before, e, x) for e, x in zip(earlier, later, strict=True)), None)
+
+    def pieces(self, keys: tuple, k_ids: list, own: bool, causal: bool) -> list:
+        """Every query chunk of this device against every chunk of a key block."""
+        return [
+            [self.piece(a, b, keys, k_ids[b], own, causal) for b in range(len(k_ids))]
+            for a in range(len(self.ids))
+        ]
+
+
+def _every_total(ring: Ring, order: str, chunks: list) -> Any:
+    """``(B, H, n·chunks)``: the gate total of every chunk of the ring, in sequence order.
+
+    One differentiable all-reduce of ``(n, B, H, chunks)`` (each device fills its row).
+    """
+    xp = ring.xp
+    mine = xp.stack([xp.sum(c, -1) for c in chunks], -1)  # (B, H, per)
+    if ring.n == 1:
+        table = mine[None]
+    else:
+        me = xp.cast(xp.arange(ring.n) == ring.me, xp.dtype_name(mine.dtype))
+        table = ring.sum(me[:, None, None, None] * mine[None])
+    owner = {
+        c: (d, a) for d in range(ring.n) for a, c in enumerate(layouts.chunk_ids(order, ring.n, d))
+    }
+    return xp.stack([table[owner[c][0], ..., owner[c][1]] for c in sorted(owner)], -1)
 
 
 def local_slots(ring: Ring, order: str, length: int) -> Any:
@@ -243,6 +418,7 @@ def attend_on_ring(
     k_pos: Any = None,
     segment_ids: Any = None,
     key_mask: Any = None,
+    log_gates: tuple | None = None,
 ) -> Any:
     """This device's output rows ``(B, H, Lq_local, D)`` in ``compute``.
 
@@ -262,10 +438,19 @@ def attend_on_ring(
         k_pos: the same for the keys.
         segment_ids: ``(B, L_local)`` ids of packed documents, or None.
         key_mask: ``(B, L_local)`` bool, True for a real key, or None.
+        log_gates: ``(g, g')`` this device's log-gates ``(B, H, L_local)`` as
+            :func:`posbias._core.gates.read` returns them (``g'`` None unless
+            bidirectional), or None; the ``tile`` must come from
+            :func:`make_tile` with ``gates=True``.
     """
     xp = ring.xp
     q_len, k_len = xp.shape(q)[2], xp.shape(k)[2]
     k_slot = local_slots(ring, order, k_len)
+    gates = None
+    if log_gates is not None:
+        if q_len != k_len:
+            raise InvalidArgumentError(DECODE_GATES)
+        gates = RingGates(ring, order, *log_gates)
     if q_len != k_len:  # decoding: replicated queries, bottom-right of the whole cache
         q_slot = xp.arange(q_len) + conventions.default_q_offset(q_len, k_len * ring.n)
         q_bias, k_bias = q_slot, k_slot
@@ -277,15 +462,39 @@ def attend_on_ring(
         part = tile(q, k, v, q_slot, k_slot, causal, (None, None, key_mask), q_bias, k_bias)
         return _merge_over_ring(ring, part)
     if q_pos is None and segment_ids is None and key_mask is None:
-        return _layout_ring(ring, tile, q, k, v, causal=causal, order=order, compute=compute)
+        return _layout_ring(
+            ring, tile, q, k, v, causal=causal, order=order, compute=compute, gates=gates
+        )
     q_slot = k_slot
     if q_pos is not None:
         q_bias, k_bias = q_pos, k_pos
     else:
         q_bias = k_bias = k_slot if key_mask is None else mask_positions(ring, key_mask, order)
     return _explicit_ring(
-        ring, tile, q, k, v, causal, compute, q_slot, k_slot, q_bias, k_bias, segment_ids, key_mask
+        ring,
+        tile,
+        q,
+        k,
+        v,
+        causal,
+        compute,
+        q_slot,
+        k_slot,
+        q_bias,
+        k_bias,
+        segment_ids,
+        key_mask,
+        gates,
+        order,
     )
+
+
+#: the error for forget gates against a sequence-sharded KV cache
+DECODE_GATES = (
+    "log_gates= with fewer queries than keys (decoding against a sequence-sharded KV cache) "
+    "is not supported by the sharded paths: decode with posbias attention on the gathered "
+    "cache, or pass queries and keys of the same length."
+)
 
 
 def check_segment_bias(bias: Any, segment_ids: Any, q_pos: Any) -> None:
@@ -318,23 +527,44 @@ def _merge_over_ring(ring: Ring, part: Any) -> Any:
 
 
 def _explicit_ring(
-    ring, tile, q, k, v, causal, compute, q_slot, k_slot, q_bias, k_bias, q_seg, k_real
+    ring,
+    tile,
+    q,
+    k,
+    v,
+    causal,
+    compute,
+    q_slot,
+    k_slot,
+    q_bias,
+    k_bias,
+    q_seg,
+    k_real,
+    gates=None,
+    order="contiguous",
 ):
     """Every tile computed and masked; keys travel with their slots, positions and masks."""
     xp = ring.xp
     batch, heads, length, dim = xp.shape(q)
     acc = _partial.empty(xp, batch, heads, length, dim, compute)
-    keys = (k, v, k_slot, k_bias, q_seg, k_real)
+    gate_keys = () if gates is None else gates.keys
+    keys = (k, v, k_slot, k_bias, q_seg, k_real, *gate_keys)
     for step in range(ring.n):
-        k, v, k_slot, k_bias, k_seg, k_real = keys
-        part = tile(q, k, v, q_slot, k_slot, causal, (q_seg, k_seg, k_real), q_bias, k_bias)
+        k, v, k_slot, k_bias, k_seg, k_real = keys[:6]
+        gate = None
+        if gates is not None:
+            k_ids = layouts.chunk_ids(order, ring.n, (ring.me - step) % ring.n)
+            gate = gates.pieces(keys[6:], k_ids, step == 0, causal)
+        masks = (q_seg, k_seg, k_real)
+        part = tile(q, k, v, q_slot, k_slot, causal, masks, q_bias, k_bias, gate=gate)
         acc = _partial.merge(xp, acc, part)
         if step < ring.n - 1:
             keys = ring.shift(keys)
-    return ring.keep(acc[0], keys[:2])
+    totals = () if gates is None else gates.totals
+    return ring.keep(acc[0], (*keys[:2], *keys[6:], *totals))
 
 
-def _layout_ring(ring: Ring, tile, q, k, v, *, causal: bool, order: str, compute: str):
+def _layout_ring(ring: Ring, tile, q, k, v, *, causal: bool, order: str, compute: str, gates=None):
     """Ring over key blocks of a contiguous/zigzag layout, skipping hidden chunk pairs."""
     xp = ring.xp
     n, per = ring.n, layouts.chunks_per_device(order)
@@ -347,14 +577,20 @@ def _layout_ring(ring: Ring, tile, q, k, v, *, causal: bool, order: str, compute
     def slots(chunk):
         return xp.arange(size) + chunk * size
 
+    gate_keys = () if gates is None else gates.keys
     for step in range(n):
         k_ids = layouts.chunk_ids(order, n, (ring.me - step) % n)
         for a in range(per):
             for b in range(per):
                 kb, vb = k[:, :, b * size : (b + 1) * size], v[:, :, b * size : (b + 1) * size]
+                gate = None
+                if gates is not None:
+                    gate = [[gates.piece(a, b, gate_keys, k_ids[b], step == 0, causal)]]
 
-                def add(acc_a, diagonal, qa=rows[a], kb=kb, vb=vb, qc=q_ids[a], kc=k_ids[b]):
-                    part = tile(qa, kb, vb, slots(qc), slots(kc), diagonal)
+                def add(
+                    acc_a, diagonal, qa=rows[a], kb=kb, vb=vb, qc=q_ids[a], kc=k_ids[b], gate=gate
+                ):
+                    part = tile(qa, kb, vb, slots(qc), slots(kc), diagonal, gate=gate)
                     return _partial.merge(xp, acc_a, part)
 
                 if not causal:
@@ -370,6 +606,7 @@ def _layout_ring(ring: Ring, tile, q, k, v, *, causal: bool, order: str, compute
                 ]
                 acc[a] = ring.switch(which, branches, acc[a])
         if step < n - 1:
-            k, v = ring.shift((k, v))
+            k, v, *gate_keys = ring.shift((k, v, *gate_keys))
     out = xp.concat([out for out, _ in acc], 2)
-    return ring.keep(out, (k, v))
+    totals = () if gates is None else gates.totals
+    return ring.keep(out, (k, v, *gate_keys, *totals))

@@ -34,10 +34,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .._core import conventions, layouts
+from .._core import gates as _gates
 from .._core import problem as _problem
 from .._core.bias_arg import read_bias
 from .._core.checks import check_int
-from .._core.ring import Ring, attend_on_ring, check_segment_bias, make_tile
+from .._core.ring import DECODE_GATES, Ring, attend_on_ring, check_segment_bias, make_tile
 from ..backends.jax import JaxBackend
 from ..errors import BackendUnavailableError, InvalidArgumentError, InvalidTypeError
 
@@ -58,6 +59,8 @@ def sharded_attention(
     segment_ids: Any = None,
     key_mask: Any = None,
     scale: float | None = None,
+    log_gates: Any = None,
+    log_gates_after: Any = None,
     checkpoint_tiles: bool = True,
     **removed: Any,
 ) -> jax.Array:
@@ -100,6 +103,15 @@ def sharded_attention(
             as on one device (an exclusive scan of per-chunk counts: one
             all-gather of ``B × chunks`` integers).
         scale: score scale; default ``1/√D``.
+        log_gates: ``(B, Lk, H)`` per-token log-gates ``g <= 0`` (forget gates:
+            FoX, CABLE; see :func:`posbias.jax.attention`), in the same order as
+            the keys (zigzag too) and sharded like them: adds ``Σ_{s=j+1..i} g[s]``
+            for keys ``j <= i``. Each device computes its chunks' local sums and
+            gets the totals of every other chunk from one exchange of ``B × H``
+            scalars per chunk; no pair's bias is a difference of two large sums.
+            Not with fewer queries than keys (decoding).
+        log_gates_after: ``(B, Lk, H)`` log-gates of keys after the query, for
+            ``causal=False`` (required there with ``log_gates``).
         checkpoint_tiles: recompute each tile in the backward pass instead of
             keeping its scores (posbias's blockwise backward,
             :mod:`posbias._core.backward`; ``jax.checkpoint`` for a plain
@@ -193,6 +205,12 @@ def sharded_attention(
             masks[name] = _problem.read_positions(xp, name, pos, batch, length, False)
             axis = seq_axis if sharded else None
             mask_specs[name] = P(axis) if masks[name].ndim == 1 else P(None, axis)
+    compute = conventions.compute_dtype(xp.dtype_name(q.dtype))
+    gates = _read_gates(
+        xp, log_gates, log_gates_after, masks, batch, heads, q_len, k_len, causal, seq_n, order,
+        compute,
+    )  # fmt: skip
+    gate_spec = P(None, head_axis, seq_axis)
     params = {} if arg is None else (arg.current_params() or {})
     plan = _Plan(
         bias=arg,
@@ -205,12 +223,15 @@ def sharded_attention(
         causal=causal,
         order=order,
         scale=scale,
-        compute=conventions.compute_dtype(xp.dtype_name(q.dtype)),
+        compute=compute,
         checkpoint_tiles=checkpoint_tiles,
+        gates=bool(gates),
     )
     seq = P(None, None if decode else seq_axis, head_axis, None)
     kv = P(None, seq_axis, head_axis, None)
-    args, specs = [q, k, v, params, masks], [seq, kv, kv, P(), mask_specs]
+    gate_specs = {name: gate_spec for name in gates}
+    args = [q, k, v, params, masks, gates]
+    specs = [seq, kv, kv, P(), mask_specs, gate_specs]
     if _explicit(mesh):  # explicit-sharding meshes (jax.make_mesh's default) do not reshard
         args = [
             jax.tree.map(lambda x, s: jax.reshard(x, NamedSharding(mesh, s)), arg, spec)
@@ -234,8 +255,46 @@ _KEYWORDS = (
     "segment_ids",
     "key_mask",
     "scale",
+    "log_gates",
+    "log_gates_after",
     "checkpoint_tiles",
 )
+
+
+def _read_gates(
+    xp, log_gates, log_gates_after, masks, batch, heads, q_len, k_len, causal, shards, order,
+    compute,
+) -> dict:  # fmt: skip
+    """``{"before": g, "after": g'}`` ``(B, H, Lk)`` in ``compute`` (read by
+    :func:`posbias._core.gates.read`, padded keys zeroed), or ``{}`` without gates."""
+    segment_ids = masks.get("segment_ids")
+    if segment_ids is not None and order != "contiguous":  # contiguity is in sequence order
+        natural = np.argsort(layouts.layout_positions(k_len, shards, order))
+        segment_ids = jnp.take(segment_ids, natural, axis=1)
+    read = _gates.read(
+        xp,
+        log_gates,
+        log_gates_after,
+        layout="blhd",
+        batch=batch,
+        heads=heads,
+        k_len=k_len,
+        q_len=k_len,  # every query at its own key slot; decoding is refused below
+        causal=causal,
+        q_offset=0,
+        key_mask=masks.get("key_mask"),
+        segment_ids=segment_ids,
+        compute=compute,
+        native=_problem.native,
+    )
+    if read is None:
+        return {}
+    if q_len != k_len:
+        raise InvalidArgumentError(DECODE_GATES)
+    gates = {"before": read.before}
+    if read.after is not None:
+        gates["after"] = read.after
+    return gates
 
 
 def _explicit(mesh: Any) -> bool:
@@ -289,11 +348,12 @@ class _JaxRing(Ring):
         return jax.checkpoint(fn) if self.checkpoint_tiles else fn
 
 
-def _device_attention(plan: _Plan, q, k, v, params, masks):
+def _device_attention(plan: _Plan, q, k, v, params, masks, gates):
     """One device's share: ``(B, Lq_local, H_local, D)`` in, the same out.
 
     ``masks`` holds what this device has of ``q_pos``, ``k_pos``,
-    ``segment_ids`` and ``key_mask``, where given.
+    ``segment_ids`` and ``key_mask``, where given; ``gates`` its log-gates
+    ``(B, H_local, L_local)`` (``before``, and ``after`` when bidirectional).
     """
     in_dtype = q.dtype
     q, k, v = (einops.rearrange(t, "b l h d -> b h l d") for t in (q, k, v))
@@ -314,6 +374,7 @@ def _device_attention(plan: _Plan, q, k, v, params, masks):
         # the blockwise backward per tile, but for heads chosen by a traced device index
         bias=None if plan.bias is None else plan.bias.with_params(params),
         own_backward=plan.head_n == 1,
+        gates=plan.gates,
     )
     out = attend_on_ring(
         ring,
@@ -328,6 +389,7 @@ def _device_attention(plan: _Plan, q, k, v, params, masks):
         k_pos=masks.get("k_pos"),
         segment_ids=masks.get("segment_ids"),
         key_mask=masks.get("key_mask"),
+        log_gates=(gates["before"], gates.get("after")) if gates else None,
     )
     return einops.rearrange(out.astype(in_dtype), "b h l d -> b l h d")
 

@@ -13,9 +13,10 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 
 from ..._core import conventions, layouts
+from ..._core import gates as _gates
 from ..._core import problem as _problem
 from ..._core.bias_arg import BiasArg, read_bias
-from ..._core.ring import Ring, check_segment_bias
+from ..._core.ring import DECODE_GATES, Ring, check_segment_bias
 from ...backends.torch import TorchBackend
 from ...errors import ConfigError, DistributedError, InvalidArgumentError, PosBiasError
 
@@ -258,6 +259,7 @@ class Call:
     k_pos: Any = None
     segment_ids: Any = None
     key_mask: Any = None
+    gates: Any = None  # (g, g') (B, H, L_local) read by posbias._core.gates.read, or None
     extra: Any = None
 
 
@@ -276,6 +278,8 @@ def read_call(
     k_pos: Any = None,
     segment_ids: Any = None,
     key_mask: Any = None,
+    log_gates: Any = None,
+    log_gates_after: Any = None,
     implementation: Any = None,
     decode: bool = False,
     removed: dict | None = None,
@@ -290,8 +294,8 @@ def read_call(
     :class:`~posbias.DistributedError`, and no rank is left waiting in a later
     collective. The ranks agree on everything that changes the answer: shapes,
     dtype, ``causal``, ``order``, ``scale``, the bias (config, parameter shapes
-    and heads), the implementation, which masks and positions are given, and
-    which inputs require grad. ``local_checks(call)`` validates
+    and heads), the implementation, which masks, positions and log-gates are
+    given, and which inputs (gates included) require grad. ``local_checks(call)`` validates
     entry-point-specific inputs; what it returns is ``call.extra``.
     """
     rank, world = _group_info(group)
@@ -347,12 +351,39 @@ def read_call(
             call.key_mask = _problem.check_mask(
                 xp, "key_mask", key_mask, batch, k_len, boolean=True
             )
+        read = _gates.read(
+            xp,
+            log_gates,
+            log_gates_after,
+            layout="bhld",
+            batch=batch,
+            heads=heads,
+            k_len=k_len,
+            q_len=k_len,  # every query at its own key slot (decoding is refused)
+            causal=call.causal,
+            q_offset=0,
+            key_mask=call.key_mask,
+            segment_ids=call.segment_ids,
+            compute=conventions.compute_dtype(xp.dtype_name(q.dtype)),
+            native=_problem.native,
+        )
+        if read is not None:
+            if decode:
+                raise InvalidArgumentError(DECODE_GATES)
+            call.gates = (read.before, read.after)
         if local_checks is not None:
             call.extra = local_checks(call)
     except PosBiasError as exc:
         error = exc
     device = q.device if isinstance(q, torch.Tensor) else None
     facts = _facts(error is None, q, k, v, causal, order, q_pos, segment_ids, key_mask)
+    gates = (log_gates, log_gates_after)
+    facts["log_gates, log_gates_after (bits)"] = sum(
+        (g is not None) << i for i, g in enumerate(gates)
+    )
+    facts["log-gates that require grad (bits)"] = torch.is_grad_enabled() * sum(
+        bool(getattr(g, "requires_grad", False)) << i for i, g in enumerate(gates)
+    )
     described = None if call is None else _describe_bias(call.bias)
     facts["bias (config, parameters, heads)"] = _fingerprint(described)
     facts["scale"] = _float_bits(None if call is None else call.scale)

@@ -19,6 +19,8 @@ _KEYWORDS = (
     "segment_ids",
     "key_mask",
     "scale",
+    "log_gates",
+    "log_gates_after",
     "checkpoint_tiles",
 )
 
@@ -37,6 +39,8 @@ def ring_attention(
     segment_ids: Any = None,
     key_mask: Any = None,
     scale: float | None = None,
+    log_gates: Any = None,
+    log_gates_after: Any = None,
     checkpoint_tiles: bool = True,
     **removed: Any,
 ) -> torch.Tensor:
@@ -79,6 +83,15 @@ def ring_attention(
             positions are the global ``cumsum(key_mask) - 1``, as on one device
             (one all-gather of ``B × chunks`` counts).
         scale: score scale; default ``1/√D``.
+        log_gates: ``(B, H, L_local)`` per-token log-gates ``g <= 0`` of this
+            rank's key slots (forget gates: FoX, CABLE; see
+            :func:`posbias.torch.attention`): adds ``Σ_{s=j+1..i} g[s]`` for
+            keys ``j <= i`` of the whole sequence. Each rank computes its
+            chunks' local sums; the totals of every chunk come from one
+            all-reduce of ``B × H`` scalars per chunk, and no pair's bias is a
+            difference of two large sums. Differentiable. Not when decoding.
+        log_gates_after: ``(B, H, L_local)`` log-gates of keys after the query,
+            for ``causal=False`` (required there with ``log_gates``).
         checkpoint_tiles: with autograd on, recompute each tile's scores in the
             backward pass instead of keeping them (posbias's blockwise backward,
             :mod:`posbias._core.backward`; ``torch.utils.checkpoint`` for a
@@ -121,6 +134,8 @@ def ring_attention(
         k_pos=k_pos,
         segment_ids=segment_ids,
         key_mask=key_mask,
+        log_gates=log_gates,
+        log_gates_after=log_gates_after,
         decode=decode,
         removed=removed,
         keywords=_KEYWORDS,
@@ -140,6 +155,7 @@ def ring_attention(
         ring=ring,
         bias=call.bias,
         own_backward=True,
+        gates=call.gates is not None,
     )
     out = attend_on_ring(
         ring,
@@ -154,5 +170,6 @@ def ring_attention(
         k_pos=call.k_pos,
         segment_ids=call.segment_ids,
         key_mask=call.key_mask,
+        log_gates=call.gates,
     )
     return out.to(q.dtype)

@@ -23,6 +23,8 @@ _KEYWORDS = (
     "segment_ids",
     "key_mask",
     "scale",
+    "log_gates",
+    "log_gates_after",
     "implementation",
 )
 
@@ -41,6 +43,8 @@ def head_parallel_attention(
     segment_ids: Any = None,
     key_mask: Any = None,
     scale: float | None = None,
+    log_gates: Any = None,
+    log_gates_after: Any = None,
     implementation: str = "auto",
     **removed: Any,
 ) -> torch.Tensor:
@@ -76,6 +80,12 @@ def head_parallel_attention(
             (gathered like the tokens; bias positions ``cumsum(key_mask) - 1``
             of the whole sequence, as on one device).
         scale: score scale; default ``1/√D``.
+        log_gates: ``(B, H, L_local)`` per-token log-gates ``g <= 0`` of this
+            rank's tokens (forget gates; see :func:`posbias.torch.attention`):
+            exchanged like the queries (whole sequence, ``H / world`` heads),
+            then the rank's heads attend as on one device. Differentiable.
+        log_gates_after: ``(B, H, L_local)`` log-gates of keys after the query,
+            for ``causal=False`` (required there with ``log_gates``).
         implementation: passed to :func:`posbias.torch.attention`.
 
     Returns:
@@ -110,6 +120,8 @@ def head_parallel_attention(
         k_pos=k_pos,
         segment_ids=segment_ids,
         key_mask=key_mask,
+        log_gates=log_gates,
+        log_gates_after=log_gates_after,
         implementation=implementation,
         removed=removed,
         keywords=_KEYWORDS,
@@ -121,6 +133,9 @@ def head_parallel_attention(
         arg = call.bias.for_heads(range(call.rank * width, (call.rank + 1) * width))
     # sequence shards -> head shards: (B, H/world, L, D), rank 0's tokens first
     q, k, v = (_AllToAll.apply(t, group, 1, 2) for t in (q, k, v))
+    # log-gates (B, H, L_local) of this rank's tokens -> (B, H/world, L): like the queries
+    gates = [None, None] if call.gates is None else list(call.gates)
+    gates = [None if g is None else _AllToAll.apply(g, group, 1, 2) for g in gates]
     per_token = {
         name: _gather(t, group, call.world)
         for name, t in (
@@ -135,6 +150,7 @@ def head_parallel_attention(
         natural = np.argsort(layout_positions(call.k_len * call.world, call.world, order))
         inverse = torch.as_tensor(natural, device=q.device)
         q, k, v = (t.index_select(2, inverse) for t in (q, k, v))
+        gates = [None if g is None else g.index_select(2, inverse) for g in gates]
         per_token = {
             n: None if t is None else t.index_select(-1, inverse) for n, t in per_token.items()
         }
@@ -147,6 +163,8 @@ def head_parallel_attention(
         causal=call.causal,
         scale=call.scale,
         implementation=implementation,
+        log_gates=gates[0],
+        log_gates_after=gates[1],
         **per_token,
     )
     if inverse is not None:
