@@ -196,8 +196,11 @@ def _cmd_parity(args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"{what} / {cell.backend} / {cell.dtype}: {status}", refresh=False)
         bar.update(done - bar.n)
 
+    learnable = args.variants and [
+        v for v in args.variants if registry.get(v, num_heads=4).learnable
+    ]
     with bar:
-        cells, layer_cells = _testing._run_matrix(
+        cells, layer_cells, grad_cells = _testing._run_matrix(
             args.variants,
             backend_names,
             args.dtypes,
@@ -206,6 +209,8 @@ def _cmd_parity(args: argparse.Namespace) -> int:
             compiled=args.jit,
             jobs=args.jobs,
             attention=not args.no_layers,
+            gradients=not args.no_layers,
+            gradient_variants=learnable or None,
         )
     versions = _versions(backend_names)
     print("posbias parity: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
@@ -241,7 +246,7 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     _print_table(header, rows)
     if layer_cells:
         _print_layer_table(layer_cells)
-    grad_cells = [] if args.no_layers else _gradient_parity_table(backend_names, args)
+    _print_gradient_table(grad_cells)
     attention_cells, layer_cells = layer_cells, layer_cells + grad_cells
     failed = [c for c in cells if not c.passed]
     for cell in failed:
@@ -295,12 +300,8 @@ def _use_compile_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
-def _gradient_parity_table(backend_names, args) -> list[_grads.GradientCell]:
+def _print_gradient_table(cells: list[_grads.GradientCell]) -> None:
     """Gradients of q, k, v and of every learnable bias's parameters, across frameworks."""
-    variants = args.variants and [
-        v for v in args.variants if registry.get(v, num_heads=4).learnable
-    ]
-    cells = _grads.check_gradients(backend_names, variants or None)
     if cells:
         print(
             "\ngradient parity (same parameters and inputs; error = max|x-ref| / max|ref| of "
@@ -320,7 +321,6 @@ def _gradient_parity_table(backend_names, args) -> list[_grads.GradientCell]:
             for c in cells
         ]
         _print_table(header, rows)
-    return cells
 
 
 def _print_layer_table(cells: list[_lp.LayerCell]) -> None:
@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--jobs",
         type=_positive,
         default=_testing.default_jobs(),
-        help="worker threads for the JAX cells (default: the CPU count)",
+        help="worker threads for the JAX work (default: the CPU count)",
     )
     p.add_argument(
         "--compile-cache",

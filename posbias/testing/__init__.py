@@ -31,7 +31,7 @@ import functools
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -556,7 +556,7 @@ def run_parity(
 
     Returns the cells in the order variant, backend, dtype, whatever the threads did.
     """
-    cells, _ = _run_matrix(
+    cells, _, _ = _run_matrix(
         variants,
         backends,
         dtypes,
@@ -579,14 +579,20 @@ def _run_matrix(
     compiled: bool,
     jobs: int,
     attention: bool,
-) -> tuple[list[CellResult], list[Any]]:
-    """Bias cells (and attention cells) of :func:`run_parity` / ``posbias parity``.
+    gradients: bool = False,
+    gradient_variants: list[str] | None = None,
+) -> tuple[list[CellResult], list[Any], list[Any]]:
+    """Bias cells, attention cells and gradient cells of :func:`run_parity` / ``posbias parity``.
 
-    Work is ordered longest first where it can overlap: JAX cells (XLA
-    compilations) go to the worker threads at once; the main thread meanwhile
-    runs NumPy, PyTorch and TensorFlow cells, which need no compilation.
+    Every piece of work is a unit: a variant on one backend (all dtypes), a
+    backend's attention functions or layers, a variant's gradients on one
+    framework. With ``jobs > 1`` the JAX units (XLA compilations, which run
+    without the GIL) go to ``jobs`` worker threads, longest first, while the main
+    thread runs the other backends' units, which need no compilation; nothing
+    waits for the end of another phase. Returns ``(bias, attention, gradient)``
+    cells in the order variant, backend, dtype, whatever the threads did.
     """
-    from . import _layers
+    from . import _gradients, _layers
 
     names = list(variants) if variants is not None else list_biases()
     backend_names = list(backends) if backends is not None else backends_under_test()
@@ -597,24 +603,20 @@ def _run_matrix(
     examples = {name: _examples(name, head_counts) for name in names}
     references = {name: _References() for name in names}
 
-    units: list[tuple[str, Callable[[], list[Any]]]] = []  # (where it runs, work)
+    # (kind, key, backend, rough cost for ordering, work)
+    units: list[tuple[str, Any, str, float, Callable[[], Any]]] = []
     for name in names:
         for backend in backend_names:
-            units.append(
-                (
-                    "pool" if backend == "jax" else "main",
-                    functools.partial(
-                        _check_cells,
-                        examples[name],
-                        backend,
-                        dtype_names,
-                        variant=name,
-                        compiled=compiled,
-                        references=references[name],
-                    ),
-                )
+            work = functools.partial(
+                _check_cells,
+                examples[name],
+                backend,
+                dtype_names,
+                variant=name,
+                compiled=compiled,
+                references=references[name],
             )
-    bias_units = len(units)
+            units.append(("bias", name, backend, len(examples[name]) * len(dtype_names), work))
     if attention:
         jobs_ = _layers.attention_jobs(backend_names, dtype_names)
         for backend in dict.fromkeys(b for b, _ in jobs_):
@@ -624,46 +626,68 @@ def _run_matrix(
             # float32, so after the float32 cell JAX has compiled most of their ops
             groups = [functional, ["layers"]] if "layers" in kinds else [functional]
             for group in groups:
-                units.append(
-                    (
-                        "pool" if backend == "jax" else "main",
-                        functools.partial(_attention_cells, backend, group),
-                    )
-                )
-    total = len(names) * len(backend_names) * len(dtype_names) + (len(units) - bias_units)
-    done = 0
-    outputs: dict[int, list[Any]] = {}
+                work = functools.partial(_attention_cells, backend, group)
+                units.append(("attention", tuple(group), backend, 1000.0, work))
+    frameworks = [b for b in backend_names if b != "numpy"]
+    grad_names = _gradients.gradient_variants(gradient_variants) if gradients else []
+    for name in grad_names:
+        for backend in frameworks:
+            work = functools.partial(_gradients.gradient_results, backend, name)
+            units.append(("gradient", name, backend, 4.0, work))
 
-    def collect(index: int, cells: list[Any]) -> None:
+    grad_cells_total = len(grad_names) * max(len(frameworks) - 1, 0)
+    total = (
+        len(names) * len(backend_names) * len(dtype_names)
+        + sum(len(u[1]) for u in units if u[0] == "attention")
+        + grad_cells_total
+    )
+    done = 0
+    outputs: dict[int, Any] = {}
+    grad_cells: dict[str, list[Any]] = {}
+
+    def report(cells: list[Any]) -> None:
         nonlocal done
-        outputs[index] = cells
         for cell in cells:
             done += 1
             if progress is not None:
                 progress(done, total, cell)
 
-    pool = ThreadPoolExecutor(jobs) if jobs > 1 else None
+    def collect(index: int, value: Any) -> None:
+        outputs[index] = value
+        kind, key, _, _, _ = units[index]
+        if kind != "gradient":
+            report(_as_list(value))
+            return
+        mine = {u[2]: i for i, u in enumerate(units) if u[0] == "gradient" and u[1] == key}
+        if all(i in outputs for i in mine.values()):  # every framework of this variant
+            results = {b: outputs[i] for b, i in mine.items()}
+            grad_cells[key] = _gradients.compare_gradients(key, frameworks, results)
+            report(grad_cells[key])
+
+    pooled = {i for i, u in enumerate(units) if jobs > 1 and u[2] == "jax"}
+    by_cost = sorted(range(len(units)), key=lambda i: -units[i][3])  # stable: ties keep order
+    pool = ThreadPoolExecutor(jobs) if pooled else None
     pending: dict[int, Future] = {}
     try:
         if pool is not None:
-            # the attention cells first: one of them is the longest unit of all
-            order = [*range(bias_units, len(units)), *range(bias_units)]
-            pending = {i: pool.submit(units[i][1]) for i in order if units[i][0] == "pool"}
-        for index, (_, work) in enumerate(units):
-            if index in pending:
+            pending = {i: pool.submit(units[i][4]) for i in by_cost if i in pooled}
+        for index in by_cost:
+            if index in pooled:
                 continue
-            collect(index, _as_list(work()))
+            collect(index, units[index][4]())
             for key in [k for k, f in pending.items() if f.done()]:
-                collect(key, _as_list(pending.pop(key).result()))
-        for key, future in pending.items():
-            collect(key, _as_list(future.result()))
+                collect(key, pending.pop(key).result())
+        while pending:
+            finished = next(iter(wait(pending.values(), return_when=FIRST_COMPLETED)[0]))
+            key = next(k for k, f in pending.items() if f is finished)
+            collect(key, pending.pop(key).result())
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    ordered = [outputs[i] for i in range(len(units))]
-    bias = [c for cells in ordered[:bias_units] for c in cells]
-    layers = [c for cells in ordered[bias_units:] for c in cells]
-    return bias, layers
+    bias = [c for i, u in enumerate(units) if u[0] == "bias" for c in _as_list(outputs[i])]
+    layers = [c for i, u in enumerate(units) if u[0] == "attention" for c in outputs[i]]
+    grads = [c for name in grad_names for c in grad_cells.get(name, [])]
+    return bias, layers, grads
 
 
 def _attention_cells(backend: str, kinds: list[str]) -> list[Any]:

@@ -164,40 +164,58 @@ def cases() -> dict[str, dict[str, Any]]:
     }
 
 
+def gradient_variants(variants: list[str] | None = None) -> list[str]:
+    """The variants :func:`check_gradients` checks: ``variants``, else every learnable one."""
+    return variants or [n for n in list_biases() if get(n, num_heads=HEADS).learnable]
+
+
+def gradient_results(backend: str, name: str) -> tuple[dict[str, Any], float]:
+    """``({case: gradients(...)}, seconds)`` of one variant on one framework, every case."""
+    spec = spec_for(name)
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(2, HEADS, LENGTH, 16)).astype(np.float32)
+    k, v = rng.normal(size=(2, 2, KV_HEADS, LENGTH, 16)).astype(np.float32)
+    results, seconds = {}, 0.0
+    for label, kwargs in cases().items():
+        start = time.perf_counter()
+        results[label] = gradients(
+            backend, spec, q, k, v, kwargs, "float32", "auto", block_size=None
+        )
+        seconds += time.perf_counter() - start
+    return results, seconds
+
+
+def compare_gradients(
+    name: str, frameworks: list[str], results: dict[str, tuple[dict[str, Any], float]]
+) -> list[GradientCell]:
+    """One cell per framework after the first: its :func:`gradient_results` vs the first's."""
+    cells = []
+    first = frameworks[0] if frameworks else None
+    for backend in frameworks[1:]:
+        mine_all, seconds = results[backend]
+        cell = GradientCell(name, backend, first, seconds=seconds)
+        for label in cases():
+            (mine, mine_p, _), (ref, ref_p, _) = mine_all[label], results[first][0][label]
+            errors = [normwise(a, b) for a, b in zip(mine, ref, strict=True)]
+            errors.append(params_error(mine_p, ref_p))
+            cell.checks += 1
+            cell.max_error = max(cell.max_error, *errors)
+            if max(errors) > GRADIENT_TOLERANCE:
+                cell.failures.append(
+                    f"{label}: normwise gradient error {max(errors):.3g} > "
+                    f"{GRADIENT_TOLERANCE} (q, k, v, parameters: "
+                    + ", ".join(f"{e:.2g}" for e in errors)
+                    + ")"
+                )
+        cells.append(cell)
+    return cells
+
+
 def check_gradients(backends: list[str], variants: list[str] | None = None) -> list[GradientCell]:
     """One cell per learnable variant and framework: gradients vs the first framework's."""
     frameworks = [b for b in backends if b != "numpy"]
-    names = variants or [n for n in list_biases() if get(n, num_heads=HEADS).learnable]
     cells = []
-    for name in names:
-        spec = spec_for(name)
-        rng = np.random.default_rng(0)
-        q = rng.normal(size=(2, HEADS, LENGTH, 16)).astype(np.float32)
-        k, v = rng.normal(size=(2, 2, KV_HEADS, LENGTH, 16)).astype(np.float32)
-        results: dict[str, dict[str, Any]] = {b: {} for b in frameworks}
-        seconds = dict.fromkeys(frameworks, 0.0)
-        for backend in frameworks:
-            for label, kwargs in cases().items():
-                start = time.perf_counter()
-                results[backend][label] = gradients(
-                    backend, spec, q, k, v, kwargs, "float32", "auto", block_size=None
-                )
-                seconds[backend] += time.perf_counter() - start
-        first = frameworks[0] if frameworks else None
-        for backend in frameworks[1:]:
-            cell = GradientCell(name, backend, first, seconds=seconds[backend])
-            for label in cases():
-                (mine, mine_p, _), (ref, ref_p, _) = results[backend][label], results[first][label]
-                errors = [normwise(a, b) for a, b in zip(mine, ref, strict=True)]
-                errors.append(params_error(mine_p, ref_p))
-                cell.checks += 1
-                cell.max_error = max(cell.max_error, *errors)
-                if max(errors) > GRADIENT_TOLERANCE:
-                    cell.failures.append(
-                        f"{label}: normwise gradient error {max(errors):.3g} > "
-                        f"{GRADIENT_TOLERANCE} (q, k, v, parameters: "
-                        + ", ".join(f"{e:.2g}" for e in errors)
-                        + ")"
-                    )
-            cells.append(cell)
+    for name in gradient_variants(variants):
+        results = {b: gradient_results(b, name) for b in frameworks}
+        cells += compare_gradients(name, frameworks, results)
     return cells
