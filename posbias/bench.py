@@ -23,6 +23,7 @@ import numpy as np
 
 import posbias
 
+from . import bench_gates as _gates
 from . import bench_training as _training
 from ._benchlib import (
     GB,
@@ -242,6 +243,7 @@ def targets(smoke: bool) -> list[tuple[str, Callable[[], Result]]]:
         ("9a", lambda: materialise("numpy", mat, reps)),
         ("9b", lambda: materialise("torch", mat, reps)),
         *_training.targets(smoke),
+        *_gates.targets(smoke),
     ]
 
 

@@ -33,6 +33,10 @@ NEEDS = {
     "11": "jax",
     "11m": "jax",
     "12": "tensorflow",
+    "13a": "torch",
+    "13b": "torch",
+    "13m": "torch",
+    "13c": "jax",
 }
 
 

@@ -80,7 +80,54 @@ class Gates:
 
         ``q_slot`` ``(n,)`` or ``(B, n)`` integer slots inside ``[0, Lk)``.
         """
+        row, keys = self.parts(xp, q_slot, extent)
+        lower = expand_rows(xp, row, keys)
+        if causal or self.after is None:
+            return lower
         rows = q_slot if len(xp.shape(q_slot)) == 2 else q_slot[None]
+        chunk = rows // CHUNK
+        ids = xp.arange(-(-extent // CHUNK))
+        # keys after the query: Σ_{s = i+1..j} g'[s] = l'[j] − l'[i] + Σ_{c = c_i}^{c_j − 1} T'[c]
+        at_or_after = ids[None, None, :] >= chunk[:, :, None]
+        sums = xp.where(at_or_after[:, None], self.totals_after[:, :, None, : len(ids)], 0.0)
+        sums = xp.cumsum(sums, -1)
+        zero = xp.zeros((*xp.shape(sums)[:-1], 1), xp.dtype_name(sums.dtype))
+        sums = xp.concat([zero, sums[..., :-1]], -1)  # exclusive: whole chunks before c_j
+        l_i = _at_slots(xp, self.local_after, rows)
+        upper = self.local_after[:, :, None, :extent] - l_i[..., None] + _per_key(sums, extent)
+        later = xp.arange(extent)[None, None, :] > rows[:, :, None]  # (B|1, n, K)
+        return xp.where(later[:, None], upper, lower)
+
+    def parts(self, xp, q_slot: Any, extent: int) -> tuple[Any, Any]:
+        """``(row, keys)`` with ``G[i] − G[j] = row[b, h, r] + keys[b, h, r // CHUNK, j]``
+        for every key ``j`` at or before the query's slot ``i = q_slot[r]``.
+
+        Rows are taken in groups of :data:`CHUNK`, each anchored at its last row's slot
+        ``a``: ``row = G[i] − G[a]`` (``a − i < CHUNK`` gates, ``(B, H, n)``) and
+        ``keys = G[a] − G[j]`` (``(B, H, ceil(n / CHUNK), K)``, from the chunked sums).
+        Neither subtracts two large sums, so the precision is that of the module
+        docstring; a tile is one broadcast addition (:func:`expand_rows`), and a
+        softmax can take ``keys`` alone and move ``row`` (constant along a row) into
+        its log-sum-exp.
+        """
+        rows = q_slot if len(xp.shape(q_slot)) == 2 else q_slot[None]  # (B|1, n)
+        lead, n = xp.shape(rows)
+        groups = -(-n // CHUNK)
+        # the position (in q_slot) of each group's anchor, and of each row's anchor
+        last = xp.minimum(xp.arange(groups) * CHUNK + (CHUNK - 1), n - 1)
+        mine = xp.minimum((xp.arange(n) // CHUNK) * CHUNK + (CHUNK - 1), n - 1)
+        anchors = xp.gather_last(rows, einops.repeat(last, "m -> b m", b=lead))  # (B|1, m)
+        at = xp.gather_last(rows, einops.repeat(mine, "n -> b n", b=lead))  # (B|1, n)
+        keys = self._before(xp, anchors, extent)
+        # G[i] − G[a] = −Σ_{s=i+1..a} g[s] = l[i] − l[a] − (T[c_i] if a is in the next chunk)
+        chunk = rows // CHUNK
+        crossed = xp.where((at // CHUNK > chunk)[:, None], _at_slots(xp, self.totals, chunk), 0.0)
+        row = _at_slots(xp, self.local, rows) - _at_slots(xp, self.local, at) - crossed
+        return row, keys
+
+    def _before(self, xp, rows: Any, extent: int) -> Any:
+        """``(B, H, n, K)``: ``G[i] − G[j]`` for slots ``i = rows`` ``(B|1, n)`` and keys
+        ``j <= i`` (keys after ``i``: not this value)."""
         chunk = rows // CHUNK  # (B|1, n)
         n_chunks = -(-extent // CHUNK)
         ids = xp.arange(n_chunks)
@@ -89,19 +136,21 @@ class Gates:
         below = ids[None, None, :] < chunk[:, :, None]  # (B|1, n, C)
         sums = xp.where(below[:, None], self.totals[:, :, None, :n_chunks], 0.0)
         sums = reverse_cumsum(xp, sums, -1)
-        lower = l_i[..., None] - self.local[:, :, None, :extent] + _per_key(sums, extent)
-        if causal or self.after is None:
-            return lower
-        # keys after the query: Σ_{s = i+1..j} g'[s] = l'[j] − l'[i] + Σ_{c = c_i}^{c_j − 1} T'[c]
-        at_or_after = ids[None, None, :] >= chunk[:, :, None]
-        sums = xp.where(at_or_after[:, None], self.totals_after[:, :, None, :n_chunks], 0.0)
-        sums = xp.cumsum(sums, -1)
-        zero = xp.zeros((*xp.shape(sums)[:-1], 1), xp.dtype_name(sums.dtype))
-        sums = xp.concat([zero, sums[..., :-1]], -1)  # exclusive: whole chunks before c_j
-        l_i = _at_slots(xp, self.local_after, rows)
-        upper = self.local_after[:, :, None, :extent] - l_i[..., None] + _per_key(sums, extent)
-        later = xp.arange(extent)[None, None, :] > rows[:, :, None]  # (B|1, n, K)
-        return xp.where(later[:, None], upper, lower)
+        return l_i[..., None] - self.local[:, :, None, :extent] + _per_key(sums, extent)
+
+
+def expand_rows(xp, row: Any, keys: Any) -> Any:
+    """``(B, H, n, K)``: ``row[b, h, r] + keys[b, h, r // CHUNK, j]`` (see :meth:`Gates.parts`)."""
+    batch, heads, n = xp.shape(row)
+    groups = xp.shape(keys)[2]
+    pad = groups * CHUNK - n
+    if pad:
+        row = xp.concat([row, xp.zeros((batch, heads, pad), xp.dtype_name(row.dtype))], -1)
+    grouped = (
+        einops.rearrange(row, "b h (m r) -> b h m r", r=CHUNK)[..., None] + keys[:, :, :, None]
+    )
+    tile = einops.rearrange(grouped, "b h m r k -> b h (m r) k")
+    return tile[:, :, :n] if pad else tile
 
 
 def chunk_sums(xp, g: Any) -> tuple[Any, Any]:

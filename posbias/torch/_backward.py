@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .._core import backward as _engine
+from .._core import gates as _gates
 from .._core import partial as _partial
 from .._core.problem import Problem
 from .._core.reference import blockwise, reference_tile
@@ -53,13 +54,29 @@ def blocks(p: Problem, block_size: int) -> torch.Tensor:
         # torch.func (grad, vjp, vmap, jacrev, ...) transforms plain PyTorch operations
         # (SDPA's fused kernels give no gradient of a learnable bias there)
         return blockwise(p, reference_tile, block_size)
-    if not (_needs_grad(p) and _engine.supported(p)) or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        return blockwise(p, _sdpa.tile_fn(p), block_size)
+    if not _needs_grad(p) and _gates_on_threads(p):
+        return _masked_forward(p, block_size)[0]  # the training forward, lse unused
+    if not (_needs_grad(p) and _engine.supported(p)):
         return blockwise(p, _sdpa.tile_fn(p), block_size)
     if p.v.shape[-1] != p.q.shape[-1]:  # PyTorch's fused CPU kernel needs one head size
         return _engine.attention(p, block_size)[0]
     if p.has_attn_mask:  # the engine's backward blocks apply attn_mask; the fused ones do not
         return _engine.attention(p, block_size, forward_fn=forward)[0]
     return _engine.attention(p, block_size, forward_fn=forward, backward_fn=backward)[0]
+
+
+def _gates_on_threads(p: Problem) -> bool:
+    """Causal ``log_gates`` on CPU: blocks of rows shared out to threads (as in training)
+    beat one block after another with PyTorch's threads, whose barrier after every
+    operation stalls on shared cores (:func:`_parallel`)."""
+    return (
+        _sdpa.gate_rows(p)
+        and p.q.device.type == "cpu"
+        and _FLASH_CPU is not None
+        and p.v.shape[-1] == p.q.shape[-1]
+    )
 
 
 def _needs_grad(p: Problem) -> bool:
@@ -130,24 +147,34 @@ def _masked_forward(p: Problem, block_size: int):
     dtype = _dtype(p)
     out = p.q.new_empty((p.batch, p.heads, p.q_len, p.q.shape[-1]), dtype=dtype)
     lse = p.q.new_empty((p.batch, p.heads, p.q_len), dtype=dtype)
+    if _sdpa.gate_rows(p):
+        block_size = _sdpa.gate_block_rows(p, block_size)
+        _sdpa.gate_parts(p, 0, 1, 1)  # the call's table, before threads share it
     starts = list(range(0, p.q_len, block_size))
     workers = _workers(p.q, len(starts))
 
     def rows(share: list[int]) -> None:
+        workspace: list = []  # this worker's mask buffer (log_gates)
         for r0 in share:
             r1 = min(r0 + block_size, p.q_len)
-            out[:, :, r0:r1], lse[:, :, r0:r1] = _masked_partial(p, r0, r1)
+            out[:, :, r0:r1], lse[:, :, r0:r1] = _masked_partial(p, r0, r1, workspace)
 
     _parallel([lambda w=w: rows(starts[w::workers]) for w in range(workers)])
     return out, lse
 
 
-def _masked_partial(p: Problem, r0: int, r1: int):
+def _masked_partial(p: Problem, r0: int, r1: int, workspace: list | None = None):
     extent = p.extent(r0, r1)
     if extent == 0:
         return _partial.empty(p.xp, p.batch, p.heads, r1 - r0, p.q.shape[-1], p.compute)
-    q, k, v, mask, visible = _sdpa.masked_block(p, r0, r1, extent)
+    if _sdpa.gate_rows(p):
+        q, k, v, mask, visible, row = _sdpa.gated_block(p, r0, r1, extent, workspace)
+    else:
+        q, k, v, mask, visible = _sdpa.masked_block(p, r0, r1, extent)
+        row = None
     out, lse = _FLASH_CPU(q, k, v, attn_mask=mask, scale=p.scale)
+    if row is not None:  # the gate bias's part constant along each row
+        lse = lse + row
     if visible is not None:  # rows that see no key: out 0, lse the lowest float (as the engine)
         seen = visible.any(-1)
         out = torch.where(seen[..., None], out, 0.0)
@@ -286,8 +313,20 @@ class _Backward:
         work = _Workspace(self, dk, dv)
         bias_grad = _engine.BiasGradient(p, self.params)
         grads = self.q.new_empty(bh * self.rows * (p.k_len + self.rows))  # a block's dS
+        # causal log_gates (rows <= CHUNK: one group per block): the bias of a block is
+        # its keys' values, broadcast over the rows, the rows' part moved into lse
+        gated = _sdpa.gate_rows(p) and not self.params and self.rows <= _gates.CHUNK
+        if gated:
+            _sdpa.gate_parts(p, 0, 1, 1)  # the call's table, before threads share it
         for r0, r1, extent in blocks:
-            bias = bias_grad.values(r0, r1, extent)
+            shift = None
+            if gated:
+                row, bias = _sdpa.gate_parts(p, r0, r1, extent)  # bias (B, H, 1, K)
+                shift = row.to(dtype).reshape(bh, r1 - r0, 1)
+                positional = p.positional_tile(r0, r1, extent)
+                bias = bias if positional is None else bias + positional
+            else:
+                bias = bias_grad.values(r0, r1, extent)
             bias = None if bias is None else bias.to(dtype)
             visible = p.visible(r0, r1, extent)
             n = r1 - r0
@@ -297,14 +336,20 @@ class _Backward:
                 hs = slice(h0, h0 + self.group)
                 tile = None if bias is None else (bias[hs] if bias.dim() == 3 else bias[b, hs])
                 seen = None if visible is None else visible[b if visible.shape[0] > 1 else 0]
-                self._group(work, g0, r0, r1, extent, tile, seen, block_ds[g0 : g0 + self.group])
+                lower = None if shift is None else shift[g0 : g0 + self.group]
+                out = block_ds[g0 : g0 + self.group]
+                self._group(work, g0, r0, r1, extent, tile, seen, out, lower)
             if bias_grad.active:
                 ds = block_ds.view(p.batch, p.heads, n, extent + n)[..., :extent]
                 bias_grad.add(r0, r1, extent, ds)
         return dk, dv, bias_grad.result()
 
-    def _group(self, work, g0, r0, r1, extent, bias, visible, ds_out) -> torch.Tensor:
-        """Heads ``[g0, g0 + G)`` of one block: add to dq, dk, dv; return ``dS`` (padded)."""
+    def _group(self, work, g0, r0, r1, extent, bias, visible, ds_out, shift=None) -> torch.Tensor:
+        """Heads ``[g0, g0 + G)`` of one block: add to dq, dk, dv; return ``dS`` (padded).
+
+        ``shift`` ``(G, n, 1)``: a part of the bias constant along each row, not in
+        ``bias`` (which may then be ``(G, 1, K)``): taken off the log-sum-exp instead.
+        """
         p, scale = self.p, self.p.scale
         group, n, dim = self.group, r1 - r0, self.q.shape[-1]
         width = extent + n  # the block's keys, then n zero keys
@@ -317,7 +362,8 @@ class _Backward:
         if bias is None:
             torch.neg(self.lse[g, r0:r1].expand_as(real), out=real)
         else:
-            torch.sub(bias, self.lse[g, r0:r1], out=real)
+            lse = self.lse[g, r0:r1] if shift is None else self.lse[g, r0:r1] - shift
+            torch.sub(bias, lse, out=real)
         prob[:, :, extent:] = float("-inf")
         prob.baddbmm_(q, k.transpose(1, 2), alpha=scale)
         _exp_(prob)

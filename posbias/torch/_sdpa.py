@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .._core import conventions
+from .._core import gates as _gates
 from .._core.problem import Problem
 
 #: copy each block's Hankel view into a contiguous mask on CUDA (see docs/performance.md)
@@ -37,6 +38,9 @@ CONTIGUOUS_MASK_ON_CUDA = True
 def tile_fn(p: Problem) -> Any:
     """The tile function for ``p``: the Hankel fast path when it applies."""
     table = _toeplitz_table(p)
+    if table is None and gate_rows(p):
+        workspace: list = []
+        return lambda p, r0, r1: _masked_tile(p, r0, r1, workspace)
     if table is None:
         return _masked_tile
     # Reversing K/V costs 2·B·H·Lk·D copies once; copying each block's mask out of
@@ -131,11 +135,14 @@ def _diagonal_values(p: Problem, d_min: int, d_max: int) -> torch.Tensor | None:
     return table
 
 
-def _masked_tile(p: Problem, r0: int, r1: int) -> torch.Tensor:
+def _masked_tile(p: Problem, r0: int, r1: int, workspace: list | None = None) -> torch.Tensor:
     extent = p.extent(r0, r1)
     if extent == 0:
         return _zeros(p, r1 - r0)
-    q, k, v, mask, visible = masked_block(p, r0, r1, extent)
+    if gate_rows(p):  # the rows' constants do not change the output
+        q, k, v, mask, visible, _ = gated_block(p, r0, r1, extent, workspace, rows=False)
+    else:
+        q, k, v, mask, visible = masked_block(p, r0, r1, extent)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=p.scale)
     if visible is not None:
         out = torch.where(visible.any(-1, keepdim=True), out, 0.0)
@@ -165,6 +172,132 @@ def masked_block(p: Problem, r0: int, r1: int, extent: int) -> tuple:
         mask = mask[None]
     q, k, v = (t.to(dtype) for t in (p.q[:, :, r0:r1], p.k[:, :, :extent], p.v[:, :, :extent]))
     return q, k, v, mask, visible
+
+
+def gate_rows(p: Problem) -> bool:
+    """Whether blocks take the causal gate bias as ``keys`` per group of rows, its
+    ``row`` part moved into the log-sum-exp (:meth:`posbias._core.gates.Gates.parts`)."""
+    return p.gates is not None and p.causal and p.mask_add is None
+
+
+#: float elements of one block's mask with log_gates (64 MiB): longer keys, fewer rows
+GATE_MASK_ELEMENTS = 2**24
+
+
+def gate_block_rows(p: Problem, block_size: int) -> int:
+    """Rows per block for :func:`gated_block`: ``block_size``, fewer (a multiple of
+    ``CHUNK``, at least one ``CHUNK``) where a block's mask would pass
+    :data:`GATE_MASK_ELEMENTS`, since every worker holds one."""
+    fits = GATE_MASK_ELEMENTS // (p.batch * p.heads * p.k_len)
+    return min(block_size, max(_gates.CHUNK, fits // _gates.CHUNK * _gates.CHUNK))
+
+
+def gate_parts(p: Problem, r0: int, r1: int, extent: int, rows: bool = True) -> tuple:
+    """``(row, keys)`` of :meth:`posbias._core.gates.Gates.parts` for rows ``[r0, r1)``.
+
+    At an integer ``q_offset`` (not on MPS, which has no float64) from the call's
+    ``G`` summed once in float64 and kept as a float32 pair ``hi + lo``
+    (:func:`_gate_table`): each value is the float32 rounding of the exact
+    difference, in four operations per block (a CPU whose cores are shared stalls
+    at every operation's barrier, so few matter more than small).
+    """
+    table = _gate_table(p)
+    if table is None:
+        return p.gates.parts(p.xp, p.q_slot[..., r0:r1], extent)
+    chunk, n, start = _gates.CHUNK, r1 - r0, p.q_offset + r0
+    anchors = [start + min(t + chunk - 1, n - 1) for t in range(0, n, chunk)]
+    keys = table[:, :, :, anchors, None] - table[:, :, :, None, :extent]  # (2, B, H, m, K)
+    if not rows:  # (a softmax without its log-sum-exp does not need them)
+        return None, keys[0] + keys[1]
+    mine = [anchors[r // chunk] for r in range(n)]
+    row = table[:, :, :, start : start + n] - table[:, :, :, mine]
+    return row[0] + row[1], keys[0] + keys[1]
+
+
+def _gate_table(p: Problem) -> torch.Tensor | None:
+    """``(2, B, H, Lk)``: ``G = cumsum(g)`` as ``hi = float32(G)`` and ``lo =
+    float32(G − hi)``, summed in float64 once per call (cached on ``p.gates``);
+    None where :func:`gate_parts` takes the chunked sums instead."""
+    gates = p.gates
+    if not isinstance(p.q_offset, int) or gates.before.device.type == "mps":
+        return None
+    table = getattr(gates, "_torch_table", None)
+    if table is None:
+        total = torch.cumsum(gates.before.to(torch.float64), -1)
+        hi = total.to(torch.float32)
+        table = torch.stack([hi, (total - hi.to(torch.float64)).to(torch.float32)])
+        gates._torch_table = table
+    return table
+
+
+def gated_block(
+    p: Problem, r0: int, r1: int, extent: int, workspace: list | None = None, rows: bool = True
+) -> tuple:
+    """:func:`masked_block` for causal ``log_gates``, plus the rows' ``(B, H, n)``
+    constants. The softmax of a row does not change with a constant added to it, so
+    the mask holds only ``G[a] − G[j]`` (``a``: the anchor of the row's group,
+    :meth:`posbias._core.gates.Gates.parts`) and ``G[i] − G[a]`` belongs in the
+    log-sum-exp: the mask is one copy of the per-group key values, then the hidden
+    keys (for plain causal masks only the columns right of the block's first slot).
+
+    ``workspace``: a one-element list holding a flat buffer reused by every block of
+    a call (fresh memory for each block's mask costs page faults that can take as
+    long as the copy); filled on first use. ``rows=False``: the row constants are
+    not needed (None), as for an output without its log-sum-exp.
+    """
+    dtype = _dtype(p)
+    n = r1 - r0
+    row, keys = gate_parts(p, r0, r1, extent, rows)
+    keys = keys.to(dtype)
+    shape = (p.batch, p.heads, n, extent)
+    size = p.batch * p.heads * n * extent
+    if workspace is None:
+        mask = torch.empty(shape, dtype=dtype, device=p.q.device)
+    else:
+        if not workspace or workspace[0].numel() < size:
+            workspace[:] = [
+                torch.empty(p.batch * p.heads * n * p.k_len, dtype=dtype, device=p.q.device)
+            ]
+        mask = workspace[0][:size].view(shape)
+    full, rest = divmod(n, _gates.CHUNK)
+    if full:
+        grouped = mask[:, :, : full * _gates.CHUNK].unflatten(2, (full, _gates.CHUNK))
+        grouped.copy_(keys[:, :, :full, None])
+    if rest:
+        mask[:, :, full * _gates.CHUNK :].copy_(keys[:, :, full:, :])
+    lowest = torch.finfo(dtype).min
+    plain = p.key_mask is None and p.segment_ids is None and p.mask_keep is None
+    if plain and isinstance(p.q_offset, int):
+        # plain causal: row r sees keys up to its slot q_offset + r0 + r (>= 0 with
+        # log_gates, so every row sees a key); only keys right of the first row's
+        # slot are hidden from some rows: a triangle
+        visible = None
+        first = p.q_offset + r0 + 1
+        if first < extent:
+            width = extent - first
+            mask[..., first:].masked_fill_(_triangle(n, width, p.q.device), lowest)
+    else:
+        visible = p.keep(r0, r1, extent)  # (B|1, 1, n, K): causal, so never None
+        mask.masked_fill_(~visible, lowest)
+    positional = p.positional_tile(r0, r1, extent)
+    if positional is not None:  # hidden keys stay at about the lowest float
+        mask += positional.to(dtype)
+    q, k, v = (t.to(dtype) for t in (p.q[:, :, r0:r1], p.k[:, :, :extent], p.v[:, :, :extent]))
+    return q, k, v, mask, visible, None if row is None else row.to(dtype)
+
+
+def _triangle(rows: int, width: int, device: Any) -> torch.Tensor:
+    """``(rows, width)`` bool, True at ``c >= r`` (the keys after each row's slot)."""
+    key = (rows, width, str(device))
+    hit = _TRIANGLES.get(key)
+    if hit is None:
+        if len(_TRIANGLES) >= 8:
+            _TRIANGLES.pop(next(iter(_TRIANGLES)))
+        hit = _TRIANGLES[key] = torch.ones((rows, width), dtype=torch.bool, device=device).triu()
+    return hit
+
+
+_TRIANGLES: dict[Any, torch.Tensor] = {}
 
 
 def _dtype(p: Problem) -> torch.dtype:
