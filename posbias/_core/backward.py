@@ -461,6 +461,11 @@ class GateGradient:
         self.rows.append((r0, sums))
         return [*sums, *(c for c in self.cols if c is not None)]
 
+    def set_sums(self, rows: Any, cols: Any) -> None:
+        """The call's row sums ``(B, H, Lq)`` and column sums ``(B, H, Lk)`` of a causal
+        ``dS``, from a caller that reduced ``dS`` itself (instead of :meth:`add`)."""
+        self.rows, self.cols = [(0, (rows,))], [cols, None]
+
     def result(self) -> dict[str, Any]:
         """``{"log_gates": dg}`` (and ``"log_gates_after"``), ``(B, H, Lk)`` in ``p.compute``."""
         p, xp = self.p, self.p.xp

@@ -147,7 +147,10 @@ def _masked_forward(p: Problem, block_size: int):
     dtype = _dtype(p)
     out = p.q.new_empty((p.batch, p.heads, p.q_len, p.q.shape[-1]), dtype=dtype)
     lse = p.q.new_empty((p.batch, p.heads, p.q_len), dtype=dtype)
-    if _sdpa.gate_rows(p):
+    if _split_gates(p):
+        block_size = _gates.CHUNK  # one group of rows per block (_split_gate_partial)
+        _sdpa.gate_parts(p, 0, 1, 1)  # the call's table, before threads share it
+    elif _sdpa.gate_rows(p):
         block_size = _sdpa.gate_block_rows(p, block_size)
         _sdpa.gate_parts(p, 0, 1, 1)  # the call's table, before threads share it
     starts = list(range(0, p.q_len, block_size))
@@ -167,6 +170,8 @@ def _masked_partial(p: Problem, r0: int, r1: int, workspace: list | None = None)
     extent = p.extent(r0, r1)
     if extent == 0:
         return _partial.empty(p.xp, p.batch, p.heads, r1 - r0, p.q.shape[-1], p.compute)
+    if _split_gates(p) and r1 - r0 <= _gates.CHUNK:
+        return _split_gate_partial(p, r0, r1, extent)
     if _sdpa.gate_rows(p):
         q, k, v, mask, visible, row = _sdpa.gated_block(p, r0, r1, extent, workspace)
     else:
@@ -180,6 +185,50 @@ def _masked_partial(p: Problem, r0: int, r1: int, workspace: list | None = None)
         out = torch.where(seen[..., None], out, 0.0)
         lse = torch.where(seen, lse, torch.finfo(_dtype(p)).min)
     return out, lse
+
+
+def _split_gates(p: Problem) -> bool:
+    """Causal ``log_gates`` alone (no positional bias, padding, segments or mask) at an
+    integer offset on CPU: :func:`_split_gate_partial` applies."""
+    return (
+        _sdpa.gate_rows(p)
+        and p.bias is None
+        and p.key_mask is None
+        and p.segment_ids is None
+        and p.mask_keep is None
+        and isinstance(p.q_offset, int)
+        and p.q.device.type == "cpu"
+        and _FLASH_CPU is not None
+    )
+
+
+def _split_gate_partial(p: Problem, r0: int, r1: int, extent: int):
+    """``(out, lse)`` of one group of at most ``CHUNK`` rows with causal ``log_gates``.
+
+    The keys before the group's first slot are seen by every row, and their gate bias
+    is one row of per-key values ``G[a] − G[j]`` (:meth:`posbias._core.gates.Gates.parts`;
+    the rows' constants ``G[i] − G[a]`` go into the log-sum-exp): PyTorch's fused
+    kernel takes it as a ``(B, H, 1, K)`` mask broadcast over the rows, so no mask of
+    the block's size is written. The keys from the first slot on form a small causal
+    tile; the two ``(out, lse)`` pairs merge exactly (:mod:`posbias._core.partial`).
+    """
+    dtype, n = _dtype(p), r1 - r0
+    row, keys = _sdpa.gate_parts(p, r0, r1, extent)  # (B, H, n), (B, H, 1, K)
+    keys = keys.to(dtype)
+    first = p.q_offset + r0  # every row sees keys [0, first); extent = first + n
+    q = p.q[:, :, r0:r1].to(dtype)
+    k, v = (t[:, :, first:extent].to(dtype) for t in (p.k, p.v))
+    mask = keys[..., first:extent].expand(-1, -1, n, -1).clone()
+    if extent - first > 1:  # key first + c is after row r's slot first + r when c > r
+        mask[..., 1:].masked_fill_(_sdpa._triangle(n, extent - first - 1, p.q.device), -torch.inf)
+    out, lse = _FLASH_CPU(q, k, v, attn_mask=mask, scale=p.scale)
+    if first > 0:
+        k, v = (t[:, :, :first].to(dtype) for t in (p.k, p.v))
+        past, past_lse = _FLASH_CPU(q, k, v, attn_mask=keys[..., :first], scale=p.scale)
+        total = torch.logaddexp(lse, past_lse)
+        out = out * (lse - total).exp_()[..., None] + past * (past_lse - total).exp_()[..., None]
+        lse = total
+    return out, lse + row.to(dtype)
 
 
 # --------------------------------------------------------------- backward
@@ -213,6 +262,8 @@ def backward(
     run = _Backward(p, out, lse, dout, dlse, min(block_size, BACKWARD_ROWS), params)
     if run.reverse:
         run.by_heads()
+    elif run.gate_heads:
+        run.by_gate_heads()
     else:
         run.by_blocks()
     return run.result()
@@ -235,14 +286,25 @@ class _Backward:
         self.reverse = self.table is not None
         heads, dim = p.heads, p.q.shape[-1]
         bh, q_len = p.batch * heads, p.q_len
+        # causal log_gates alone: head groups to threads (by_gate_heads), keys unpadded
+        self.gate_heads = (
+            not self.reverse
+            and _sdpa.gate_rows(p)
+            and not params
+            and p.bias is None
+            and rows <= _gates.CHUNK
+        )
+        self.pad = not self.gate_heads  # zero keys after each block's own
         self.group = _group_size(heads, rows * (p.k_len + rows))
         self.delta = _engine.row_deltas(p.xp, out, dout, dlse, p.compute).reshape(bh, q_len, 1)
         self.dlse = None if dlse is None else dlse.to(dtype).reshape(bh, q_len, 1)
         self.lse = lse.to(dtype).reshape(bh, q_len, 1)
         self.q = p.q.to(dtype).reshape(bh, q_len, dim)
         self.do = dout.to(dtype).contiguous().reshape(bh, q_len, dim)
-        # (B·H, Lk + rows, D): the keys (reversed on the Hankel path), then zeros
-        self.k, self.v = (_padded_keys(t.to(dtype), self.reverse, rows) for t in (p.k, p.v))
+        if self.gate_heads:  # (B·H, Lk, D) views: no block reads past its extent
+            self.k, self.v = (t.to(dtype).reshape(bh, p.k_len, dim) for t in (p.k, p.v))
+        else:  # (B·H, Lk + rows, D): the keys (reversed on the Hankel path), then zeros
+            self.k, self.v = (_padded_keys(t.to(dtype), self.reverse, rows) for t in (p.k, p.v))
         self.dq = torch.empty_like(self.q)
         self.dk = self.q.new_zeros((bh, p.k_len, dim))
         self.dv = torch.zeros_like(self.dk)
@@ -287,6 +349,47 @@ class _Backward:
                     start = bias_grad.block_d_min(r0, r1) - bias_grad.d_min
                     diagonals[hs, start : start + ds.shape[-1] - 1] += _skew_sums(ds).flip(-1)
         return diagonals
+
+    def by_gate_heads(self) -> None:
+        """Causal ``log_gates`` without a positional bias: head groups shared out to
+        threads, like :meth:`by_heads`. A group's key gradients are its own rows (no
+        thread keeps a copy of dk, dv), its ``dS`` is reduced for the gates at once (row
+        and column sums), and no block reads keys past its extent (no zero-padded
+        copy of K and V): ``O(B·H·L·D)`` memory beside the inputs, gradients and one
+        group's workspace per thread."""
+        p = self.p
+        bh = p.batch * p.heads
+        groups = list(range(0, bh, self.group))
+        workers = _workers(self.q, len(groups))
+        blocks = self.blocks()
+        _sdpa.gate_parts(p, 0, 1, 1)  # the call's table, before threads share it
+        rows, cols = self.q.new_zeros((bh, p.q_len)), self.q.new_zeros((bh, p.k_len))
+        tasks = [
+            lambda w=w: self._gate_heads(groups[w::workers], blocks, rows, cols)
+            for w in range(workers)
+        ]
+        _parallel(tasks)
+        self.bias_grad.gates.set_sums(
+            rows.view(p.batch, p.heads, p.q_len), cols.view(p.batch, p.heads, p.k_len)
+        )
+
+    def _gate_heads(self, share: list[int], blocks: list, rows, cols) -> None:
+        p, dtype = self.p, _dtype(self.p)
+        work = _Workspace(self, self.dk, self.dv)  # head groups own disjoint rows
+        for r0, r1, extent in blocks:
+            # the block's gate bias: per-key values (B, H, 1, K), the rows' part into lse
+            row, keys = _sdpa.gate_parts(p, r0, r1, extent)
+            row, keys = row.to(dtype)[..., None], keys.to(dtype)
+            visible = p.visible(r0, r1, extent)
+            for g0 in share:
+                b, h0 = divmod(g0, p.heads)
+                hs, g = slice(h0, h0 + self.group), slice(g0, g0 + self.group)
+                seen = None if visible is None else visible[b if visible.shape[0] > 1 else 0]
+                ds = self._group(
+                    work, g0, r0, r1, extent, keys[b, hs], seen, work.grads, row[b, hs]
+                )
+                rows[g, r0:r1] = ds.sum(-1)
+                cols[g, :extent] += ds.sum(-2)
 
     def by_blocks(self) -> None:
         """Natural key order: blocks shared out to threads (round robin), each block over
@@ -352,7 +455,7 @@ class _Backward:
         """
         p, scale = self.p, self.p.scale
         group, n, dim = self.group, r1 - r0, self.q.shape[-1]
-        width = extent + n  # the block's keys, then n zero keys
+        width = extent + (n if self.pad else 0)  # the block's keys, then n zero keys (padded)
         first = p.k_len - extent if self.reverse else 0
         g, keys = slice(g0, g0 + group), slice(first, first + width)
         q, do, k, v = self.q[g, r0:r1], self.do[g, r0:r1], self.k[g, keys], self.v[g, keys]
