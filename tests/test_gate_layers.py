@@ -388,3 +388,20 @@ def test_log_gates_of_a_layer_without_gate_is_an_error(backend):
     layer = module.MultiHeadAttention(E, H, causal=True)
     with pytest.raises(posbias.InvalidArgumentError, match="gate='forgetting' or 'cable'"):
         layer.log_gates(load(backend)().from_numpy(_x(1, 3)))
+
+
+def test_torch_compiled_gated_layer_prefills_and_decodes_with_grad_enabled():
+    """torch.compile of a gated layer with a KV cache (grad mode on, the default) equals
+    the eager full forward (a reused in-place mask buffer broke functionalization)."""
+    torch = pytest.importorskip("torch")
+    import posbias.torch as pt
+
+    torch.manual_seed(0)
+    layer = pt.MultiHeadAttention(16, 2, "alibi", causal=True, gate="forgetting")
+    x = torch.randn(2, 10, 16)
+    full = layer(x)
+    compiled = torch.compile(layer)
+    cache = layer.init_cache(batch_size=2, capacity=12)
+    first, cache = compiled(x[:, :9], cache=cache)
+    last, cache = compiled(x[:, 9:], cache=cache)
+    assert float((torch.cat([first, last], 1) - full).abs().max()) <= 1e-5

@@ -38,7 +38,8 @@ CONTIGUOUS_MASK_ON_CUDA = True
 def tile_fn(p: Problem) -> Any:
     """The tile function for ``p``: the Hankel fast path when it applies."""
     table = _toeplitz_table(p)
-    if table is None and gate_rows(p):
+    if table is None and gate_rows(p) and not torch.compiler.is_compiling():
+        # (compiled: plain masks; the reused in-place buffer does not functionalize)
         workspace: list = []
         return lambda p, r0, r1: _masked_tile(p, r0, r1, workspace)
     if table is None:
@@ -139,7 +140,7 @@ def _masked_tile(p: Problem, r0: int, r1: int, workspace: list | None = None) ->
     extent = p.extent(r0, r1)
     if extent == 0:
         return _zeros(p, r1 - r0)
-    if gate_rows(p):  # the rows' constants do not change the output
+    if workspace is not None:  # causal log_gates: the rows' constants change no output
         q, k, v, mask, visible, _ = gated_block(p, r0, r1, extent, workspace, rows=False)
     else:
         q, k, v, mask, visible = masked_block(p, r0, r1, extent)
