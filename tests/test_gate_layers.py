@@ -405,3 +405,24 @@ def test_torch_compiled_gated_layer_prefills_and_decodes_with_grad_enabled():
     first, cache = compiled(x[:, :9], cache=cache)
     last, cache = compiled(x[:, 9:], cache=cache)
     assert float((torch.cat([first, last], 1) - full).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_keras_model_with_a_gated_layer_fits(causal):
+    """model.fit traces with an unknown batch size (and bidirectional gates under
+    tf.function): the loss is finite and the gate projection trains."""
+    if "tensorflow" not in FRAMEWORKS:
+        pytest.skip("needs tensorflow")
+    import keras
+
+    ptf = lp.framework_module("tensorflow")
+    layer = ptf.MultiHeadAttention(32, 4, "alibi", causal=causal, gate="cable")
+    inputs = keras.Input((9, 32))
+    model = keras.Model(inputs, layer(inputs))
+    model.compile("adam", "mse")
+    before = np.array(layer.portable_weights()["gate.kernel"])
+    rng = np.random.default_rng(0)
+    x, y = (rng.standard_normal((4, 9, 32)).astype(np.float32) for _ in range(2))
+    history = model.fit(x, y, batch_size=2, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert not np.allclose(layer.portable_weights()["gate.kernel"], before)

@@ -366,3 +366,44 @@ def test_positive_gates_under_jit_give_nan_not_a_silent_answer():
         tq, tk, tv, tg
     )
     assert np.isnan(np.asarray(out)).any()
+
+
+@pytest.mark.skipif("tensorflow" not in FRAMEWORKS, reason="TensorFlow not under test")
+@pytest.mark.parametrize("causal", [True, False])
+def test_tf_function_with_an_unknown_batch_size(causal):
+    """Gates trace under tf.function, bidirectional ones too, with the batch size unknown
+    (the one dimension that may be): the same outputs and gate gradients as eagerly."""
+    import tensorflow as tf
+
+    mod = framework_module("tensorflow")
+
+    def run(q, g):
+        with tf.GradientTape() as tape:
+            tape.watch([q, g])
+            after = None if causal else g
+            out = mod.attention(
+                q, q, q, causal=causal, log_gates=g, log_gates_after=after, block_size=16
+            )
+            loss = tf.reduce_sum(out**2)
+        return out, tape.gradient(loss, g)
+
+    traced = tf.function(
+        run, input_signature=[tf.TensorSpec((None, 70, 2, 4)), tf.TensorSpec((None, 70, 2))]
+    )
+    q, _, _, g, _ = _inputs(batch=3, heads=2, kv=2, q_len=70, k_len=70)
+    q = tf.constant(np.swapaxes(q[..., :4], 1, 2), tf.float32)
+    g = tf.constant(np.swapaxes(g, 1, 2), tf.float32)
+    for got, want in zip(traced(q, g), run(q, g), strict=True):
+        assert _error(got.numpy(), want.numpy()) <= TOL
+
+
+@pytest.mark.skipif("jax" not in FRAMEWORKS, reason="JAX not under test")
+def test_traced_offsets_outside_the_keys_give_nan_not_a_silent_answer():
+    import jax
+
+    q, k, v, g, _ = _inputs()
+    (tq, tk, tv), (tg, _), _ = _args("jax", q, k, v, g, None, {})
+    mod = framework_module("jax")
+    run = jax.jit(lambda q, o: mod.attention(q, tk, tv, causal=True, log_gates=tg, q_offset=o))
+    out = np.asarray(run(tq[:, :4], np.array([9, 12])))  # 12 + 4 > 13: sequence 1 only
+    assert not np.isnan(out[0]).any() and np.isnan(out[1]).all()

@@ -454,8 +454,7 @@ class GateGradient:
         for index, part in enumerate(parts):
             cols = xp.sum(part, -2)
             if extent < p.k_len:
-                pad = xp.zeros((p.batch, p.heads, p.k_len - extent), p.compute)
-                cols = xp.concat([cols, pad], -1)
+                cols = xp.pad_last(cols, 0, p.k_len - extent)
             total = self.cols[index]
             self.cols[index] = cols if total is None else total + cols
         self.rows.append((r0, sums))
@@ -481,15 +480,14 @@ class GateGradient:
 
     def _row_sums(self, index: int) -> Any:
         p, xp = self.p, self.p.xp
+        if not self.rows:  # no block saw a key
+            return xp.zeros((p.batch, p.heads, p.q_len), p.compute)
         parts, filled = [], 0
-        for r0, sums in self.rows:
-            if r0 > filled:
-                parts.append(xp.zeros((p.batch, p.heads, r0 - filled), p.compute))
-            parts.append(sums[index])
+        for r0, sums in self.rows:  # blocks of rows in order; rows that see no key: 0
+            parts.append(xp.pad_last(sums[index], r0 - filled, 0))
             filled = r0 + xp.shape(sums[index])[-1]
-        if filled < p.q_len:  # rows that see no key
-            parts.append(xp.zeros((p.batch, p.heads, p.q_len - filled), p.compute))
-        return parts[0] if len(parts) == 1 else xp.concat(parts, -1)
+        rows = parts[0] if len(parts) == 1 else xp.concat(parts, -1)
+        return xp.pad_last(rows, 0, p.q_len - filled)
 
 
 def _as_rows(slots: Any) -> Any:

@@ -86,13 +86,13 @@ class Gates:
             return lower
         rows = q_slot if len(xp.shape(q_slot)) == 2 else q_slot[None]
         chunk = rows // CHUNK
-        ids = xp.arange(-(-extent // CHUNK))
+        n_chunks = -(-extent // CHUNK)
+        ids = xp.arange(n_chunks)
         # keys after the query: Σ_{s = i+1..j} g'[s] = l'[j] − l'[i] + Σ_{c = c_i}^{c_j − 1} T'[c]
         at_or_after = ids[None, None, :] >= chunk[:, :, None]
-        sums = xp.where(at_or_after[:, None], self.totals_after[:, :, None, : len(ids)], 0.0)
+        sums = xp.where(at_or_after[:, None], self.totals_after[:, :, None, :n_chunks], 0.0)
         sums = xp.cumsum(sums, -1)
-        zero = xp.zeros((*xp.shape(sums)[:-1], 1), xp.dtype_name(sums.dtype))
-        sums = xp.concat([zero, sums[..., :-1]], -1)  # exclusive: whole chunks before c_j
+        sums = xp.pad_last(sums[..., :-1], 1, 0)  # exclusive: whole chunks before c_j
         l_i = _at_slots(xp, self.local_after, rows)
         upper = self.local_after[:, :, None, :extent] - l_i[..., None] + _per_key(sums, extent)
         later = xp.arange(extent)[None, None, :] > rows[:, :, None]  # (B|1, n, K)
@@ -111,13 +111,13 @@ class Gates:
         its log-sum-exp.
         """
         rows = q_slot if len(xp.shape(q_slot)) == 2 else q_slot[None]  # (B|1, n)
-        lead, n = xp.shape(rows)
+        n = xp.shape(rows)[-1]
         groups = -(-n // CHUNK)
         # the position (in q_slot) of each group's anchor, and of each row's anchor
         last = xp.minimum(xp.arange(groups) * CHUNK + (CHUNK - 1), n - 1)
         mine = xp.minimum((xp.arange(n) // CHUNK) * CHUNK + (CHUNK - 1), n - 1)
-        anchors = xp.gather_last(rows, einops.repeat(last, "m -> b m", b=lead))  # (B|1, m)
-        at = xp.gather_last(rows, einops.repeat(mine, "n -> b n", b=lead))  # (B|1, n)
+        anchors = xp.take_last(rows, last)  # (B|1, m)
+        at = xp.take_last(rows, mine)  # (B|1, n)
         keys = self._before(xp, anchors, extent)
         # G[i] − G[a] = −Σ_{s=i+1..a} g[s] = l[i] − l[a] − (T[c_i] if a is in the next chunk)
         chunk = rows // CHUNK
@@ -141,11 +141,11 @@ class Gates:
 
 def expand_rows(xp, row: Any, keys: Any) -> Any:
     """``(B, H, n, K)``: ``row[b, h, r] + keys[b, h, r // CHUNK, j]`` (see :meth:`Gates.parts`)."""
-    batch, heads, n = xp.shape(row)
+    n = xp.shape(row)[-1]
     groups = xp.shape(keys)[2]
     pad = groups * CHUNK - n
     if pad:
-        row = xp.concat([row, xp.zeros((batch, heads, pad), xp.dtype_name(row.dtype))], -1)
+        row = xp.pad_last(row, 0, pad)
     grouped = (
         einops.rearrange(row, "b h (m r) -> b h m r", r=CHUNK)[..., None] + keys[:, :, :, None]
     )
@@ -156,10 +156,10 @@ def expand_rows(xp, row: Any, keys: Any) -> Any:
 def chunk_sums(xp, g: Any) -> tuple[Any, Any]:
     """``(local, totals)``: cumulative sums of ``g`` ``(B, H, L)`` within chunks of
     :data:`CHUNK` slots ``(B, H, L)``, and each chunk's total ``(B, H, ceil(L / CHUNK))``."""
-    batch, heads, length = xp.shape(g)
+    length = xp.shape(g)[-1]
     pad = -length % CHUNK
     if pad:
-        g = xp.concat([g, xp.zeros((batch, heads, pad), xp.dtype_name(g.dtype))], -1)
+        g = xp.pad_last(g, 0, pad)
     local = xp.cumsum(einops.rearrange(g, "b h (c s) -> b h c s", s=CHUNK), -1)
     totals = local[..., -1]
     local = einops.rearrange(local, "b h c s -> b h (c s)")[..., :length]
@@ -177,26 +177,22 @@ def _per_key(sums: Any, extent: int) -> Any:
 
 
 def _at_slots(xp, values: Any, slots: Any) -> Any:
-    """``values[b, h, slots[b, r]]`` for ``values`` ``(B, H, Lk)`` and ``slots`` ``(B|1, n)``."""
-    batch, heads, _ = xp.shape(values)
-    if xp.shape(slots)[0] == 1 and batch > 1:
-        slots = einops.repeat(slots, "1 n -> b n", b=batch)
+    """``values[b, h, slots[b, r]]`` for ``values`` ``(B, H, Lk)`` and ``slots`` ``(B|1, n)``
+    (no batch size needed: it may be unknown while tracing)."""
+    if xp.shape(slots)[0] == 1:  # the same slots for every sequence
+        return xp.take_last(values, slots[0])
+    heads = xp.shape(values)[1]
     index = einops.repeat(slots, "b n -> (b h) n", h=heads)
     flat = einops.rearrange(values, "b h l -> (b h) l")
-    return einops.rearrange(xp.gather_last(flat, index), "(b h) n -> b h n", b=batch)
+    return einops.rearrange(xp.gather_last(flat, index), "(b h) n -> b h n", h=heads)
 
 
 def place_rows(xp, rows: Any, q_offset: Any, k_len: int) -> Any:
     """``(B, H, Lk)``: per-query values ``rows`` ``(B, H, Lq)`` moved to their key slots
     ``q_offset + r`` (0 at slots no query holds)."""
-    batch, heads, q_len = xp.shape(rows)
-    dtype = xp.dtype_name(rows.dtype)
-    if isinstance(q_offset, int):
-        parts = [xp.zeros((batch, heads, q_offset), dtype)] if q_offset else []
-        parts.append(rows)
-        if k_len > q_offset + q_len:
-            parts.append(xp.zeros((batch, heads, k_len - q_offset - q_len), dtype))
-        return parts[0] if len(parts) == 1 else xp.concat(parts, -1)
+    q_len = xp.shape(rows)[-1]
+    if isinstance(q_offset, int):  # 0 <= q_offset <= Lk - Lq (gates.read)
+        return xp.pad_last(rows, q_offset, k_len - q_offset - q_len)
     index = xp.arange(k_len)[None, :] - q_offset[:, None]  # (B, Lk): the query of each slot
     inside = (index >= 0) & (index < q_len)
     index = xp.minimum(xp.maximum(index, 0), max(q_len - 1, 0))
@@ -227,7 +223,8 @@ def read(
         InvalidTypeError: non-floating gates.
         InvalidArgumentError: a wrong shape, positive or non-finite values (checked
             where values are known; while tracing a positive gate makes the output
-            NaN instead), ``log_gates_after`` without ``log_gates`` or with
+            NaN instead, as does a traced ``q_offset`` outside ``[0, Lk − Lq]``),
+            ``log_gates_after`` without ``log_gates`` or with
             ``causal=True``, ``causal=False`` without ``log_gates_after``, queries
             whose slots are not key slots, or segments that are not contiguous.
     """
@@ -270,6 +267,11 @@ def read(
         for name, g in zip(NAMES, (log_gates, log_gates_after), strict=True)
         if g is not None
     ]
+    if not isinstance(q_offset, int) and not xp.is_concrete(q_offset):
+        # values unknown while tracing: a sequence whose queries are not at key slots
+        # gets NaN outputs (loud), never gates read from the wrong slots
+        outside = (q_offset < 0) | (q_offset + q_len > k_len)
+        gates = [xp.where(outside[:, None, None], float("nan"), g) for g in gates]
     return Gates.build(xp, *gates)
 
 

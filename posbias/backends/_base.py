@@ -242,6 +242,15 @@ class Backend:
         """``x`` in reverse order along ``axis``."""
         return self.xp.flip(x, axis)
 
+    def take_last(self, x, index):
+        """``x[..., index]``: a gather along the last axis with one 1-D integer ``index``."""
+        return x[..., index]
+
+    def pad_last(self, x, before: int, after: int):
+        """``x`` with ``before`` zeros prepended and ``after`` appended on the last axis
+        (no batch size needed: works where it is unknown while tracing)."""
+        return self.xp.pad(x, [(0, 0)] * (len(x.shape) - 1) + [(before, after)])
+
     def amax(self, x, axis, keepdims=False):
         return self.xp.max(x, axis, keepdims=keepdims)
 

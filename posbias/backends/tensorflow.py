@@ -132,6 +132,12 @@ class TensorflowBackend(Backend):
     def flip(self, x, axis):
         return tf.reverse(x, [axis])
 
+    def take_last(self, x, index):
+        return tf.gather(x, index, axis=-1)
+
+    def pad_last(self, x, before: int, after: int):
+        return tf.pad(x, [[0, 0]] * (len(x.shape) - 1) + [[before, after]])
+
     def amax(self, x, axis, keepdims=False):
         return tf.reduce_max(x, axis=axis, keepdims=keepdims)
 

@@ -128,6 +128,9 @@ class TorchBackend(Backend):
     def flip(self, x, axis):
         return torch.flip(x, dims=(axis,))
 
+    def pad_last(self, x, before: int, after: int):
+        return torch.nn.functional.pad(x, (before, after))
+
     def amax(self, x, axis, keepdims=False):
         return torch.amax(x, dim=axis, keepdim=keepdims)
 
