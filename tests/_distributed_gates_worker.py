@@ -9,32 +9,13 @@ gradients (q, k, v, gates) with single-device posbias attention. Results go to
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import traceback
-
 B, H, L, D = 2, 4, 32, 8
 
 
 def main(rank: int, world: int, port: int, out_dir: str) -> None:
-    import torch
-    import torch.distributed as dist
+    from _distributed_worker import run
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
-    )
-    results: dict[str, object] = {}
-    try:
-        _checks(rank, world, results)
-    except Exception:  # report, do not hang the other rank's test
-        results["crash"] = traceback.format_exc()
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
+    run(rank, world, port, out_dir, _checks)
 
 
 def _checks(rank: int, world: int, results: dict) -> None:

@@ -17,7 +17,43 @@ B, H, L, D = 2, 4, 16, 8
 TOL = 5e-6
 
 
+def spawn(worker_main, out, deadline_s: int, world: int = 2) -> list[dict]:
+    """Run ``worker_main(rank, world, port, out)`` in ``world`` spawned processes (killed
+    after ``deadline_s``) and return each rank's JSON results (a crash fails the test)."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=worker_main, args=(r, world, port, str(out))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(deadline_s)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+        p.join()
+    assert not alive, f"the ranks did not finish within {deadline_s} s (a collective hung?)"
+    results = []
+    for r in range(world):
+        path = os.path.join(str(out), f"rank{r}.json")
+        assert os.path.exists(path), f"rank {r} exited with code {procs[r].exitcode}, no results"
+        with open(path) as f:
+            results.append(json.load(f))
+        assert "crash" not in results[-1], results[-1]["crash"]
+    return results
+
+
 def main(rank: int, world: int, port: int, out_dir: str) -> None:
+    run(rank, world, port, out_dir, _checks)
+
+
+def run(rank: int, world: int, port: int, out_dir: str, checks) -> None:
+    """One rank: a gloo process group on loopback, ``checks(rank, world, results)``, the
+    results (or the crash) written to ``<out_dir>/rank<rank>.json``."""
     import torch
     import torch.distributed as dist
 
@@ -28,7 +64,7 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
     )
     results: dict[str, object] = {}
     try:
-        _checks(rank, world, results)
+        checks(rank, world, results)
     except Exception:  # report, do not hang the other rank's test
         results["crash"] = traceback.format_exc()
     finally:

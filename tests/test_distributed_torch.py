@@ -7,10 +7,6 @@ to JSON. Collectives have a 60 s timeout, the whole run 420 s.
 
 from __future__ import annotations
 
-import json
-import multiprocessing
-import socket
-
 import pytest
 
 from posbias import testing as pt
@@ -28,38 +24,14 @@ WORLD = 2
 DEADLINE_S = 420
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.fail("torch.distributed with gloo is needed for these tests")
     import _distributed_worker as worker
+    from _distributed_worker import spawn
 
-    out = tmp_path_factory.mktemp("ranks")
-    ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=worker.main, args=(r, WORLD, port, str(out))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(DEADLINE_S)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-        p.join()
-    assert not alive, f"the ranks did not finish within {DEADLINE_S} s (a collective hung?)"
-    results = []
-    for r in range(WORLD):
-        path = out / f"rank{r}.json"
-        assert path.exists(), f"rank {r} exited with code {procs[r].exitcode} and no results"
-        results.append(json.loads(path.read_text()))
-        assert "crash" not in results[-1], results[-1]["crash"]
-    return results
+    return spawn(worker.main, tmp_path_factory.mktemp("ranks"), DEADLINE_S, WORLD)
 
 
 def _keys(prefix: str) -> list[str]:
