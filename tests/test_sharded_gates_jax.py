@@ -186,3 +186,36 @@ def test_gate_errors(devices):
                             segment_ids=zigzag(natural, 4))  # fmt: skip
     ref = attention(q, k, v, causal=True, log_gates=g, segment_ids=natural)
     assert err(unzigzag(out, 4), ref) < TOL
+
+
+@pytest.mark.parametrize("order", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("argnums", [(1, 2), (0, 1, 2)], ids=["g_ga", "q_g_ga"])
+def test_bidirectional_packed_gradients_of_both_gate_sets(devices, order, argnums):
+    """causal=False with segment_ids, differentiating log_gates and log_gates_after together
+    (and q): once NaN in the gradient of log_gates_after at a few slots under jit, because
+    the softmax shift max(scores) was differentiated (reduce_max's rule compares a recomputed
+    copy of the scores with the max and divides by the count of equal entries)."""
+    batch, heads = 2, 2  # the failing case: B > 1 and H > 1, plain multi-head attention
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(batch, L, heads, D)), jnp.float32) for _ in "qkv")
+    g, g_after = (jnp.asarray(-rng.uniform(0.0, 0.5, (batch, L, heads)), jnp.float32) for _ in "gG")
+    segments = np.zeros((batch, L), np.int32)
+    segments[1, 20:] = 1
+    segments[1, 50:] = 2
+    seg = jnp.asarray(segments)
+    mesh, seq_axis, head_axis = mesh_of(devices, "seq4")
+    call = sharded(mesh, seq_axis, head_axis, order, None, False)
+
+    def loss_ref(q, g, g_after):
+        out = attention(q, k, v, causal=False, log_gates=g, log_gates_after=g_after,
+                        segment_ids=seg)  # fmt: skip
+        return jnp.sum(out**2)
+
+    def loss(q, g, g_after):
+        return jnp.sum(call(q, k, v, log_gates=g, log_gates_after=g_after, segment_ids=seg) ** 2)
+
+    expected = jax.grad(loss_ref, argnums)(q, g, g_after)
+    got = jax.jit(jax.grad(loss, argnums))(q, g, g_after)
+    for e, x in zip(expected, got, strict=True):
+        assert bool(jnp.all(jnp.isfinite(x)))
+        assert err(x, e) < TOL * max(1.0, float(jnp.max(jnp.abs(e))))

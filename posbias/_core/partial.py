@@ -68,7 +68,11 @@ def probabilities(xp, scores: Any, visible: Any, compute: str) -> tuple[Any, Any
     lowest = xp.finfo_min(compute)
     if visible is not None:
         scores = xp.where(visible, scores, lowest)
-    top = xp.amax(scores, -1, keepdims=True)
+    # the shift cancels exactly (probabilities and lse do not depend on it): no gradient.
+    # Differentiating the max would route it through reduce_max's rule, ct·(s == max)/count,
+    # whose equality test XLA may evaluate on a recomputed copy of the scores (fused
+    # differently, rounded differently): count 0 gives inf, then NaN (sharded log_gates).
+    top = xp.stop_gradient(xp.amax(scores, -1, keepdims=True))
     shifted = xp.exp(scores - top)
     if visible is not None:
         shifted = xp.where(visible, shifted, 0.0)
