@@ -43,6 +43,7 @@ from .._core import problem as _problem
 from .._core.checks import MAX_POSITION, check_int
 from ..errors import InvalidArgumentError, InvalidTypeError
 from ..spec import BiasSpec
+from ._sdpa import cumsum_hi_lo
 
 
 def score_mod(
@@ -331,8 +332,8 @@ def gate_score_mod(
         compute="float32",
         native=_problem.native,
     )
-    before = _hi_lo(gates.before)
-    after = None if gates.after is None else _hi_lo(gates.after)
+    before = cumsum_hi_lo(gates.before)
+    after = None if gates.after is None else cumsum_hi_lo(gates.after)
     if isinstance(q_offset, int):
         offset = torch.tensor([q_offset], device=log_gates.device)
     else:
@@ -349,15 +350,6 @@ def gate_score_mod(
         return score + bias
 
     return posbias_gate_score_mod
-
-
-def _hi_lo(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``G = cumsum(g)`` summed in float64 as a float32 pair ``hi + lo`` (differentiable)."""
-    wide = g.to("cpu") if g.device.type == "mps" else g  # MPS has no float64
-    total = torch.cumsum(wide.to(torch.float64), -1)
-    hi = total.to(torch.float32)
-    lo = (total - hi.to(torch.float64)).to(torch.float32)
-    return hi.to(g.device), lo.to(g.device)
 
 
 def _difference(table: tuple[torch.Tensor, torch.Tensor], b, h, i, j) -> torch.Tensor:

@@ -224,11 +224,20 @@ def _gate_table(p: Problem) -> torch.Tensor | None:
         return None
     table = getattr(gates, "_torch_table", None)
     if table is None:
-        total = torch.cumsum(gates.before.to(torch.float64), -1)
-        hi = total.to(torch.float32)
-        table = torch.stack([hi, (total - hi.to(torch.float64)).to(torch.float32)])
-        gates._torch_table = table
+        table = gates._torch_table = torch.stack(cumsum_hi_lo(gates.before))
     return table
+
+
+def cumsum_hi_lo(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``G = cumsum(g)`` along the last axis, summed in float64 and returned as a float32
+    pair ``hi = float32(G)``, ``lo = float32(G − hi)`` (differentiable; MPS, which has no
+    float64, sums on the CPU): ``(hi[i] − hi[j]) + (lo[i] − lo[j])`` is the float32
+    rounding of the exact ``G[i] − G[j]``."""
+    wide = g.to("cpu") if g.device.type == "mps" else g
+    total = torch.cumsum(wide.to(torch.float64), -1)
+    hi = total.to(torch.float32)
+    lo = (total - hi.to(torch.float64)).to(torch.float32)
+    return hi.to(g.device), lo.to(g.device)
 
 
 def gated_block(
