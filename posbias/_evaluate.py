@@ -111,7 +111,8 @@ def _compute_in_chunks(spec: BiasSpec, xp: Any, q: Any, k: Any, heads: Any, para
     """``compute`` over blocks of query rows, so that its temporaries stay bounded.
 
     A variant declares how many floats of temporaries it holds per bias entry
-    (:meth:`BiasSpec.temporaries_per_entry`: FIRE's MLP, Swin V2's CPB, Sandwich's
+    (:meth:`BiasSpec.temporaries_per_entry`) and per (query, key) pair
+    (:meth:`BiasSpec.temporaries_per_pair`: FIRE's MLP, Swin V2's CPB, Sandwich's
     angles); the rows are split so that a block needs at most :data:`CHUNK_BYTES`.
     Tiles concatenate exactly, so the result is the same as one call.
     """
@@ -120,7 +121,8 @@ def _compute_in_chunks(spec: BiasSpec, xp: Any, q: Any, k: Any, heads: Any, para
     batch = None if None in batches else max(batches)
     if q_len is None or k_len is None or batch is None:  # unknown while tracing
         return _compute(spec, xp, q, k, heads, params)
-    per_row = 4 * max(1, spec.temporaries_per_entry()) * len(heads) * k_len * batch
+    per_pair = max(1, _temporaries(spec, "entry")) * len(heads) + _temporaries(spec, "pair")
+    per_row = 4 * per_pair * k_len * batch
     if per_row == 0:  # no keys or no rows: nothing to bound
         return _compute(spec, xp, q, k, heads, params)
     _check_memory(per_row, f"one query row of {spec.name or type(spec).__name__}")
@@ -131,6 +133,17 @@ def _compute_in_chunks(spec: BiasSpec, xp: Any, q: Any, k: Any, heads: Any, para
         _compute(spec, xp, q[..., r : r + rows], k, heads, params) for r in range(0, q_len, rows)
     ]
     return xp.concat(parts, -2)
+
+
+def _temporaries(spec: BiasSpec, kind: str) -> int:
+    """``spec.temporaries_per_<kind>()``, checked: a non-negative ``int``."""
+    value = getattr(spec, f"temporaries_per_{kind}")()
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+        raise InvalidTypeError(
+            f"{spec.name or type(spec).__name__}.temporaries_per_{kind}() returned {value!r}; "
+            "expected a non-negative int (floats of temporaries, see BiasSpec)."
+        )
+    return int(value)
 
 
 def _compute(spec: BiasSpec, xp: Any, q: Any, k: Any, heads: Any, params: Any) -> Any:

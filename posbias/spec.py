@@ -209,13 +209,21 @@ class BiasSpec:
         return [cls(num_heads=num_heads)]
 
     def temporaries_per_entry(self) -> int:
-        """Floats of temporaries ``compute`` holds per bias entry (default 4).
+        """Floats of temporaries ``compute`` holds per bias entry ``(h, q, k)`` (default 4).
 
-        :meth:`bias` computes blocks of query rows small enough that these
-        temporaries stay within a fixed budget; a variant with an inner axis
-        (an MLP's hidden layer, a sum over frequencies) declares its width.
+        :meth:`bias` computes blocks of query rows small enough that the
+        temporaries, ``4 bytes · Lk · (temporaries_per_entry() · heads +
+        temporaries_per_pair())`` per row, stay within a fixed budget (256 MiB).
         """
         return 4
+
+    def temporaries_per_pair(self) -> int:
+        """Floats of temporaries ``compute`` holds per ``(query, key)`` pair, whatever
+        the number of heads (default 0): an inner axis of a relative position shared
+        by the heads, e.g. an MLP's hidden layer (FIRE, Swin V2's CPB) or Sandwich's
+        angles, declares its width here (see :meth:`temporaries_per_entry`).
+        """
+        return 0
 
     def init_params(self, seed: int = 0) -> dict[str, np.ndarray]:
         """Initial learnable parameters, seeded NumPy (empty for parameter-free variants).

@@ -275,6 +275,21 @@ def test_torch_gradients_do_not_depend_on_threads():
     assert torch.get_num_threads() == threads
 
 
+@torch_only
+def test_torch_blocks_are_shared_by_cost():
+    """Causal blocks cost in proportion to their keys: the costliest go first to the least
+    loaded thread (a round robin left one thread 10% more work), the same way every run."""
+    from posbias.torch._backward import _balanced
+
+    costs = [256 * (i + 1) for i in range(8)]  # 8 causal blocks of 256 rows
+    shares = _balanced(costs, 2)
+    assert sorted(i for s in shares for i in s) == list(range(8))
+    assert [sum(costs[i] for i in s) for s in shares] == [sum(costs) // 2] * 2
+    assert shares == _balanced(costs, 2) and all(s == sorted(s) for s in shares)
+    assert _balanced([5, 5, 5], 3) == [[0], [1], [2]]
+    assert _balanced([3], 1) == [[0]]
+
+
 # ------------------------------------------------------------------ rings
 @pytest.mark.skipif("jax" not in FRAMEWORKS, reason="jax not under test")
 @pytest.mark.parametrize("padded", [False, True])

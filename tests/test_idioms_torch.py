@@ -61,7 +61,10 @@ def test_compile_fullgraph_positional_bias_every_variant(name):
     torch._dynamo.reset()  # one compiled module per variant: stay under the recompile limit
     module = PositionalBias(_example(name))
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(6, 6), module(6, 6), rtol=0, atol=0)
+    # FIRE's MLP runs chunked in eager mode on CPU (TorchBackend.scalar_mlp) and as plain
+    # operations when traced: the same float32 products summed in another order
+    exact = {} if name == "fire" else dict(rtol=0, atol=0)
+    torch.testing.assert_close(compiled(6, 6), module(6, 6), **exact)
 
 
 @pytest.mark.parametrize("name", posbias.list_biases())

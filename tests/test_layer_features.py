@@ -225,6 +225,10 @@ def _dropout_layer(module, xp, rate, seed=0, **kwargs):
         kwargs["rngs"] = nnx.Rngs(dropout=seed)
     elif xp.name == "tensorflow":
         kwargs["seed"] = seed
+    elif xp.name == "torch":  # PyTorch draws from its global generator: the tests' statistics
+        import torch  # must not depend on what ran before in this process
+
+        torch.manual_seed(seed)
     return module.MultiHeadAttention(E, H, "alibi", **{RATE_NAME[xp.name]: rate}, **kwargs)
 
 

@@ -380,7 +380,7 @@ def test_bias_temporaries_are_bounded_by_computing_blocks_of_rows():
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    full = 512 * 512 * spec.temporaries_per_entry() * 4
+    full = 512 * 512 * spec.temporaries_per_pair() * 4
     assert full > 2 * _evaluate.CHUNK_BYTES
     assert peak < _evaluate.CHUNK_BYTES + (64 << 20), peak / 2**20
     rows = posbias.get("fire", num_heads=1, mlp_width=256).bias(q_pos=np.arange(500, 512),
@@ -571,3 +571,14 @@ def test_tf_function_with_an_unknown_length_raises_ours_and_an_unknown_batch_run
     )
     with pytest.raises(posbias.InvalidArgumentError, match="need known heads, lengths"):
         unknown_length(x)
+
+
+@pytest.mark.parametrize("kind", ["entry", "pair"])
+@pytest.mark.parametrize("value", [-1, 2.5, True, "8", None])
+def test_a_variants_temporaries_must_be_a_non_negative_int(kind, value):
+    """They size the row blocks of ``bias()``: a wrong count is the variant's error."""
+    from posbias.variants.fire import Fire
+
+    odd = type("Odd", (Fire,), {f"temporaries_per_{kind}": lambda self: value})(num_heads=2)
+    with pytest.raises(posbias.InvalidTypeError, match=f"temporaries_per_{kind}"):
+        odd.bias(4, 4)

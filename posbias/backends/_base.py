@@ -20,6 +20,7 @@ Vocabulary (all elementwise unless said otherwise):
 ``xp.take(t, i)``      ``t[i]`` along axis 0 (gather from a table)
 ``xp.sum(x, axis)``    reduction
 ``xp.matmul(a, b)``    batched matrix product
+``xp.scalar_mlp``      a ``1 → W → H`` ReLU MLP of every element, heads first
 =====================  ==========================================================
 
 Two more words serve the blockwise backward pass (:mod:`posbias._core.backward`),
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import einops
 import numpy as np
 
 from ..errors import BackendError, InvalidArgumentError, InvalidTypeError
@@ -230,6 +232,21 @@ class Backend:
 
     def matmul(self, a, b):
         return self.xp.matmul(a, b)
+
+    def scalar_mlp(self, x, w1, b1, w2, b2):
+        """A one-hidden-layer ReLU MLP ``1 → W → H`` applied to every element of ``x``:
+
+            out[..., h, q, k] = Σ_w relu(x[..., q, k] · w1[w] + b1[w]) · w2[w, h] + b2[h]
+
+        ``x`` ``(..., Lq, Lk)``, ``w1`` and ``b1`` ``(W,)``, ``w2`` ``(W, H)``, ``b2``
+        ``(H,)``, all in the compute dtype. Returns ``(..., H, Lq, Lk)``. FIRE's MLP
+        (arXiv:2310.04418). Here in plain operations (the ``(..., Lq, Lk, W)`` hidden
+        layer at once); PyTorch's CPU backend computes it in cache-sized chunks with
+        a hand-written gradient, never holding the hidden layer of the whole tile.
+        """
+        hidden = self.relu(x[..., None] * w1 + b1)  # (..., Lq, Lk, W)
+        out = self.matmul(hidden, w2) + b2  # (..., Lq, Lk, H)
+        return einops.rearrange(out, "... q k h -> ... h q k")
 
     # ------------------------------------------ attention vocabulary (layers)
     def einsum(self, equation, *operands):

@@ -99,6 +99,13 @@ class TorchBackend(Backend):
     def sigmoid(self, x):
         return torch.sigmoid(x)
 
+    def scalar_mlp(self, x, w1, b1, w2, b2):
+        if not _chunked_mlp_applies(x, w1, b1, w2, b2):
+            return super().scalar_mlp(x, w1, b1, w2, b2)
+        plain = lambda *inputs: (super(TorchBackend, self).scalar_mlp(*inputs),)  # noqa: E731
+        fn = self.custom_gradient(_mlp_forward, _mlp_backward, recompute=plain)
+        return fn(x, w1, b1, w2, b2)[0]
+
     def sum(self, x, axis):
         return torch.sum(x, dim=axis)
 
@@ -177,6 +184,72 @@ class TorchBackend(Backend):
             }
 
         return value.detach(), pullback
+
+
+#: elements of ``x`` per chunk of :meth:`TorchBackend.scalar_mlp`: a chunk's hidden layer
+#: (``W × 8192`` float32, 1 MiB for FIRE's W = 32) stays in cache across its operations
+MLP_CHUNK = 8192
+
+
+def _chunked_mlp_applies(x, w1, b1, w2, b2) -> bool:
+    """CPU tensors of one floating dtype, eager (no ``torch.func`` transform, no
+    ``torch.compile``, whose own fusion works on the plain operations)."""
+    tensors = (x, w1, b1, w2, b2)
+    return (
+        all(torch.is_tensor(t) and t.device.type == "cpu" for t in tensors)
+        and x.dtype in (torch.float32, torch.float64)
+        and all(t.dtype == x.dtype for t in tensors)
+        and x.dim() >= 2
+        and w1.dim() == b1.dim() == b2.dim() == 1
+        and w2.dim() == 2
+        and w1.shape == b1.shape == w2.shape[:1]
+        and b2.shape == w2.shape[1:]
+        and not torch._C._are_functorch_transforms_active()
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _mlp_hidden(xs, w1, b1):
+    """``relu(w1 ⊗ xs + b1)``: the hidden layer ``(W, n)`` of a chunk ``xs`` ``(n,)``."""
+    return torch.addmm(b1[:, None], w1[:, None], xs[None, :]).relu_()
+
+
+def _mlp_forward(x, w1, b1, w2, b2):
+    """``scalar_mlp`` chunk by chunk, heads first: ``(H, n)`` products need no transpose."""
+    flat = x.reshape(-1)
+    heads, size = w2.shape[1], flat.shape[0]
+    out = x.new_empty((heads, size))
+    with torch.no_grad():
+        for s in range(0, size, MLP_CHUNK):
+            hidden = _mlp_hidden(flat[s : s + MLP_CHUNK], w1, b1)
+            out[:, s : s + MLP_CHUNK] = torch.addmm(b2[:, None], w2.t(), hidden)
+    out = torch.movedim(out.view(heads, *x.shape), 0, -3)  # (..., H, Lq, Lk)
+    return (out,), (x, w1, b1, w2)
+
+
+def _mlp_backward(saved, cotangents):
+    """Gradients of ``scalar_mlp`` per chunk, its hidden layer recomputed (never saved):
+    ``dw2 = h·dᵀ``, ``dh = [h > 0] ∘ (w2·d)``, ``db1 = Σ dh``, ``dw1 = dh·x``,
+    ``dx = w1·dh``, ``db2 = Σ d``; sums in a fixed order (deterministic)."""
+    x, w1, b1, w2 = saved
+    (dout,) = cotangents
+    heads = w2.shape[1]
+    if dout is None:
+        dout = x.new_zeros((*x.shape[:-2], heads, *x.shape[-2:]))
+    d = torch.movedim(dout.to(x.dtype), -3, 0).reshape(heads, -1)
+    flat = x.reshape(-1)
+    dx = torch.empty_like(flat)
+    dw1, db1, dw2 = torch.zeros_like(w1), torch.zeros_like(b1), torch.zeros_like(w2)
+    with torch.no_grad():
+        for s in range(0, flat.shape[0], MLP_CHUNK):
+            xs, ds = flat[s : s + MLP_CHUNK], d[:, s : s + MLP_CHUNK]
+            hidden = _mlp_hidden(xs, w1, b1)
+            dw2.addmm_(hidden, ds.t())
+            dh = torch.ops.aten.threshold_backward(torch.mm(w2, ds), hidden, 0)
+            db1 += dh.sum(1)
+            dw1.addmv_(dh, xs)
+            torch.mv(dh.t(), w1, out=dx[s : s + MLP_CHUNK])
+    return dx.view_as(x), dw1, db1, dw2, d.sum(1)
 
 
 class _CustomGradient(torch.autograd.Function):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import einops
 import numpy as np
 
 from .._core.checks import MAX_WIDTH, check_finite_float, check_int
@@ -79,7 +78,7 @@ class Fire(BiasSpec):
             "b2": rng.uniform(-bound2, bound2, size=shapes["b2"]),
         }
 
-    def temporaries_per_entry(self) -> int:
+    def temporaries_per_pair(self) -> int:
         return 2 * self.mlp_width + 8  # the hidden layer and its ReLU, per (query, key)
 
     def compute(self, xp, q_pos, k_pos, heads, params):
@@ -89,7 +88,6 @@ class Fire(BiasSpec):
         threshold = xp.abs(params["L_multiplier"] * self.init_L)
         normaliser = xp.log(xp.abs(c * xp.maximum(i, threshold)) + 1.0) + self.eps
         x = xp.log(xp.abs(c * rel) + 1.0) / normaliser
-        hidden = xp.relu(x[..., None] * params["w1"] + params["b1"])  # (..., Lq, Lk, W)
         w2 = xp.take_axis(params["w2"], heads, 1)
-        out = xp.matmul(hidden, w2) + xp.take_axis(params["b2"], heads, 0)
-        return einops.rearrange(out, "... q k h -> ... h q k")
+        b2 = xp.take_axis(params["b2"], heads, 0)
+        return xp.scalar_mlp(x, params["w1"], params["b1"], w2, b2)  # (..., H, Lq, Lk)

@@ -59,7 +59,7 @@ class Sandwich(BiasSpec):
         h = np.arange(self.num_heads, dtype=np.float64)
         self._set("_inv_divisor", self.num_heads / (8.0 * (h + 1)))
 
-    def temporaries_per_entry(self) -> int:
+    def temporaries_per_pair(self) -> int:
         return self.head_dim + 4  # d/2 angles and their cosines per (query, key)
 
     def compute(self, xp, q_pos, k_pos, heads, params):

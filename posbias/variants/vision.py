@@ -139,7 +139,7 @@ class SwinV2CPB(_Windowed):
             "w2": rng.uniform(-b2, b2, shapes["w2"]),
         }
 
-    def temporaries_per_entry(self) -> int:
+    def temporaries_per_pair(self) -> int:
         return 2 * self.hidden + 8  # the MLP's hidden layer and its ReLU, per (query, key)
 
     def compute(self, xp, q_pos, k_pos, heads, params):
