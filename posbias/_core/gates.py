@@ -61,6 +61,9 @@ class Gates:
     totals: Any = None  # (B, H, C) chunk totals of g
     local_after: Any = None
     totals_after: Any = None
+    #: tables a framework's kernels derive from the gates once per call, by name (e.g.
+    #: PyTorch's float64 cumulative sums as a float32 hi/lo pair)
+    kernel_tables: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, xp, before: Any, after: Any = None) -> Gates:

@@ -222,7 +222,7 @@ def _split_gate_partial(p: Problem, r0: int, r1: int, extent: int):
     k, v = (t[:, :, first:extent].to(dtype) for t in (p.k, p.v))
     mask = keys[..., first:extent].expand(-1, -1, n, -1).clone()
     if extent - first > 1:  # key first + c is after row r's slot first + r when c > r
-        mask[..., 1:].masked_fill_(_sdpa._triangle(n, extent - first - 1, p.q.device), -torch.inf)
+        mask[..., 1:].masked_fill_(_sdpa.triangle(n, extent - first - 1, p.q.device), -torch.inf)
     out, lse = _FLASH_CPU(q, k, v, attn_mask=mask, scale=p.scale)
     if first > 0:
         k, v = (t[:, :, :first].to(dtype) for t in (p.k, p.v))

@@ -222,9 +222,9 @@ def _gate_table(p: Problem) -> torch.Tensor | None:
     gates = p.gates
     if not isinstance(p.q_offset, int) or gates.before.device.type == "mps":
         return None
-    table = getattr(gates, "_torch_table", None)
+    table = gates.kernel_tables.get("torch_hi_lo")
     if table is None:
-        table = gates._torch_table = torch.stack(cumsum_hi_lo(gates.before))
+        table = gates.kernel_tables["torch_hi_lo"] = torch.stack(cumsum_hi_lo(gates.before))
     return table
 
 
@@ -285,7 +285,7 @@ def gated_block(
         first = p.q_offset + r0 + 1
         if first < extent:
             width = extent - first
-            mask[..., first:].masked_fill_(_triangle(n, width, p.q.device), lowest)
+            mask[..., first:].masked_fill_(triangle(n, width, p.q.device), lowest)
     else:
         visible = p.keep(r0, r1, extent)  # (B|1, 1, n, K): causal, so never None
         mask.masked_fill_(~visible, lowest)
@@ -296,7 +296,7 @@ def gated_block(
     return q, k, v, mask, visible, None if row is None else row.to(dtype)
 
 
-def _triangle(rows: int, width: int, device: Any) -> torch.Tensor:
+def triangle(rows: int, width: int, device: Any) -> torch.Tensor:
     """``(rows, width)`` bool, True at ``c >= r`` (the keys after each row's slot)."""
     key = (rows, width, str(device))
     hit = _TRIANGLES.get(key)
