@@ -7,7 +7,9 @@ unbiased ``F.scaled_dot_product_attention(is_causal=True)`` (the speed to
 match), ``jax.nn.dot_product_attention`` with a bias gathered from the T5
 table (precomputed bucket indices), and TensorFlow einsum attention with the
 same materialised bias. Every timed path is checked against a reference:
-gradients of the materialised-bias formula (``grad max rel err`` in the note).
+gradients of the materialised-bias formula (``grad max rel err`` in the note;
+the bias module's own autograd gives the bias part, for FIRE the hand-written
+``scalar_mlp`` gradient that tests/test_scalar_mlp.py checks separately).
 """
 
 from __future__ import annotations

@@ -212,8 +212,9 @@ class BiasSpec:
         """Floats of temporaries ``compute`` holds per bias entry ``(h, q, k)`` (default 4).
 
         :meth:`bias` computes blocks of query rows small enough that the
-        temporaries, ``4 bytes · Lk · (temporaries_per_entry() · heads +
-        temporaries_per_pair())`` per row, stay within a fixed budget (256 MiB).
+        temporaries, ``4 bytes · batch · Lk · (max(1, temporaries_per_entry()) ·
+        heads + temporaries_per_pair())`` per row, stay within a fixed budget
+        (256 MiB).
         """
         return 4
 

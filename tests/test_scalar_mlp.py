@@ -78,3 +78,49 @@ def test_torch_float32_keeps_its_dtype_and_mixed_dtypes_take_the_plain_path():
     assert out.dtype == torch.float32 and out.shape == (8, 6, 9)
     np.testing.assert_allclose(out.numpy(), _formula(*_inputs((6, 9))), rtol=1e-5, atol=1e-5)
     assert not bt._chunked_mlp_applies(inputs[0].double(), *inputs[1:])
+
+
+def test_torch_checkpointing_forward_mode_and_autocast_around_fire():
+    """Non-reentrant activation checkpointing (the saved tensors are unpacked once),
+    forward-mode AD (dual tensors take the plain operations) and ``torch.autocast``
+    (the chunks compute in float32, as every bias) around FIRE."""
+    torch, _ = _torch()
+    import torch.autograd.forward_ad as fwd
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    import posbias.torch as pt
+
+    torch.manual_seed(0)
+    fire = pt.PositionalBias("fire", num_heads=4)
+    q0 = torch.randn(1, 4, 40, 8)
+    calls = {
+        "bias module + SDPA": lambda q: F.scaled_dot_product_attention(
+            q, q, q, attn_mask=fire(40, 40)
+        ),
+        "posbias attention": lambda q: pt.attention(q, q, q, fire, causal=True),
+    }
+    for name, fn in calls.items():
+        grads = []
+        for wrapped in (fn, lambda q, fn=fn: checkpoint(fn, q, use_reentrant=False)):
+            fire.zero_grad()
+            q = q0.clone().requires_grad_()
+            wrapped(q).square().sum().backward()
+            grads.append([q.grad, *(p.grad.clone() for p in fire.parameters())])
+        for a, b in zip(*grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+    w1 = fire.params["w1"].detach()
+    tangent = torch.randn_like(w1)
+    with fwd.dual_level():
+        out = torch.func.functional_call(fire, {"params.w1": fwd.make_dual(w1, tangent)}, (6, 6))
+        got = fwd.unpack_dual(out).tangent
+    want = torch.func.jvp(
+        lambda w: torch.func.functional_call(fire, {"params.w1": w}, (6, 6)), (w1,), (tangent,)
+    )[1]
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = fire(30, 30)
+    assert cast.dtype == torch.float32
+    torch.testing.assert_close(cast, fire(30, 30), rtol=0, atol=0)

@@ -7,6 +7,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from ..errors import BackendError
 from ._base import Backend, check_dtype_name, is_seed, rng_error
@@ -193,10 +194,12 @@ MLP_CHUNK = 8192
 
 def _chunked_mlp_applies(x, w1, b1, w2, b2) -> bool:
     """CPU tensors of one floating dtype, eager (no ``torch.func`` transform, no
-    ``torch.compile``, whose own fusion works on the plain operations)."""
+    ``torch.compile``, whose own fusion works on the plain operations), no forward-mode
+    dual tensor (the hand-written gradient is reverse mode only)."""
     tensors = (x, w1, b1, w2, b2)
     return (
         all(torch.is_tensor(t) and t.device.type == "cpu" for t in tensors)
+        and not any(_forward_ad.unpack_dual(t).tangent is not None for t in tensors)
         and x.dtype in (torch.float32, torch.float64)
         and all(t.dtype == x.dtype for t in tensors)
         and x.dim() >= 2
@@ -215,11 +218,12 @@ def _mlp_hidden(xs, w1, b1):
 
 
 def _mlp_forward(x, w1, b1, w2, b2):
-    """``scalar_mlp`` chunk by chunk, heads first: ``(H, n)`` products need no transpose."""
+    """``scalar_mlp`` chunk by chunk, heads first: ``(H, n)`` products need no transpose;
+    in the inputs' dtype, also under ``torch.autocast`` (a bias is computed in float32)."""
     flat = x.reshape(-1)
     heads, size = w2.shape[1], flat.shape[0]
     out = x.new_empty((heads, size))
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
         for s in range(0, size, MLP_CHUNK):
             hidden = _mlp_hidden(flat[s : s + MLP_CHUNK], w1, b1)
             out[:, s : s + MLP_CHUNK] = torch.addmm(b2[:, None], w2.t(), hidden)
@@ -240,7 +244,7 @@ def _mlp_backward(saved, cotangents):
     flat = x.reshape(-1)
     dx = torch.empty_like(flat)
     dw1, db1, dw2 = torch.zeros_like(w1), torch.zeros_like(b1), torch.zeros_like(w2)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
         for s in range(0, flat.shape[0], MLP_CHUNK):
             xs, ds = flat[s : s + MLP_CHUNK], d[:, s : s + MLP_CHUNK]
             hidden = _mlp_hidden(xs, w1, b1)
@@ -265,7 +269,8 @@ class _CustomGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *cotangents):
-        inputs, saved = ctx.saved_tensors[: ctx.count], ctx.saved_tensors[ctx.count :]
+        tensors = ctx.saved_tensors  # unpacked once (torch.utils.checkpoint allows no more)
+        inputs, saved = tensors[: ctx.count], tensors[ctx.count :]
         if torch.is_grad_enabled() and ctx.recompute is not None:
             # backward(create_graph=True): a gradient that is itself differentiable, through
             # the same function in plain operations (the hand-written one writes in place)
