@@ -445,7 +445,10 @@ class GateGradient:
         """Reduce one block's ``dS`` ``(B, H, n, extent)``; the sums made (to sequence)."""
         p, xp = self.p, self.p.xp
         if self.bidirectional:
-            later = xp.arange(extent)[None, None, :] > _as_rows(p.q_slot[..., r0:r1])[:, :, None]
+            later = (
+                xp.arange(extent)[None, None, :]
+                > _gates.slot_rows(xp, p.q_slot[..., r0:r1])[:, :, None]
+            )
             upper = xp.where(later[:, None], ds, 0.0)
             parts = (ds - upper, upper)
         else:
@@ -488,10 +491,6 @@ class GateGradient:
             filled = r0 + xp.shape(sums[index])[-1]
         rows = parts[0] if len(parts) == 1 else xp.concat(parts, -1)
         return xp.pad_last(rows, 0, p.q_len - filled)
-
-
-def _as_rows(slots: Any) -> Any:
-    return slots if len(slots.shape) == 2 else slots[None]
 
 
 def toeplitz_at_slots(p: Problem) -> bool:

@@ -87,7 +87,7 @@ class Gates:
         lower = expand_rows(xp, row, keys)
         if causal or self.after is None:
             return lower
-        rows = q_slot if len(xp.shape(q_slot)) == 2 else q_slot[None]
+        rows = slot_rows(xp, q_slot)
         chunk = rows // CHUNK
         n_chunks = -(-extent // CHUNK)
         ids = xp.arange(n_chunks)
@@ -113,7 +113,7 @@ class Gates:
         softmax can take ``keys`` alone and move ``row`` (constant along a row) into
         its log-sum-exp.
         """
-        rows = q_slot if len(xp.shape(q_slot)) == 2 else q_slot[None]  # (B|1, n)
+        rows = slot_rows(xp, q_slot)  # (B|1, n)
         n = xp.shape(rows)[-1]
         groups = -(-n // CHUNK)
         # the position (in q_slot) of each group's anchor, and of each row's anchor
@@ -140,6 +140,11 @@ class Gates:
         sums = xp.where(below[:, None], self.totals[:, :, None, :n_chunks], 0.0)
         sums = reverse_cumsum(xp, sums, -1)
         return l_i[..., None] - self.local[:, :, None, :extent] + _per_key(sums, extent)
+
+
+def slot_rows(xp, q_slot: Any) -> Any:
+    """``(B|1, n)``: query slots ``(n,)`` (the same for every sequence) or ``(B, n)``."""
+    return q_slot if len(xp.shape(q_slot)) == 2 else q_slot[None]
 
 
 def expand_rows(xp, row: Any, keys: Any) -> Any:

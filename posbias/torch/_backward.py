@@ -147,11 +147,8 @@ def _masked_forward(p: Problem, block_size: int):
     dtype = _dtype(p)
     out = p.q.new_empty((p.batch, p.heads, p.q_len, p.q.shape[-1]), dtype=dtype)
     lse = p.q.new_empty((p.batch, p.heads, p.q_len), dtype=dtype)
-    if _split_gates(p):
-        block_size = _gates.CHUNK  # one group of rows per block (_split_gate_partial)
-        _sdpa.gate_parts(p, 0, 1, 1)  # the call's table, before threads share it
-    elif _sdpa.gate_rows(p):
-        block_size = _sdpa.gate_block_rows(p, block_size)
+    if _sdpa.gate_rows(p):  # _split_gate_partial: one group of rows per block
+        block_size = _gates.CHUNK if _split_gates(p) else _sdpa.gate_block_rows(p, block_size)
         _sdpa.gate_parts(p, 0, 1, 1)  # the call's table, before threads share it
     starts = list(range(0, p.q_len, block_size))
     workers = _workers(p.q, len(starts))
@@ -226,10 +223,8 @@ def _split_gate_partial(p: Problem, r0: int, r1: int, extent: int):
     out, lse = _FLASH_CPU(q, k, v, attn_mask=mask, scale=p.scale)
     if first > 0:
         k, v = (t[:, :, :first].to(dtype) for t in (p.k, p.v))
-        past, past_lse = _FLASH_CPU(q, k, v, attn_mask=keys[..., :first], scale=p.scale)
-        total = torch.logaddexp(lse, past_lse)
-        out = out * (lse - total).exp_()[..., None] + past * (past_lse - total).exp_()[..., None]
-        lse = total
+        past = _FLASH_CPU(q, k, v, attn_mask=keys[..., :first], scale=p.scale)
+        out, lse = _partial.merge(p.xp, (out, lse), past)
     return out, lse + row.to(dtype)
 
 
