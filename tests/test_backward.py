@@ -13,6 +13,8 @@ inputs, and the PyTorch path really taking its Hankel/diagonal route.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from test_fast_attention import CASES, _inputs
@@ -288,6 +290,43 @@ def test_torch_blocks_are_shared_by_cost():
     assert shares == _balanced(costs, 2) and all(s == sorted(s) for s in shares)
     assert _balanced([5, 5, 5], 3) == [[0], [1], [2]]
     assert _balanced([3], 1) == [[0]]
+
+
+@torch_only
+def test_torch_worker_threads_stay_single_threaded(monkeypatch):
+    """Every task of the backward's thread pool runs single-threaded PyTorch operations,
+    even in a thread new to PyTorch whose first operation comes after another task has
+    finished (PyTorch initialises a thread's count lazily from the last value any thread
+    set: a worker that set it back let the next new thread run its reductions on two
+    threads, and the gradients of the first call differed from the second in the last
+    bits). The caller's count is back afterwards."""
+    import threading
+
+    import torch
+
+    from posbias.torch import _backward
+
+    monkeypatch.setattr(_backward, "_POOLS", {})  # new threads, as at a process's first call
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    started = threading.Event()
+    try:
+
+        def quick():  # returns once the other task runs in a thread of its own
+            started.wait(5)
+
+        def late():
+            started.set()
+            time.sleep(0.2)  # the other task has returned by now
+            torch.ones(100_000).sum()  # this thread's first parallel operation
+            return torch.get_num_threads()
+
+        assert _backward._parallel([quick, late]) == [None, 1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+        for pool in _backward._POOLS.values():
+            pool.shutdown()
 
 
 # ------------------------------------------------------------------ rings

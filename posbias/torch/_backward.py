@@ -32,7 +32,7 @@ through the tiles (it may close over tensors this path cannot see).
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
@@ -546,23 +546,34 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
 def _parallel(tasks: list) -> list:
-    """Run ``tasks`` (callables), each in a thread with single-threaded PyTorch operations."""
+    """Run ``tasks`` (callables), each in a thread with single-threaded PyTorch operations.
+
+    PyTorch's thread count is per thread (OpenMP, MKL), but a thread's first
+    parallel operation initialises it from the last value *any* thread set. So
+    each task reads the count first (that initialisation, done before its own
+    ``set_num_threads(1)``), and only the caller sets the count back, once every
+    task has finished: a task never runs with another task's or the caller's
+    count, which would change how reductions are split and the gradients' last
+    bits from one call to the next.
+    """
     if len(tasks) == 1:
         return [tasks[0]()]
     threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
 
     def alone(task):
-        torch.set_num_threads(1)  # this thread's operations only (OpenMP and MKL: per thread)
-        try:
-            with torch.set_grad_enabled(grad):  # grad mode is per thread too
-                return task()
-        finally:  # threads started later copy the last value set: leave the caller's
-            torch.set_num_threads(threads)
+        torch.get_num_threads()  # a new thread's lazy initialisation, before the 1 below
+        torch.set_num_threads(1)  # this thread's operations (and new threads' default)
+        with torch.set_grad_enabled(grad):  # grad mode is per thread too
+            return task()
 
     pool = _POOLS.get(len(tasks))
     if pool is None:  # one pool per size, kept: threads start once per process
         pool = _POOLS[len(tasks)] = ThreadPoolExecutor(len(tasks), "posbias-backward")
     futures = [pool.submit(alone, task) for task in tasks]
+    try:
+        wait(futures)
+    finally:  # threads started later copy the last value set: the caller's again
+        torch.set_num_threads(threads)
     return [f.result() for f in futures]
 
 
