@@ -428,7 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--jit",
         action="store_true",
-        help="run each variant's JAX cells as one jitted program (default: op by op)",
+        help=(
+            "run each variant's JAX cells as one jitted program; biases from lengths alone "
+            "are then constant-folded by XLA, not run by its kernels (default: op by op)"
+        ),
     )
     p.add_argument(
         "--no-layers", action="store_true", help="skip the attention function / layer parity"

@@ -548,9 +548,11 @@ def run_parity(
         head_counts: head counts to instantiate each variant with.
         progress: called after each cell with ``(done, total, cell)``.
         compiled: evaluate each variant's JAX cells as one jitted program (one
-            XLA compilation) instead of op by op. Off by default: on XLA CPU
-            the op-by-op compilations are shared by every variant and cost
-            less in total (docs/parity.md).
+            XLA compilation) instead of op by op. Off by default: a case given
+            by lengths alone has no run-time input, so XLA folds its bias at
+            compile time rather than running its kernels, and on XLA CPU the
+            op-by-op compilations, shared by every variant, cost less CPU time
+            in total (docs/parity.md).
         jobs: with more than 1, the JAX cells run on that many worker threads
             while the other backends' cells run (XLA compiles without the GIL).
 
