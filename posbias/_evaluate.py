@@ -62,7 +62,7 @@ def evaluate(
             if value is not None and _backends.detect(value) == name:
                 device = backend_cls().device_of(value)
                 break
-    out_dtype = _resolve_dtype(backend_cls(device), dtype)
+    out_dtype = backend_cls(device).float_dtype(dtype, "bias dtype")
     xp = backend_cls(device, "float64" if out_dtype == "float64" else "float32")
     head_index = check_heads(heads, spec.num_heads)
     explicit = (q_pos is not None, k_pos is not None)
@@ -212,30 +212,6 @@ def _resolve_backend(backend: str | None, **arrays: Any) -> str:
     return next(iter(found)) if found else "numpy"
 
 
-def _resolve_dtype(xp: Any, dtype: Any) -> str:
-    if dtype is None or isinstance(dtype, bool):  # np.dtype(None) would mean float64
-        raise InvalidTypeError(
-            f"dtype must be a float dtype, got {dtype!r}; pass one of "
-            f"{list(_backends.FLOAT_DTYPES)} (as a string or a {xp.name} dtype)."
-        )
-    if isinstance(dtype, str):
-        name = dtype
-    else:
-        name = xp.dtype_name(dtype)
-        if name is None:
-            try:
-                name = np.dtype(dtype).name
-            except TypeError:
-                name = repr(dtype)
-    if name not in _backends.FLOAT_DTYPES:
-        raise BackendError(
-            f"unknown bias dtype {dtype!r}; expected one of "
-            f"{list(_backends.FLOAT_DTYPES)} (as a string or a {xp.name} dtype)."
-        )
-    xp.native_dtype(name)  # raises when the backend cannot hold it (JAX float64)
-    return name
-
-
 def _check_size(xp: Any, q: Any, k: Any, heads: int, dtype: str) -> None:
     q_shape, k_shape = xp.shape(q), xp.shape(k)
     dims = [heads, q_shape[-1], k_shape[-1]]
@@ -289,6 +265,9 @@ def _native_params(spec: BiasSpec, xp: Any, params: Mapping[str, Any] | None) ->
     for key, value in params.items():
         if isinstance(value, (np.ndarray, list, tuple, float, int)):
             native[key] = xp.constant(np.asarray(value, dtype=np.float64))
-        else:
+        else:  # a module's parameters must live where the computation runs
+            _backends.check_framework(
+                xp, f"bias parameter {key!r}", value, move="bias.to(q.device) for a bias module"
+            )
             native[key] = xp.float(value)
     return native

@@ -398,9 +398,8 @@ class MultiHeadAttention(
 
     def init_cache(self, batch_size: int, capacity: int, dtype: Any = None) -> KVCache:
         """An empty KV cache (dtype: the layer's compute dtype by default)."""
-        name = dtype or self.compute_dtype
-        name = name if isinstance(name, str) else TensorflowBackend().dtype_name(name)
-        return _layers.init_cache(TensorflowBackend(), self.mha_config, batch_size, capacity, name)
+        dtype = self.compute_dtype if dtype is None else dtype
+        return _layers.init_cache(TensorflowBackend(), self.mha_config, batch_size, capacity, dtype)
 
     def _read_projection(self, name: str) -> tuple[Any, Any]:
         self._ensure_built()

@@ -582,3 +582,107 @@ def test_a_variants_temporaries_must_be_a_non_negative_int(kind, value):
     odd = type("Odd", (Fire,), {f"temporaries_per_{kind}": lambda self: value})(num_heads=2)
     with pytest.raises(posbias.InvalidTypeError, match=f"temporaries_per_{kind}"):
         odd.bias(4, 4)
+
+
+# ------------------------------------------------- found by a new user's review
+def test_init_cache_takes_any_spelling_of_a_float_dtype_and_refuses_others(framework):
+    """init_cache(dtype=) reads its dtype like spec.bias(dtype=): a string, a NumPy dtype or
+    the framework's own; an integer dtype was accepted (PyTorch) and strings were refused
+    with "unknown dtype None"."""
+    module = lp.framework_module(framework)
+    layer = module.MultiHeadAttention(16, 2, causal=True)
+    xp = posbias.backends.load(framework)()
+    for dtype in ("float16", np.float16, np.dtype("float16"), xp.native_dtype("float16")):
+        cache = layer.init_cache(batch_size=2, capacity=4, dtype=dtype)
+        assert xp.dtype_name(cache.k.dtype) == "float16", dtype
+    for dtype in ("int8", np.int64, xp.native_dtype("int64")):
+        with pytest.raises(posbias.BackendError, match="unknown cache dtype"):
+            layer.init_cache(batch_size=2, capacity=4, dtype=dtype)
+    with pytest.raises(posbias.InvalidTypeError, match="dtype must be a float dtype"):
+        layer.init_cache(batch_size=2, capacity=4, dtype=True)
+
+
+def test_a_cache_error_names_the_field_that_is_off(framework):
+    """A cache whose k alone is off was reported as a bad v (k was taken as the reference)."""
+    module = lp.framework_module(framework)
+    layer = module.MultiHeadAttention(16, 2, causal=True)  # 2 heads of dim 8
+    cache = layer.init_cache(batch_size=2, capacity=6)
+    x = native(framework, np.ones((2, 1, 16), np.float32))
+    for field, shape in (("k", (2, 2, 6, 4)), ("k", (2, 2, 5, 8)), ("v", (2, 2, 5, 8))):
+        bad = cache._replace(**{field: native(framework, np.zeros(shape, np.float32))})
+        with pytest.raises(posbias.InvalidArgumentError, match=rf"cache\.{field} has shape"):
+            layer(x, cache=bad)
+    bad = cache._replace(valid=native(framework, np.zeros((2, 5), bool)))
+    with pytest.raises(posbias.InvalidArgumentError, match=r"cache\.valid has shape \(2, 5\)"):
+        layer(x, cache=bad)
+
+
+def test_bias_parameters_on_another_device_are_a_posbias_error():
+    """A bias module left on another device gave uninitialised memory (meta) or a raw
+    PyTorch error deep inside a kernel."""
+    _needs("torch")
+    import torch
+
+    import posbias.torch as pt
+
+    q = torch.randn(1, 2, 40, 8)
+    for name in ("t5", "kerple_log", "fire"):
+        bias = pt.PositionalBias(name, 2).to("meta")
+        with pytest.raises(posbias.BackendError, match=r"bias parameter '\w+' is on meta"):
+            pt.attention(q, q, q, bias)
+    table = pt.PositionalBias("t5", 2).params["table"].detach().to("meta")
+    with pytest.raises(posbias.BackendError, match="bias parameter 'table' is on meta"):
+        posbias.get("t5", num_heads=2).bias(
+            q_pos=torch.arange(3), k_pos=torch.arange(3), params={"table": table}
+        )
+
+
+def test_a_bias_callable_must_return_finite_tensors(backend):
+    """None, a list, NaN or +inf from a bias callable: a posbias error, never a framework
+    TypeError, a silent conversion or NaN outputs (-inf still hides a pair)."""
+    attention = lp.framework_module(backend).attention
+    q = native(backend, np.ones((2, 4, 4, 8), np.float32))  # (B, 4, 4, D) either layout
+    xp = posbias.backends.load(backend)()
+
+    def returning(value):
+        return lambda q_pos, k_pos, dtype: value
+
+    for value in (None, [[0.0] * 4] * 4):
+        with pytest.raises(posbias.InvalidTypeError, match=r"must return a .* tensor or a NumPy"):
+            attention(q, q, q, returning(value))
+    for fill in (np.nan, np.inf):
+        with pytest.raises(posbias.InvalidArgumentError, match=r"returned NaN or \+inf"):
+            attention(q, q, q, returning(xp.from_numpy(np.full((4, 4, 4), fill, np.float32))))
+    hidden = np.zeros((4, 4, 4), np.float32)
+    hidden[:, :, 1] = -np.inf
+    out = to_np(attention(q, q, q, returning(xp.from_numpy(hidden))))
+    assert np.isfinite(out).all()
+
+
+def test_k_v_shape_errors_show_the_callers_layout(framework):
+    """(B, L, H, D) callers saw k and v shapes printed head-major under a (B, L, H, D) label."""
+    attention = lp.framework_module(framework).attention
+    bhld = framework == "torch"
+    k_shape, v_shape = ((2, 4, 8, 16), (2, 4, 7, 16)) if bhld else ((2, 8, 4, 16), (2, 7, 4, 16))
+    q = native(framework, np.ones(k_shape, np.float32))
+    k, v = (native(framework, np.ones(s, np.float32)) for s in (k_shape, v_shape))
+    with pytest.raises(posbias.InvalidArgumentError, match=rf"got \(2, {8 if not bhld else 4}"):
+        attention(q, k, v, "alibi")
+
+
+def test_a_traced_nan_in_a_float_attn_mask_gives_nan_not_a_hidden_pair():
+    """Eagerly a NaN in a float attn_mask is refused; under jax.jit (values unknown) it was
+    read as -inf, hiding the pair: a guessed answer. Now the outputs are NaN (loud)."""
+    _needs("jax")
+    import jax
+    import jax.numpy as jnp
+
+    import posbias.jax as pj
+
+    q = jnp.asarray(np.random.default_rng(0).normal(size=(1, 8, 4, 16)), jnp.float32)
+    mask = jnp.zeros((8, 8)).at[:, 3].set(jnp.nan)
+    out = jax.jit(lambda m: pj.attention(q, q, q, "alibi", attn_mask=m))(mask)
+    assert bool(jnp.isnan(out).all())
+    hide = jnp.zeros((8, 8)).at[:, 3].set(-jnp.inf)
+    traced = jax.jit(lambda m: pj.attention(q, q, q, "alibi", attn_mask=hide))(hide)
+    assert float(jnp.abs(traced - pj.attention(q, q, q, "alibi", attn_mask=hide)).max()) < 1e-6

@@ -155,7 +155,13 @@ class BiasArg:
                 f"and return (h, Lq, Lk) or (B, h, Lq, Lk) values; {self.fn!r} does not."
             ) from None
         values = self.fn(q_pos=q_pos, k_pos=k_pos, dtype=dtype)
-        if backends.check_framework(xp, "the bias callable's output", values) != xp.name:
+        kind = backends.check_framework(xp, "the bias callable's output", values)
+        if kind is None:
+            raise InvalidTypeError(
+                f"the bias callable must return a {xp.name} tensor or a NumPy array, got "
+                f"{type(values).__name__}."
+            )
+        if kind != xp.name:
             values = xp.from_numpy(np.asarray(values))
         shape, kind = xp.shape(values), xp.dtype_name(values.dtype)
         q_len, k_len = xp.shape(q_pos)[-1], xp.shape(k_pos)[-1]
@@ -168,6 +174,13 @@ class BiasArg:
                 f"{' or '.join(map(str, wanted))}, floating: one bias per query head "
                 f"({self.width} heads), query and key, never broadcast."
             )
+        if xp.is_concrete(values):  # while tracing, NaN or +inf give NaN outputs (loud)
+            found = xp.to_numpy(values).astype(np.float64)
+            if np.isnan(found).any() or np.isposinf(found).any():
+                raise InvalidArgumentError(
+                    "the bias callable returned NaN or +inf (a bias is added to the scores; "
+                    "-inf hides a pair)."
+                )
         return xp.cast(values, dtype)
 
     def diagonals(self, xp: Any, d_min: int, d_max: int, dtype: str) -> Any:

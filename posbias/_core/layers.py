@@ -736,10 +736,14 @@ def _layer_input(
     return x
 
 
-def init_cache(xp, cfg: MHAConfig, batch_size: int, capacity: int, dtype: str) -> problem.KVCache:
-    """An empty cache for ``batch_size`` sequences of up to ``capacity`` tokens."""
+def init_cache(xp, cfg: MHAConfig, batch_size: int, capacity: int, dtype: Any) -> problem.KVCache:
+    """An empty cache for ``batch_size`` sequences of up to ``capacity`` tokens.
+
+    ``dtype``: a floating dtype however it is spelled (:meth:`Backend.float_dtype`).
+    """
     batch_size = check_int("batch_size", batch_size, minimum=1)
     capacity = check_int("capacity", capacity, minimum=1)
+    dtype = xp.float_dtype(dtype, "cache dtype")
     shape = (batch_size, cfg.num_kv_heads, capacity, cfg.head_dim)
     log_gates = None
     if cfg.gate is not None:  # per-slot g (float32; float64 caches: float64), not cumsum G
@@ -755,8 +759,13 @@ def init_cache(xp, cfg: MHAConfig, batch_size: int, capacity: int, dtype: str) -
     )
 
 
-def check_cache(xp, cache: problem.KVCache) -> None:
-    """Every field of a ``KVCache`` is this framework's tensor of the right shape and dtype."""
+def check_cache(xp, cache: problem.KVCache, heads: int, dim: int) -> None:
+    """Every field of a ``KVCache`` is this framework's tensor of the right shape and dtype.
+
+    ``heads``, ``dim``: the layer's key/value heads and head size. Each size is the
+    one most of the fields agree on (the layer's counts as one), so the message
+    names the field that is off, not the one read first.
+    """
     for name in problem.KVCache._fields:
         value = getattr(cache, name)
         if value is None and name in ("overflow", "log_gates"):
@@ -766,19 +775,28 @@ def check_cache(xp, cache: problem.KVCache) -> None:
                 f"cache.{name} must be a {xp.name} tensor (use the cache that init_cache() or "
                 f"a previous call returned), got {type(value).__name__}."
             )
-    shape = xp.shape(cache.k)
-    batch = shape[0] if len(shape) == 4 else None
+    shapes = {n: xp.shape(getattr(cache, n)) for n in ("k", "v", "valid", "length", "overflow")}
+    batch = _majority([s[0] for s in shapes.values() if len(s) >= 1])
+    capacity = _majority(
+        [s[2] for n, s in shapes.items() if n in "kv" and len(s) == 4]
+        + [s[1] for n, s in shapes.items() if n == "valid" and len(s) == 2]
+    )
+    kv = [shapes[n] for n in "kv" if len(shapes[n]) == 4]
+    # the layer's own count is one vote: a cache of another layer (k and v agree) is
+    # reported by cache_write as such, a k or v off on its own by name here
+    heads = _majority([s[1] for s in kv] + [heads])
+    dim = _majority([s[3] for s in kv] + [dim])
     expected = {
-        "k": (4, problem.FLOATS, shape),
-        "v": (4, problem.FLOATS, shape),
-        "valid": (2, ("bool",), (batch, shape[2] if len(shape) == 4 else None)),
+        "k": (4, problem.FLOATS, (batch, heads, capacity, dim)),
+        "v": (4, problem.FLOATS, (batch, heads, capacity, dim)),
+        "valid": (2, ("bool",), (batch, capacity)),
         "length": (1, ("int32", "int64"), (batch,)),
         "overflow": (1, ("bool",), (batch,)),
     }
     gates = cache.log_gates
     if gates is not None:  # (B, H, capacity): H query heads, checked against the layer's
-        heads = xp.shape(gates)[1] if len(xp.shape(gates)) == 3 else None
-        expected["log_gates"] = (3, problem.FLOATS, (batch, heads, expected["valid"][2][1]))
+        gate_heads = xp.shape(gates)[1] if len(xp.shape(gates)) == 3 else None
+        expected["log_gates"] = (3, problem.FLOATS, (batch, gate_heads, capacity))
     for name, (ndim, dtypes, want) in expected.items():
         value = getattr(cache, name)
         if value is None:
@@ -792,12 +810,17 @@ def check_cache(xp, cache: problem.KVCache) -> None:
             )
 
 
+def _majority(values: list[Any]) -> Any:
+    """The value most of ``values`` share (the first of them on a tie), or None."""
+    return max(values, key=values.count) if values else None
+
+
 def cache_write(
     xp, cache: problem.KVCache, k: Any, v: Any, valid: Any, log_gates: Any = None
 ) -> problem.KVCache:
     """Write ``T`` new keys/values ``(B, H_kv, T, D)`` (and a gated layer's log-gates
     ``(B, H, T)``) at each sequence's next slots."""
-    check_cache(xp, cache)
+    check_cache(xp, cache, xp.shape(k)[1], xp.shape(k)[3])
     if (log_gates is None) != (cache.log_gates is None):
         raise InvalidArgumentError(
             (

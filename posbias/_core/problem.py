@@ -122,6 +122,7 @@ def check_qkv(xp, q, k, v, layout: str) -> tuple[int, int, int, int, int]:
         )
     names = "(B, H, L, D)" if layout == "bhld" else "(B, L, H, D)"
     given = f"q {qs}, k {ks}, v {vs}"
+    k_given, v_given = ks, vs  # as the caller laid them out, for messages
     if layout == "blhd":
         qs, ks, vs = ((s[0], s[2], s[1], s[3]) for s in (qs, ks, vs))
     if None in (*qs[1:], *ks[1:], *vs[1:]):
@@ -138,7 +139,8 @@ def check_qkv(xp, q, k, v, layout: str) -> tuple[int, int, int, int, int]:
         )
     if ks[:3] != vs[:3]:
         raise InvalidArgumentError(
-            f"k and v must have the same batch, heads and length {names}; got {ks} and {vs}."
+            f"k and v must have the same batch, heads and length {names}; got {k_given} "
+            f"and {v_given}."
         )
     if qs[3] != ks[3]:
         raise InvalidArgumentError(f"q and k head dims differ: {qs[3]} vs {ks[3]}.")
@@ -215,7 +217,9 @@ def read_attn_mask(xp, mask: Any, shape: tuple[int, int, int, int], compute: str
             )
         if not np.isneginf(values).any():
             return xp.cast(mask, compute), None
-    keep = mask > float("-inf")
+    # -inf hides a pair; NaN or +inf (unseen while tracing) stay in the scores: NaN
+    # outputs, loud, never a pair hidden by guess
+    keep = mask != float("-inf")
     return xp.cast(xp.where(keep, mask, 0.0), compute), keep
 
 

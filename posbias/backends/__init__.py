@@ -132,9 +132,10 @@ def to_numpy(x: Any) -> Any:
     return load(kind)().to_numpy(x)
 
 
-def check_framework(xp: Backend, name: str, value: Any) -> str | None:
+def check_framework(xp: Backend, name: str, value: Any, move: str | None = None) -> str | None:
     """The framework of ``value`` (None for lists, scalars and other Python objects), or a
-    BackendError when it is another framework's tensor or lives on another device."""
+    BackendError when it is another framework's tensor or lives on another device
+    (``move``: how to move it, for the message; default ``{name}.to(q.device)``)."""
     kind = detect(value)
     if kind not in (None, "numpy", xp.name):
         raise BackendError(
@@ -146,6 +147,6 @@ def check_framework(xp: Backend, name: str, value: Any) -> str | None:
         if elsewhere is not None:
             raise BackendError(
                 f"{name} is on {elsewhere} but the computation is on {xp.device}; move it "
-                f"first (e.g. {name}.to(q.device))."
+                f"first (e.g. {move or f'{name}.to(q.device)'})."
             )
     return kind

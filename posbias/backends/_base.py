@@ -81,6 +81,36 @@ class Backend:
         """Whether this backend can hold values of dtype ``name`` right now."""
         return True
 
+    def float_dtype(self, dtype: Any, what: str = "dtype") -> str:
+        """The canonical name of a floating ``dtype=`` argument, however it is spelled.
+
+        A string (``"bfloat16"``), a NumPy dtype or type, or this framework's dtype
+        object. Raises InvalidTypeError for None or a bool, BackendError for any
+        other dtype (integers included: ``what`` names it in the message) and for
+        one this backend cannot hold right now (JAX float64 without x64).
+        """
+        if dtype is None or isinstance(dtype, bool):  # np.dtype(None) would mean float64
+            raise InvalidTypeError(
+                f"dtype must be a float dtype, got {dtype!r}; pass one of "
+                f"{list(FLOAT_DTYPES)} (as a string or a {self.name} dtype)."
+            )
+        if isinstance(dtype, str):
+            name = dtype
+        else:
+            name = self.dtype_name(dtype)
+            if name is None:
+                try:
+                    name = np.dtype(dtype).name
+                except TypeError:
+                    name = repr(dtype)
+        if name not in FLOAT_DTYPES:
+            raise BackendError(
+                f"unknown {what} {dtype!r}; expected one of {list(FLOAT_DTYPES)} "
+                f"(as a string or a {self.name} dtype)."
+            )
+        self.native_dtype(name)  # raises when the backend cannot hold it (JAX float64)
+        return name
+
     # ----------------------------------------------------- conversion / creation
     def from_numpy(self, array: np.ndarray) -> Any:
         """A native tensor on this backend's device with ``array``'s values and dtype."""

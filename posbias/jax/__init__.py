@@ -392,8 +392,8 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nnx.Module):
 
     def init_cache(self, batch_size: int, capacity: int, dtype: Any = None) -> KVCache:
         """An empty KV cache (dtype: the parameters' dtype by default)."""
-        name = JaxBackend().dtype_name(dtype or self.q_proj.kernel.get_value().dtype)
-        return _layers.init_cache(JaxBackend(), self.mha_config, batch_size, capacity, name)
+        dtype = self.q_proj.kernel.get_value().dtype if dtype is None else dtype
+        return _layers.init_cache(JaxBackend(), self.mha_config, batch_size, capacity, dtype)
 
     def _read_projection(self, name: str) -> tuple[Any, Any]:
         layer = getattr(self, f"{name}_proj")

@@ -395,9 +395,9 @@ class MultiHeadAttention(_layers.PortableWeightsMixin, nn.Module):
     def init_cache(self, batch_size: int, capacity: int, dtype: Any = None) -> KVCache:
         """An empty KV cache on this module's device (dtype: the module's by default)."""
         weight = self.q_proj.weight
-        name = TorchBackend().dtype_name(dtype or weight.dtype)
+        dtype = weight.dtype if dtype is None else dtype
         return _layers.init_cache(
-            TorchBackend(weight.device), self.mha_config, batch_size, capacity, name
+            TorchBackend(weight.device), self.mha_config, batch_size, capacity, dtype
         )
 
     def _read_projection(self, name: str) -> tuple[Any, Any]:
